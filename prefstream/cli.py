@@ -1,0 +1,120 @@
+"""``prefstream``: one console script, one subcommand per job.
+
+Exit codes: 0 ok, 1 the job ran and failed a check, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from prefstream.errors import PrefstreamError
+
+SETTINGS_FLAGS = (
+    "kafka_bootstrap", "data_dir", "app_id", "events_topic", "partitions", "gap_s", "grace_s",
+    "idle_s", "tick_interval_s", "flush_interval_s", "flush_max_events", "rebalance_timeout_s",
+    "max_events_per_session", "max_future_s", "max_message_bytes",
+)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
+    """One flag per settings field, help text generated from the model (``[env: ...]``)."""
+    from prefstream.settings import Settings
+
+    for name in names:
+        field = Settings.model_fields[name]
+        default = field.default if field.default is not None else "embedded broker"
+        parser.add_argument(
+            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
+            help=f"{field.description or ''} [env: PREFSTREAM_{name.upper()}] "
+                 f"[default: {default}]".strip(),
+        )
+
+
+def settings_from(args: argparse.Namespace, names: Sequence[str], **overrides: Any) -> Any:
+    """Settings from env vars, overridden by the flags given on the command line."""
+    from prefstream.settings import Settings
+
+    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    return Settings(**{**overrides, **given})
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.events import event_json_schema
+
+    print(json.dumps(event_json_schema(), indent=2))
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from streams.run import run_worker
+
+    return run_worker(settings_from(args, SETTINGS_FLAGS), loglevel=args.loglevel)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from prefstream.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefstream", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of feedback events")
+    p.set_defaults(func=_cmd_schema)
+
+    p = sub.add_parser("worker", help="run a stream worker (Faust) until SIGTERM")
+    add_settings_flags(p, SETTINGS_FLAGS)
+    p.add_argument("--loglevel", default="info", help="worker log level [default: info]")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("demo", help="embedded broker + worker + traffic generator, end to end")
+    p.add_argument("--events", type=int, default=5000, help="events to generate [default: 5000]")
+    p.add_argument("--seed", type=int, default=0, help="traffic seed [default: 0]")
+    p.add_argument("--data-dir", default="demo-data", help="output data dir [default: demo-data]")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="give up waiting for the worker after this many seconds [default: 300]")
+    p.add_argument("--no-train", action="store_true", help="skip the trainer cycle at the end")
+    p.set_defaults(func=_cmd_demo)
+
+    try:
+        from trainer.cli import register
+    except ImportError:  # the trainer's optional dependencies are missing
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("kafka", "aiokafka"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ValidationError as exc:
+        print(f"prefstream: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    except PrefstreamError as exc:
+        print(f"prefstream: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""``prefstream demo``: the whole product on one machine, end to end.
+
+Starts the embedded broker, a worker process, produces the built-in synthetic traffic, waits until
+every session closed and its rows are stored, then prints the funnel read back from DuckDB and
+how many stored pairs agree with the generator's ground truth. Finally one trainer cycle runs on
+the sealed partitions (unless ``--no-train``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from prefstream.errors import PrefstreamError
+from prefstream.settings import Settings
+from storage.catalog import connect_readonly, ensure_catalog
+from storage.files import read_watermarks
+from streams.producer import FeedbackProducer
+from streams.run import broker_for, prepare
+from streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
+
+#: demo timing: seconds instead of production minutes so the run ends quickly
+DEMO_ENV = {
+    "PREFSTREAM_IDLE_S": "2",
+    "PREFSTREAM_TICK_INTERVAL_S": "1",
+    "PREFSTREAM_FLUSH_INTERVAL_S": "1",
+    "PREFSTREAM_REBALANCE_TIMEOUT_S": "3",
+}
+
+
+def traffic_end(now: datetime, settings: Settings) -> datetime:
+    """Latest event time such that every demo partition can seal once input goes idle."""
+    hours = settings.rules.partition_hours
+    settle = now - timedelta(seconds=settings.gap_s + settings.grace_s) - timedelta(hours=hours)
+    floored = settle.replace(minute=0, second=0, microsecond=0)
+    return floored - timedelta(hours=floored.hour % hours, seconds=1)
+
+
+def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **DEMO_ENV,
+           "PREFSTREAM_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
+           "PREFSTREAM_DATA_DIR": str(settings.data_dir)}
+    cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")]
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+def produce(settings: Settings, traffic: Traffic) -> None:
+    producer = FeedbackProducer(str(settings.kafka_bootstrap), topic=settings.events_topic,
+                                max_block_ms=10_000)
+    for key, value in tqdm(traffic.messages, desc="producing", unit="ev", file=sys.stderr,
+                           leave=False):
+        producer.send_raw(key, value)
+    producer.flush()
+    producer.close()
+    if producer.failed:
+        raise PrefstreamError(f"{producer.failed} events could not be sent: {producer.errors[:3]}")
+
+
+def end_offsets(settings: Settings) -> dict[int, int]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    try:
+        tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
+        return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+def wait_until_drained(settings: Settings, targets: dict[int, int], worker: subprocess.Popen[bytes],
+                       timeout_s: float) -> None:
+    """Until every partition's worker flush covers ``targets`` and no session is open."""
+    deadline = time.monotonic() + timeout_s
+    total = sum(targets.values())
+    with tqdm(total=total, desc="stored", unit="ev", file=sys.stderr, leave=False) as bar:
+        while True:
+            marks = read_watermarks(settings.data_dir)
+            done = {p: min(targets[p], marks[p].applied_offset + 1) if p in marks else 0
+                    for p in targets}
+            bar.update(sum(done.values()) - bar.n)
+            drained = all(done[p] >= targets[p] for p in targets)
+            if drained and all(m.open_sessions == 0 for m in marks.values()):
+                return
+            if worker.poll() is not None:
+                raise PrefstreamError(f"worker exited with {worker.returncode}; see its log")
+            if time.monotonic() > deadline:
+                raise PrefstreamError(f"worker did not drain in {timeout_s:.0f}s")
+            time.sleep(0.5)
+
+
+def stop(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+
+def funnel(data_dir: Path) -> dict[str, Any]:
+    """Counts read back from the DuckDB views (the same numbers an analyst gets)."""
+    con = connect_readonly(data_dir)
+    try:
+        one = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
+        by = lambda sql: dict(con.execute(sql).fetchall())  # noqa: E731
+        return {
+            "events_accepted": int(one("SELECT coalesce(sum(n_events), 0) FROM sessions")),
+            "duplicates_ignored": int(one("SELECT coalesce(sum(n_duplicates), 0) FROM sessions")),
+            "dead_lettered": one("SELECT count(*) FROM dead_letters"),
+            "late": one("SELECT count(*) FROM late_events"),
+            "sessions": one("SELECT count(*) FROM sessions"),
+            "candidates": int(one("SELECT coalesce(sum(n_candidates), 0) FROM sessions")),
+            "pairs": one("SELECT count(*) FROM pairs"),
+            "pairs_by_rule": by("SELECT rule, count(*) FROM pairs GROUP BY 1 ORDER BY 2 DESC"),
+            "ties": one("SELECT count(*) FROM ties"),
+            "unpaired": one("SELECT count(*) FROM unpaired"),
+            "refusals_by_reason": by(
+                "SELECT reason, count(*) FROM refusals GROUP BY 1 ORDER BY 2 DESC"),
+            "partitions": one("SELECT count(*) FROM partitions"),
+            "partitions_sealed": one("SELECT count(*) FROM partitions WHERE sealed"),
+            "dead_letter_reasons": by(
+                "SELECT split_part(reason, ':', 1), count(*) FROM dead_letters GROUP BY 1"),
+        }
+    finally:
+        con.close()
+
+
+def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
+    """Share of stored pairs whose chosen answer has the higher latent quality."""
+    con = connect_readonly(data_dir)
+    try:
+        rows = con.execute(
+            "SELECT rule, chosen_response_id, rejected_response_id FROM pairs").fetchall()
+    finally:
+        con.close()
+    by_rule: dict[str, list[int]] = {}
+    for rule, chosen, rejected in rows:
+        verdict = prefers(traffic.quality, chosen, rejected)
+        if verdict is not None:
+            by_rule.setdefault(rule, []).append(int(verdict))
+    scored = [v for vs in by_rule.values() for v in vs]
+    return {
+        "pairs_scored": len(scored),
+        "agree": sum(scored),
+        "precision": round(sum(scored) / len(scored), 4) if scored else None,
+        "precision_by_rule": {r: round(sum(v) / len(v), 4) for r, v in sorted(by_rule.items())},
+    }
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    data_dir = Path(args.data_dir)
+    settings = Settings(**{"data_dir": data_dir, **_demo_overrides()})
+    traffic = generate_traffic(TrafficConfig(
+        n_events=args.events, seed=args.seed, end=traffic_end(datetime.now(timezone.utc), settings)))
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with broker_for(settings, log_path=data_dir / "broker.log") as settings:
+        prepare(settings)
+        worker = start_worker(settings, data_dir / "worker.log")
+        try:
+            produce(settings, traffic)
+            targets = end_offsets(settings)
+            wait_until_drained(settings, targets, worker, args.timeout)
+        finally:
+            stop(worker)
+    ensure_catalog(data_dir)
+    summary = {"events_produced": len(traffic.messages), **funnel(data_dir),
+               "generator": {k: traffic.counts[k] for k in ("valid", "duplicates", "bad", "late")},
+               "ground_truth": agreement(data_dir, traffic),
+               "ingest_seconds": round(time.monotonic() - started, 1)}
+    summary["balanced"] = summary["events_produced"] == (
+        summary["events_accepted"] + summary["duplicates_ignored"] + summary["dead_lettered"]
+        + summary["late"])
+    if not args.no_train:
+        summary["training"] = _train(data_dir, traffic)
+    _print(summary, as_json=args.json)
+    return 0 if summary["balanced"] else 1
+
+
+def _demo_overrides() -> dict[str, Any]:
+    return {k.removeprefix("PREFSTREAM_").lower(): v for k, v in DEMO_ENV.items()}
+
+
+def _train(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
+    try:
+        from trainer.demo import train_after_demo
+    except ImportError as exc:
+        return {"skipped": f"trainer unavailable: {exc}"}
+    return train_after_demo(data_dir, traffic)
+
+
+def _print(summary: dict[str, Any], *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for k, v in value.items():
+                print(f"  {k:<28} {v}")
+        else:
+            print(f"{key:<30} {value}")

@@ -1,0 +1,182 @@
+"""What the worker derives from events: sessions, pairs, ties, unpaired rows, refusals.
+
+Pair columns follow TRL's names (``prompt``, ``chosen``, ``rejected``) so stored pairs flow into
+any preference trainer without renaming. Every row carries its provenance and the storage
+``partition`` (the event-time hour of the session's last event, ``YYYY-MM-DDTHH``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.events import FeedbackEvent
+
+CloseReason = Literal["gap", "session_end", "max_events", "max_duration"]
+TieKind = Literal["both_accepted", "both_rejected"]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SessionEvent(_Record):
+    """An accepted event with the Kafka offset it was read at (for redelivery detection)."""
+
+    offset: int
+    event: FeedbackEvent
+
+
+class Session(_Record):
+    """Events of one user session, in arrival order, between its first and last event time."""
+
+    session_id: str
+    user_id: str
+    kafka_partition: int = 0
+    start: AwareDatetime
+    last: AwareDatetime
+    events: tuple[SessionEvent, ...] = ()
+    n_duplicates: int = 0
+    duplicate_offsets: tuple[int, ...] = Field(default=(), description="offsets of re-sent events")
+    ended_at: AwareDatetime | None = Field(default=None, description="ts of a session_end event")
+
+    @property
+    def key(self) -> str:
+        """Identity of this session: an id may be reused after an inactivity gap."""
+        return f"{self.session_id}@{self.start.timestamp():.3f}"
+
+
+class ClosedSession(_Record):
+    session: Session
+    reason: CloseReason
+
+
+class Pair(_Record):
+    pair_id: str
+    rule: str = Field(description="The highest-confidence rule that produced this pair.")
+    rules: tuple[str, ...] = Field(description="Every rule that produced the same comparison.")
+    confidence: float = Field(ge=0, le=1)
+    propensity_weight: float = Field(ge=0, description="Inverse examination probability, clipped.")
+    prompt: str
+    chosen: str
+    rejected: str
+    session_id: str
+    user_id: str
+    request_id: str
+    rejected_request_id: str
+    chosen_response_id: str
+    rejected_response_id: str
+    chosen_model: str
+    rejected_model: str
+    chosen_position: int | None
+    rejected_position: int | None
+    event_time: datetime = Field(description="Time of the decisive signal.")
+    session_start: datetime
+    session_end: datetime
+    partition: str
+
+
+class Tie(_Record):
+    tie_id: str
+    kind: TieKind
+    rule: str
+    prompt: str
+    response_a: str
+    response_b: str
+    response_a_id: str
+    response_b_id: str
+    session_id: str
+    user_id: str
+    request_id: str
+    event_time: datetime
+    partition: str
+
+
+class UnpairedRow(_Record):
+    """A lone signal on one answer (KTO-style: prompt, completion, label)."""
+
+    row_id: str
+    prompt: str
+    completion: str
+    label: bool
+    signal: str
+    confidence: float = Field(ge=0, le=1)
+    session_id: str
+    user_id: str
+    request_id: str
+    response_id: str
+    model_version: str
+    position: int | None
+    event_time: datetime
+    partition: str
+
+
+class Refusal(_Record):
+    """A candidate comparison (or a signal) that was not turned into a pair, and why."""
+
+    refusal_id: str
+    reason: str
+    rule: str
+    session_id: str
+    user_id: str
+    request_id: str
+    response_ids: str
+    detail: str
+    event_time: datetime
+    partition: str
+
+
+class SessionSummary(_Record):
+    session_key: str
+    session_id: str
+    user_id: str
+    kafka_partition: int
+    start: datetime
+    end: datetime
+    close_reason: str
+    n_events: int
+    n_duplicates: int
+    n_requests: int
+    n_impressions: int
+    n_candidates: int
+    n_pairs: int
+    n_ties: int
+    n_unpaired: int
+    n_refusals: int
+    partition: str
+
+
+class DeadLetter(_Record):
+    dead_letter_id: str = Field(description="topic[partition]@offset of the bad message")
+    topic: str
+    kafka_partition: int
+    offset: int
+    reason: str
+    raw: str = Field(description="The message value, decoded leniently and truncated.")
+    received_at: datetime
+    partition: str
+
+
+class LateEvent(_Record):
+    event_id: str
+    session_id: str
+    event_type: str
+    ts: datetime
+    watermark: datetime
+    kafka_partition: int
+    offset: int
+    raw: str
+    received_at: datetime
+    partition: str = Field(description="Arrival hour: late rows never touch a sealed partition.")
+
+
+class PairingResult(_Record):
+    """Everything one closed session yields."""
+
+    n_candidates: int = 0
+    pairs: tuple[Pair, ...] = ()
+    ties: tuple[Tie, ...] = ()
+    unpaired: tuple[UnpairedRow, ...] = ()
+    refusals: tuple[Refusal, ...] = ()

@@ -1,0 +1,239 @@
+"""Immutable Parquet files per event-time partition, a manifest of sealed partitions, watermarks.
+
+Layout under a data dir::
+
+    <table>/<partition>/part-*.parquet   rows, one file per flushed batch and partition
+    <table>/_schema/empty.parquet        zero-row file so views work before the first write
+    watermarks/p<N>.json                 per Kafka partition: watermark, applied offset, open sessions
+    manifest/<partition>.parquet         one row per sealed partition (files, row counts, sha256)
+
+Files are written under a hidden temporary name, fsynced, then renamed: readers globbing
+``*.parquet`` see whole files or nothing. Rows are never rewritten; duplicates from at-least-once
+redelivery share an id and the views keep one row per id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from storage.partitions import partition_bounds
+from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
+
+log = logging.getLogger(__name__)
+
+SCHEMA_DIR = "_schema"
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("partition", pa.string()),
+        ("start", pa.timestamp("us", tz="UTC")),
+        ("end", pa.timestamp("us", tz="UTC")),
+        ("sealed_at", pa.timestamp("us", tz="UTC")),
+        ("watermark", pa.timestamp("us", tz="UTC")),
+        ("files", pa.list_(pa.string())),
+        ("n_pairs", pa.int64()),
+        ("n_ties", pa.int64()),
+        ("n_unpaired", pa.int64()),
+        ("n_refusals", pa.int64()),
+        ("n_sessions", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Watermark:
+    kafka_partition: int
+    watermark: datetime
+    applied_offset: int
+    open_sessions: int
+
+
+def init_data_dir(data_dir: Path) -> None:
+    """Create the layout with owner-only permissions and a zero-row schema file per table."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for table, (model, _) in TABLES.items():
+        path = data_dir / table / SCHEMA_DIR / "empty.parquet"
+        if not path.exists():
+            _write_atomic(arrow_schema(model).empty_table(), path)
+    if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
+        _write_atomic(MANIFEST_SCHEMA.empty_table(), data_dir / "manifest" / f"{SCHEMA_DIR}.parquet")
+    (data_dir / "watermarks").mkdir(exist_ok=True, mode=0o700)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel]) -> list[Path]:
+    """Durably write rows as one new file per partition; rows already in a sealed partition are
+    skipped by id so a redelivered batch never changes what the trainer has read."""
+    model, id_col = TABLES[table]
+    by_partition: dict[str, list[BaseModel]] = defaultdict(list)
+    for row in rows:
+        by_partition[row.partition].append(row)  # type: ignore[attr-defined]
+    written = []
+    for partition, part_rows in sorted(by_partition.items()):
+        if table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition):
+            part_rows = _drop_existing(data_dir, table, partition, part_rows, id_col)
+            if not part_rows:
+                continue
+            log.warning("%d new %s rows for sealed partition %s", len(part_rows), table, partition)
+        name = f"part-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
+        path = data_dir / table / partition / name
+        _write_atomic(to_arrow(model, list(part_rows)), path)
+        written.append(path)
+    return written
+
+
+def _drop_existing(
+    data_dir: Path, table: str, partition: str, rows: list[BaseModel], id_col: str
+) -> list[BaseModel]:
+    files = sorted((data_dir / table / partition).glob("*.parquet"))
+    existing: set[Any] = set()
+    for f in files:
+        existing.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
+    return [r for r in rows if getattr(r, id_col) not in existing]
+
+
+def write_watermark(*, data_dir: Path, mark: Watermark) -> None:
+    path = data_dir / "watermarks" / f"p{mark.kafka_partition}.json"
+    tmp = path.with_suffix(".tmp")
+    payload = {
+        "kafka_partition": mark.kafka_partition,
+        "watermark": mark.watermark.isoformat(),
+        "applied_offset": mark.applied_offset,
+        "open_sessions": mark.open_sessions,
+    }
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def read_watermarks(data_dir: Path) -> dict[int, Watermark]:
+    marks = {}
+    for path in (data_dir / "watermarks").glob("p*.json"):
+        raw = json.loads(path.read_text())
+        raw["watermark"] = datetime.fromisoformat(raw["watermark"])
+        marks[raw["kafka_partition"]] = Watermark(**raw)
+    return marks
+
+
+def is_sealed(*, data_dir: Path, partition: str) -> bool:
+    return (data_dir / "manifest" / f"{partition}.parquet").exists()
+
+
+def sealable(
+    *, partitions: Iterable[str], watermark: datetime, after: timedelta, hours: int = 1
+) -> list[str]:
+    """Partitions whose end plus ``after`` (the session gap) the watermark has passed."""
+    return sorted(p for p in partitions if partition_bounds(p, hours=hours)[1] + after <= watermark)
+
+
+def seal_ready(
+    *, data_dir: Path, n_kafka_partitions: int, gap: timedelta, hours: int = 1
+) -> list[str]:
+    """Seal every partition the slowest Kafka partition's watermark has passed; returns new seals.
+
+    A session is stored under the hour of its last event and closes once the watermark is past
+    that event plus the gap, so no row can arrive for an hour after ``end + gap``.
+    """
+    marks = read_watermarks(data_dir)
+    if len(marks) < n_kafka_partitions:
+        return []
+    low = min(m.watermark for m in marks.values())
+    present = {p.name for t in SEALED_TABLES for p in (data_dir / t).iterdir() if p.is_dir()}
+    present.discard(SCHEMA_DIR)
+    todo = [p for p in sealable(partitions=present, watermark=low, after=gap, hours=hours)
+            if not is_sealed(data_dir=data_dir, partition=p)]
+    for partition in todo:
+        _seal(data_dir, partition, low, hours)
+    return todo
+
+
+def _seal(data_dir: Path, partition: str, watermark: datetime, hours: int) -> None:
+    files = sorted(
+        str(f.relative_to(data_dir))
+        for t in SEALED_TABLES
+        for f in (data_dir / t / partition).glob("*.parquet")
+    )
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.encode())
+        digest.update(hashlib.sha256((data_dir / rel).read_bytes()).digest())
+    counts = {
+        t: len(read_table(data_dir=data_dir, table=t, partitions=[partition])) for t in SEALED_TABLES
+    }
+    start, end = partition_bounds(partition, hours=hours)
+    row = {
+        "partition": partition, "start": start, "end": end,
+        "sealed_at": datetime.now(timezone.utc), "watermark": watermark, "files": files,
+        **{f"n_{t}": n for t, n in counts.items()}, "sha256": digest.hexdigest(),
+    }
+    _write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA),
+                  data_dir / "manifest" / f"{partition}.parquet")
+    log.info("sealed partition %s (%d pairs, %d files)", partition, counts["pairs"], len(files))
+
+
+def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
+    """Manifest rows of sealed partitions, oldest first: the trainer's only view of the data."""
+    paths = sorted((data_dir / "manifest").glob("[0-9]*.parquet"))
+    rows = [r for p in paths for r in pq.read_table(p, schema=MANIFEST_SCHEMA).to_pylist()]
+    return sorted(rows, key=lambda r: r["partition"])
+
+
+def read_table(
+    *, data_dir: Path, table: str, partitions: Sequence[str] | None = None
+) -> pa.Table:
+    """Rows of a table (one per id), from all partitions or the named ones."""
+    model, id_col = TABLES[table]
+    root = data_dir / table
+    names = partitions if partitions is not None else sorted(
+        p.name for p in root.iterdir() if p.is_dir() and p.name != SCHEMA_DIR
+    )
+    files = [f for name in names for f in sorted((root / name).glob("*.parquet"))]
+    schema = arrow_schema(model)
+    if not files:
+        return schema.empty_table()
+    merged = pa.concat_tables(pq.read_table(f, schema=schema) for f in files)
+    _, first = _unique_indices(merged.column(id_col).to_pylist())
+    return merged.take(first)
+
+
+def _unique_indices(ids: list[Any]) -> tuple[set[Any], list[int]]:
+    seen: set[Any] = set()
+    keep = []
+    for i, v in enumerate(ids):
+        if v not in seen:
+            seen.add(v)
+            keep.append(i)
+    return seen, keep

@@ -1,0 +1,71 @@
+"""The stored tables: their row models, id columns and Arrow schemas (derived from ``schemas/``)."""
+
+from __future__ import annotations
+
+import types
+import typing
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from schemas.records import (
+    DeadLetter,
+    LateEvent,
+    Pair,
+    Refusal,
+    SessionSummary,
+    Tie,
+    UnpairedRow,
+)
+
+#: table name -> (row model, id column used for idempotent writes and deduplicated views)
+TABLES: dict[str, tuple[type[BaseModel], str]] = {
+    "pairs": (Pair, "pair_id"),
+    "ties": (Tie, "tie_id"),
+    "unpaired": (UnpairedRow, "row_id"),
+    "refusals": (Refusal, "refusal_id"),
+    "sessions": (SessionSummary, "session_key"),
+    "dead_letters": (DeadLetter, "dead_letter_id"),
+    "late_events": (LateEvent, "event_id"),
+}
+#: tables whose partitions follow the event-time watermark and get sealed
+SEALED_TABLES = ("pairs", "ties", "unpaired", "refusals", "sessions")
+#: side tables partitioned by arrival hour
+SIDE_TABLES = ("dead_letters", "late_events")
+
+_SCALARS: dict[Any, pa.DataType] = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    datetime: pa.timestamp("us", tz="UTC"),
+}
+
+
+def _arrow_type(annotation: Any) -> pa.DataType:
+    if annotation in _SCALARS:
+        return _SCALARS[annotation]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return _arrow_type(args[0])
+    if origin in (tuple, list) and args:
+        return pa.list_(_arrow_type(args[0]))
+    if origin is typing.Literal:
+        return pa.string()
+    raise TypeError(f"no Arrow type for {annotation!r}")
+
+
+def arrow_schema(model: type[BaseModel]) -> pa.Schema:
+    """Arrow schema of a row model: one column per field, in declaration order."""
+    return pa.schema(
+        [pa.field(name, _arrow_type(f.annotation)) for name, f in model.model_fields.items()]
+    )
+
+
+def to_arrow(model: type[BaseModel], rows: list[BaseModel]) -> pa.Table:
+    """Rows to an Arrow table with the model's schema (timestamps normalised to UTC)."""
+    dumped = [r.model_dump() for r in rows]
+    return pa.Table.from_pylist(dumped, schema=arrow_schema(model))

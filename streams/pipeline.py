@@ -1,0 +1,213 @@
+"""What the worker does with each message, apart from Faust: validate, sessionize, pair, batch.
+
+:class:`Pipeline` turns raw Kafka records into session state changes and buffered rows; the Faust
+agent (``streams/app.py``) feeds it messages and calls :meth:`Pipeline.flush` to make a batch
+durable before acknowledging the offsets it covers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from prefstream.settings import Settings
+from schemas.events import EVENT_ADAPTER, FeedbackEvent, Tick
+from schemas.records import DeadLetter, LateEvent
+from storage.files import Watermark, seal_ready, write_rows, write_watermark
+from storage.partitions import partition_for
+from streams.outputs import session_rows
+from streams.pairing import session_to_pairs
+from streams.sessionize import Clock, SessionSlot
+from streams.state import PartitionSessions
+
+log = logging.getLogger(__name__)
+
+TICK_PREFIX = b'{"type":"_tick"'
+RAW_PREVIEW_CHARS = 4096
+
+
+@dataclass
+class SideMessage:
+    """A record for the dead-letter or late-event topic."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass
+class Batch:
+    rows: dict[str, list[BaseModel]] = field(default_factory=lambda: defaultdict(list))
+    counts: Counter[str] = field(default_factory=Counter)
+    applied: dict[int, int] = field(default_factory=dict)  # kafka partition -> last offset
+
+
+class StateStore(Protocol):
+    """Where partition state is persisted (the Faust table in the worker)."""
+
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+        ...
+
+    def save(self, kafka_partition: int, clock: Clock,
+             slots: dict[str, SessionSlot | None]) -> None:
+        ...
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One line naming each failing field, short enough for a dead-letter record."""
+    parts = []
+    for err in exc.errors(include_url=False)[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, store: StateStore,
+                 clock_ms: Callable[[], int] | None = None) -> None:
+        self.settings = settings
+        self.rules = settings.session_rules()
+        self.store = store
+        self.partitions: dict[int, PartitionSessions] = {}
+        self.batch = Batch()
+        self._events_since_flush = 0
+        self._last_flush = time.monotonic()
+        self._wall_ms = clock_ms or (lambda: int(time.time() * 1000))
+
+    # -- state per Kafka partition -------------------------------------------------------
+    def state(self, kafka_partition: int) -> PartitionSessions:
+        if kafka_partition not in self.partitions:
+            clock, slots = self.store.load(kafka_partition)
+            clock = clock or Clock(kafka_partition=kafka_partition)
+            self.partitions[kafka_partition] = PartitionSessions(clock, self.rules, slots)
+            log.info("partition %d: recovered %d session slots, watermark %s",
+                     kafka_partition, len(slots), clock.watermark.isoformat())
+        return self.partitions[kafka_partition]
+
+    def revoke(self, kafka_partitions: Iterable[int]) -> None:
+        """Drop state of partitions this worker no longer owns (their new owner replays)."""
+        for p in kafka_partitions:
+            self.partitions.pop(p, None)
+
+    # -- one message ---------------------------------------------------------------------
+    def handle(self, *, topic: str, partition: int, offset: int, key: bytes | None,
+               value: bytes | None, timestamp_ms: int) -> list[SideMessage]:
+        """Apply one record; returns records for the dead-letter / late topics."""
+        state = self.state(partition)
+        self.batch.applied[partition] = offset
+        self._events_since_flush += 1
+        raw = value or b""
+        if raw.startswith(TICK_PREFIX):
+            try:
+                state.on_tick(Tick.model_validate_json(raw).wall_ms)
+                return []
+            except ValidationError:
+                pass  # not a well-formed tick: validated (and dead-lettered) below
+        event, reason = self._validate(raw, key, timestamp_ms)
+        if event is None:
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, timestamp_ms)]
+        outcome = state.on_event(event, offset=offset, arrival_ms=timestamp_ms)
+        self.batch.counts[outcome] += 1
+        if outcome == "late":
+            return [self._late(event, state.clock, partition, offset, raw, timestamp_ms)]
+        return []
+
+    def _validate(self, raw: bytes, key: bytes | None,
+                  timestamp_ms: int) -> tuple[FeedbackEvent | None, str]:
+        if not raw:
+            return None, "empty message"
+        if len(raw) > self.settings.max_message_bytes:
+            return None, f"message of {len(raw)} bytes over max_message_bytes"
+        try:
+            event = EVENT_ADAPTER.validate_json(raw)
+        except ValidationError as exc:
+            return None, describe_error(exc)
+        arrival = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        if event.ts > arrival + timedelta(seconds=self.settings.max_future_s):
+            return None, f"ts: {event.ts.isoformat()} is in the future of arrival {arrival}"
+        if key is not None and key != event.session_id.encode():
+            return None, "key: message key differs from session_id (breaks co-partitioning)"
+        return event, ""
+
+    def _dead_letter(self, topic: str, partition: int, offset: int, key: bytes | None,
+                     raw: bytes, reason: str, timestamp_ms: int) -> SideMessage:
+        coords = f"{topic}[{partition}]@{offset}"
+        log.warning("dead letter %s: %s", coords, reason)
+        received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        preview = raw.decode("utf-8", errors="replace")[:RAW_PREVIEW_CHARS]
+        row = DeadLetter(dead_letter_id=coords, topic=topic, kafka_partition=partition,
+                         offset=offset, reason=reason, raw=preview, received_at=received,
+                         partition=partition_for(received, hours=self.settings.rules.partition_hours))
+        self.batch.rows["dead_letters"].append(row)
+        self.batch.counts["dead_letter"] += 1
+        payload = {"source": coords, "reason": reason, "raw": preview}
+        return SideMessage(self.settings.dead_letter_topic, key, json.dumps(payload).encode())
+
+    def _late(self, event: FeedbackEvent, clock: Clock, partition: int, offset: int, raw: bytes,
+              timestamp_ms: int) -> SideMessage:
+        received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        row = LateEvent(event_id=event.event_id, session_id=event.session_id,
+                        event_type=event.type, ts=event.ts, watermark=clock.watermark,
+                        kafka_partition=partition, offset=offset, raw=raw.decode(errors="replace"),
+                        received_at=received,
+                        partition=partition_for(received, hours=self.settings.rules.partition_hours))
+        self.batch.rows["late_events"].append(row)
+        return SideMessage(self.settings.late_topic, event.session_id.encode(), raw)
+
+    # -- batches -------------------------------------------------------------------------
+    def due(self) -> bool:
+        if self._events_since_flush >= self.settings.flush_max_events:
+            return True
+        elapsed = time.monotonic() - self._last_flush
+        return self._events_since_flush > 0 and elapsed >= self.settings.flush_interval_s
+
+    def flush_rows(self) -> Batch:
+        """Write the batch's rows durably, record watermarks, seal; returns the batch written.
+
+        Runs in a worker thread: only files are touched here, never Kafka or the table.
+        """
+        batch, self.batch = self.batch, Batch()
+        self._collect_closed(batch)
+        data_dir = self.settings.data_dir
+        for table, rows in batch.rows.items():
+            if rows:
+                write_rows(data_dir=data_dir, table=table, rows=rows)
+        for p, offset in batch.applied.items():
+            state = self.partitions.get(p)
+            if state is not None:
+                write_watermark(data_dir=data_dir, mark=Watermark(
+                    p, state.clock.watermark, offset, state.open_sessions))
+        sealed = seal_ready(data_dir=data_dir, n_kafka_partitions=self.settings.partitions,
+                            gap=self.rules.gap, hours=self.settings.rules.partition_hours)
+        batch.counts["sealed"] += len(sealed)
+        return batch
+
+    def _collect_closed(self, batch: Batch) -> None:
+        for state in self.partitions.values():
+            for closed in state.take_closed():
+                result = session_to_pairs(closed, self.settings.rules)
+                for table, rows in session_rows(closed, result, self.settings.rules).items():
+                    batch.rows[table].extend(rows)
+
+    def checkpoint(self) -> None:
+        """Persist changed session slots and clocks (before the offsets are committed)."""
+        for p, state in self.partitions.items():
+            self.store.save(p, state.clock, state.take_dirty())
+
+    def forget_flushed(self) -> None:
+        """After the commit: pending sessions are durable, drop them from state."""
+        for state in self.partitions.values():
+            state.forget_flushed()
+        self._events_since_flush = 0
+        self._last_flush = time.monotonic()
+
+    def wall_ms(self) -> int:
+        return self._wall_ms()

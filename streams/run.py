@@ -1,0 +1,51 @@
+"""Start a worker: the embedded broker when none is configured, topics, catalog, Faust."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from prefstream.settings import Settings
+from storage.catalog import ensure_catalog
+from storage.files import init_data_dir
+from streams.broker import EmbeddedBroker
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def broker_for(settings: Settings, *, log_path: Path | None = None) -> Iterator[Settings]:
+    """Yield settings with a bootstrap server: the configured Kafka, or an embedded Tansu."""
+    if settings.kafka_bootstrap:
+        yield settings
+        return
+    with EmbeddedBroker(log_path=log_path) as broker:
+        yield settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
+
+
+def prepare(settings: Settings) -> None:
+    """Idempotent set-up shared by the worker and the demo."""
+    init_data_dir(settings.data_dir)
+    ensure_catalog(settings.data_dir)
+    ensure_topics(settings)
+
+
+def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
+    """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
+    import faust
+
+    from streams.app import create_app
+
+    with broker_for(settings) as settings:
+        prepare(settings)
+        log.info("worker on Kafka %s, data in %s", settings.kafka_bootstrap, settings.data_dir)
+        app = create_app(settings)
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+        try:
+            worker.execute_from_commandline()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+    return 0

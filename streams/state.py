@@ -1,0 +1,106 @@
+"""In-memory session state of one Kafka partition, built on the pure sessionizer.
+
+The worker owns one :class:`PartitionSessions` per assigned partition. It keeps the slots in a
+dict and a heap of close deadlines so a watermark step only touches sessions that are due, and it
+remembers which slots changed since the last checkpoint so only those are written to the
+changelog.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+from datetime import datetime
+
+from schemas.events import FeedbackEvent
+from schemas.records import ClosedSession
+from streams.sessionize import (
+    Clock,
+    Outcome,
+    SessionRules,
+    SessionSlot,
+    add_event,
+    deadline,
+    expire,
+    flushed,
+)
+
+
+class PartitionSessions:
+    def __init__(
+        self,
+        clock: Clock,
+        rules: SessionRules,
+        slots: Iterable[tuple[str, SessionSlot]] = (),
+    ) -> None:
+        self.clock = clock
+        self.rules = rules
+        self.slots: dict[str, SessionSlot] = dict(slots)
+        self._heap: list[tuple[datetime, str]] = []
+        self._dirty: set[str] = set()
+        # Sessions recovered as pending closed before a crash are emitted again (ids dedupe).
+        self._closed: list[ClosedSession] = [c for s in self.slots.values() for c in s.pending]
+        for session_id, slot in self.slots.items():
+            self._schedule(session_id, slot)
+
+    @property
+    def open_sessions(self) -> int:
+        return sum(1 for s in self.slots.values() if s.open is not None)
+
+    def _schedule(self, session_id: str, slot: SessionSlot) -> None:
+        if slot.open is not None:
+            heapq.heappush(self._heap, (deadline(slot.open, self.rules)[0], session_id))
+
+    def _put(self, session_id: str, slot: SessionSlot | None) -> None:
+        before = self.slots.get(session_id)
+        n_before = len(before.pending) if before else 0
+        if slot is None:
+            self.slots.pop(session_id, None)
+        else:
+            self.slots[session_id] = slot
+            self._closed.extend(slot.pending[n_before:])
+            self._schedule(session_id, slot)
+        self._dirty.add(session_id)
+
+    def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int) -> Outcome:
+        slot, outcome = add_event(
+            self.slots.get(event.session_id), event, offset=offset, clock=self.clock,
+            rules=self.rules,
+        )
+        if outcome in ("accepted", "duplicate"):
+            self._put(event.session_id, slot)
+        if outcome == "accepted":
+            self.clock = self.clock.observe(event.ts, arrival_ms, self.rules.grace)
+            self._expire()
+        return outcome
+
+    def on_tick(self, wall_ms: int) -> None:
+        self.clock = self.clock.tick(wall_ms, self.rules)
+        self._expire()
+
+    def _expire(self) -> None:
+        while self._heap and self._heap[0][0] <= self.clock.watermark:
+            _, session_id = heapq.heappop(self._heap)
+            slot = self.slots.get(session_id)
+            if slot is None or slot.open is None:
+                continue  # stale heap entry: the session closed or moved on
+            after = expire(slot, self.clock.watermark, self.rules)
+            if after is not slot:
+                self._put(session_id, after)
+
+    def take_closed(self) -> list[ClosedSession]:
+        """Sessions closed since the last call (their rows are to be written)."""
+        closed, self._closed = self._closed, []
+        return closed
+
+    def forget_flushed(self) -> None:
+        """After the flush is durable and committed: drop pending sessions from state."""
+        for session_id, slot in list(self.slots.items()):
+            if slot.pending:
+                self._put(session_id, flushed(slot))
+
+    def take_dirty(self) -> dict[str, SessionSlot | None]:
+        """Slots changed since the last checkpoint (``None`` = deleted)."""
+        dirty = {sid: self.slots.get(sid) for sid in self._dirty}
+        self._dirty = set()
+        return dirty

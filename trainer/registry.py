@@ -1,0 +1,175 @@
+"""Model versions under ``<data_dir>/models/`` and the ``models`` view of the DuckDB catalog.
+
+Layout::
+
+    models/v0001/               save_pretrained (model + tokenizer) + metadata.json
+    models/current              the promoted version's name, replaced atomically on promotion
+    models/.v0002.<hex>.tmp/    a version being written, renamed into place once complete
+    models/.lock                held by the one trainer working on this data dir
+
+A killed run leaves at most a hidden ``.tmp`` folder: never listed, removed by the next run.
+Importing this module registers the ``models`` view (no torch import here).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from storage.catalog import EXTRA_VIEWS, ensure_catalog
+from trainer import TrainerError
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = "models"
+CURRENT = "current"
+METADATA = "metadata.json"
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+EXTRA_VIEWS["models"] = """
+    WITH cur AS (SELECT trim(content, E' \\n\\r\\t') AS version
+                 FROM read_text('{root}/models/current'))
+    SELECT content->>'$.version' AS version,
+           CAST(content->>'$.created_at' AS TIMESTAMPTZ) AS created_at,
+           CAST(content->>'$.promoted' AS BOOLEAN) AS promoted,
+           (content->>'$.version') IN (SELECT version FROM cur) AS is_current,
+           CAST(content->>'$.cutoff' AS TIMESTAMPTZ) AS cutoff,
+           content->>'$.backbone' AS backbone,
+           json_extract_string(content, '$.partitions.train[*].partition') AS train_partitions,
+           json_extract_string(content, '$.partitions.eval[*].partition') AS eval_partitions,
+           CAST(content->>'$.n_train' AS BIGINT) AS n_train,
+           CAST(content->>'$.n_eval' AS BIGINT) AS n_eval,
+           CAST(content->>'$.metrics.eval.accuracy' AS DOUBLE) AS heldout_accuracy,
+           CAST(content->>'$.metrics.eval.length_matched.accuracy' AS DOUBLE)
+               AS length_matched_accuracy,
+           CAST(content->>'$.gates.calibration.agreement' AS DOUBLE) AS calibration_agreement,
+           CAST(content->>'$.metrics.probes.overall_rate' AS DOUBLE) AS probe_raise_rate,
+           json_extract_string(content, '$.reasons[*]') AS reasons,
+           CAST(content AS JSON) AS metadata
+    FROM read_text('{root}/models/v*/metadata.json')
+    ORDER BY version
+"""
+
+
+class Saveable(Protocol):
+    def save_pretrained(self, save_directory: str | Path) -> Any: ...
+
+
+def models_dir(data_dir: Path) -> Path:
+    return data_dir / MODELS_DIR
+
+
+def list_versions(data_dir: Path) -> list[str]:
+    """Complete versions, oldest first (a folder counts once its metadata is in place)."""
+    root = models_dir(data_dir)
+    if not root.is_dir():
+        return []
+    names = [p.name for p in root.iterdir() if VERSION_RE.match(p.name) and (p / METADATA).exists()]
+    return sorted(names, key=lambda n: int(n[1:]))
+
+
+def read_metadata(data_dir: Path, version: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((models_dir(data_dir) / version / METADATA).read_text())
+    return result
+
+
+def latest_metadata(data_dir: Path) -> dict[str, Any] | None:
+    """Metadata of the newest version, promoted or not."""
+    versions = list_versions(data_dir)
+    return read_metadata(data_dir, versions[-1]) if versions else None
+
+
+def current_version(data_dir: Path) -> str | None:
+    path = models_dir(data_dir) / CURRENT
+    if not path.exists():
+        return None
+    return path.read_text().strip() or None
+
+
+def version_path(data_dir: Path, version: str | None = None) -> Path:
+    """Folder of a version (the current one by default); ``TrainerError`` when there is none."""
+    version = version or current_version(data_dir)
+    if version is None:
+        raise TrainerError(f"no promoted model in {models_dir(data_dir)}")
+    path = models_dir(data_dir) / version
+    if not (path / METADATA).exists():
+        raise TrainerError(f"model version {version} not found in {models_dir(data_dir)}")
+    return path
+
+
+def next_version(data_dir: Path) -> str:
+    versions = list_versions(data_dir)
+    return f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+
+
+@contextmanager
+def registry_lock(data_dir: Path) -> Iterator[None]:
+    """One trainer per data dir: a second one fails fast instead of racing on version names."""
+    root = models_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(root / ".lock", "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise TrainerError(f"another trainer holds {root / '.lock'}") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def clean_partial(data_dir: Path) -> list[str]:
+    """Remove half-written versions left by a killed run (call under ``registry_lock``)."""
+    root = models_dir(data_dir)
+    removed = [p for p in root.glob(".*.tmp") if p.is_dir()] if root.is_dir() else []
+    for path in removed:
+        log.warning("removing half-written model version %s", path)
+        shutil.rmtree(path)
+    return [p.name for p in removed]
+
+
+def save_version(data_dir: Path, version: str, *, model: Saveable, tokenizer: Saveable,
+                 metadata: dict[str, Any]) -> Path:
+    """Write model, tokenizer and metadata to a temp folder, then rename it into place."""
+    root = models_dir(data_dir)
+    final = root / version
+    tmp = root / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2, default=json_default))
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    ensure_catalog(data_dir)
+    log.info("saved model version %s", final)
+    return final
+
+
+def promote(data_dir: Path, version: str) -> None:
+    """Point ``current`` at a saved version (atomic replace: readers see old or new)."""
+    version_path(data_dir, version)
+    path = models_dir(data_dir) / CURRENT
+    tmp = path.with_name(f".{CURRENT}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(version + "\n")
+    os.replace(tmp, path)
+    log.info("promoted model version %s", version)
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")

@@ -1,0 +1,68 @@
+"""Serve the current reward model: ``score`` one answer, ``rerank`` best-of-N.
+
+Inputs longer than the version's ``max_length`` are truncated (longest side first) with a
+warning: scoring must answer, but the warning says the reward saw less than the text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.model import Encoded, encode, load, resolve_device, score_encoded
+from trainer.registry import read_metadata, version_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    version: str
+    max_length: int
+    device: torch.device
+    batch_size: int = 32
+
+    @classmethod
+    def load(cls, data_dir: Path, *, version: str | None = None, device: str = "auto"
+             ) -> RewardModel:
+        """The promoted version (or a named one); ``TrainerError`` when there is none."""
+        path = version_path(data_dir, version)
+        metadata = read_metadata(data_dir, path.name)
+        model, tokenizer = load(path)
+        dev = resolve_device(device)
+        model.to(dev).eval()
+        return cls(model, tokenizer, path.name, int(metadata["config"]["max_length"]), dev)
+
+    def score(self, prompt: str, answer: str) -> float:
+        """Scalar reward of one answer to a prompt (higher is better)."""
+        return self.score_many(prompt, [answer])[0]
+
+    def score_many(self, prompt: str, answers: Sequence[str]) -> list[float]:
+        """Rewards of several answers to one prompt, in input order."""
+        encoded = [self._fit(e, prompt, a)
+                   for e, a in zip(encode(self.tokenizer, [prompt] * len(answers), answers),
+                                   answers)]
+        return score_encoded(self.model, encoded, pad_id=self.tokenizer.pad_token_id,
+                             device=self.device, batch_size=self.batch_size)
+
+    def rerank(self, prompt: str, answers: Sequence[str]) -> list[tuple[str, float]]:
+        """``(answer, reward)`` best first; equal rewards keep the input order."""
+        scored = zip(answers, self.score_many(prompt, answers))
+        return sorted(scored, key=lambda pair: -pair[1])
+
+    def _fit(self, encoded: Encoded, prompt: str, answer: str) -> Encoded:
+        if len(encoded[0]) <= self.max_length:
+            return encoded
+        log.warning("input of %d tokens truncated to %d for scoring", len(encoded[0]),
+                    self.max_length)
+        enc = self.tokenizer(prompt, answer, truncation="longest_first",
+                             max_length=self.max_length)
+        types = enc.get("token_type_ids") if encoded[1] is not None else None
+        return enc["input_ids"], types

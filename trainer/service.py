@@ -1,0 +1,258 @@
+"""One training cycle (``run_once``) and the polling service (``serve``).
+
+A cycle: lock the registry, remove half-written versions, read the manifest. When partitions were
+sealed since the last version: split by time (``data.temporal_split``), read the pairs of those
+sealed partitions only, gate them, train, evaluate, audit, save a version, promote it when every
+gate passes. Unsealed partitions are never read: only manifest rows name what is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from prefstream.errors import PrefstreamError
+from storage.files import read_table, sealed_partitions
+from trainer import Interrupted
+from trainer.config import TrainConfig
+from trainer.data import (
+    PairDict,
+    Report,
+    Split,
+    drop_eval_groups,
+    drop_too_long,
+    length_bias,
+    quality_gates,
+    temporal_split,
+    within_split,
+)
+from trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
+from trainer.fit import Setup, fit, setup
+from trainer.model import attach_tokens, load, n_tokens
+from trainer.registry import (
+    json_default,
+    clean_partial,
+    current_version,
+    latest_metadata,
+    next_version,
+    promote,
+    registry_lock,
+    save_version,
+    version_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CycleResult:
+    """What one cycle did and why; ``summary()`` is what the metadata and the CLI show."""
+
+    trained: bool = False
+    promoted: bool = False
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None
+    cutoff: datetime | None = None
+    partitions: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    counts: dict[str, list[Report]] = field(default_factory=dict)
+    length_bias: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gates: dict[str, Any] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable dict of every field (datetimes as ISO strings)."""
+        result: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self),
+                                                       default=json_default))
+        return result
+
+
+@dataclass
+class Prepared:
+    train: list[PairDict]
+    eval: list[PairDict]
+    counts: dict[str, list[Report]]
+
+
+def run_once(data_dir: Path, config: TrainConfig, *,
+             should_stop: Callable[[], bool] = lambda: False) -> CycleResult | None:
+    """One cycle; None when no partition was sealed since the newest version was made."""
+    started = time.perf_counter()
+    with registry_lock(data_dir):
+        clean_partial(data_dir)
+        manifest = sealed_partitions(data_dir)
+        if not has_new_partitions(manifest, latest_metadata(data_dir)):
+            return None
+        return _cycle(data_dir, config, manifest, should_stop, started)
+
+
+def has_new_partitions(manifest: Sequence[dict[str, Any]], last: dict[str, Any] | None) -> bool:
+    if not manifest:
+        return False
+    if last is None:
+        return True
+    return (manifest[-1]["partition"] > last["seen_through"]
+            or len(manifest) > last["n_sealed"])
+
+
+def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
+           should_stop: Callable[[], bool], started: float) -> CycleResult:
+    split = temporal_split(manifest, eval_window=config.eval_window_partitions,
+                           gap=config.gap_partitions)
+    if split is None:
+        need = config.eval_window_partitions + config.gap_partitions + 1
+        return CycleResult(reasons=[f"too few sealed partitions for a temporal split: "
+                                    f"{len(manifest)} sealed, need {need}"])
+    s = setup(config)
+    data = prepare(data_dir, split, config, s.tokenizer)
+    result = CycleResult(cutoff=split.cutoff, partitions=_partition_info(split),
+                         counts=data.counts, length_bias={"train": length_bias(data.train),
+                                                          "eval": length_bias(data.eval)})
+    if len(data.train) < config.min_train_pairs or len(data.eval) < config.min_eval_pairs:
+        result.reasons.append(f"too few pairs after the gates: {len(data.train)} train (need "
+                              f"{config.min_train_pairs}), {len(data.eval)} eval (need "
+                              f"{config.min_eval_pairs})")
+        return result
+    _train_and_audit(data_dir, config, s, data, result, should_stop)
+    result.wall_s = round(time.perf_counter() - started, 3)
+    _save(data_dir, config, s, result, manifest, data)
+    return result
+
+
+def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]]) -> list[PairDict]:
+    """Pairs of the given manifest rows (sealed partitions), oldest first."""
+    for row in rows:
+        listed = {f for f in row["files"] if f.startswith("pairs/")}
+        present = {str(f.relative_to(data_dir))
+                   for f in (data_dir / "pairs" / row["partition"]).glob("*.parquet")}
+        if present != listed:
+            log.warning("sealed partition %s: pairs files differ from its manifest row (%d "
+                        "listed, %d present)", row["partition"], len(listed), len(present))
+    table = read_table(data_dir=data_dir, table="pairs", partitions=[r["partition"] for r in rows])
+    return sorted(table.to_pylist(), key=lambda p: (p["partition"], p["event_time"], p["pair_id"]))
+
+
+def prepare(data_dir: Path, split: Split, config: TrainConfig,
+            tokenizer: PreTrainedTokenizerBase) -> Prepared:
+    """Train and eval pairs of a split after every gate, with the counts after each gate."""
+    rows = read_pairs(data_dir, split.train + split.eval)
+    train, in_train = within_split(rows, split.names("train"), split.cutoff)
+    eval_pairs, in_eval = within_split(rows, split.names("eval"), None)
+    train, grouped = drop_eval_groups(train, eval_pairs)
+    train, train_gates = _gate(train, config, tokenizer)
+    eval_pairs, eval_gates = _gate(eval_pairs, config, tokenizer)
+    return Prepared(train, eval_pairs, {"train": [in_train, grouped, *train_gates],
+                                        "eval": [in_eval, *eval_gates]})
+
+
+def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase
+          ) -> tuple[list[PairDict], list[Report]]:
+    kept, reports = quality_gates(pairs, min_conf=config.min_confidence,
+                                  near_dup=config.near_dup_threshold,
+                                  user_cap=config.per_user_cap or None)
+    kept, too_long = drop_too_long(attach_tokens(tokenizer, kept), n_tokens, config.max_length)
+    return kept, [*reports, too_long]
+
+
+def _partition_info(split: Split) -> dict[str, list[dict[str, Any]]]:
+    def info(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"partition": r["partition"], "sha256": r["sha256"], "n_pairs": r["n_pairs"]}
+                for r in rows]
+    return {"train": info(split.train), "gap": info(split.gap), "eval": info(split.eval)}
+
+
+def _train_and_audit(data_dir: Path, config: TrainConfig, s: Setup, data: Prepared,
+                     result: CycleResult, should_stop: Callable[[], bool]) -> None:
+    fitted = fit(s, data.train, config, should_stop)
+    result.trained = True
+    held_out = evaluate(s.model, s.tokenizer, data.eval, device=s.device, config=config)
+    result.metrics = {"train": fitted.summary(), "eval": held_out,
+                      "probes": reward_hacking_probes(s.model, s.tokenizer, data.eval, config,
+                                                      device=s.device)}
+    result.gates = {
+        "calibration": calibration_audit(s.model, s.tokenizer, config, device=s.device),
+        "no_regression": _no_regression(data_dir, config, data.eval, held_out["accuracy"], s),
+    }
+    result.promoted = all(g["passed"] is not False for g in result.gates.values())
+    result.reasons += [f"{name}: {g['reason']}" for name, g in result.gates.items()]
+
+
+def _no_regression(data_dir: Path, config: TrainConfig, eval_pairs: list[PairDict],
+                   accuracy: float, s: Setup) -> dict[str, Any]:
+    """The current model, scored on the same held-out window (it never trained on it: its
+    training partitions all precede its own, older, evaluation window)."""
+    current = current_version(data_dir)
+    if current is None:
+        return {"passed": True, "reason": "no current model", "current": None}
+    model, tokenizer = load(version_path(data_dir, current))
+    pairs, _ = drop_too_long(attach_tokens(tokenizer, eval_pairs), n_tokens, config.max_length)
+    theirs = evaluate(model.to(s.device), tokenizer, pairs, device=s.device, config=config)
+    passed = theirs["accuracy"] is None or accuracy >= theirs["accuracy"]
+    verdict = ">=" if passed else "<"
+    return {"passed": passed, "current": current, "accuracy": accuracy,
+            "current_accuracy": theirs["accuracy"], "n": len(pairs),
+            "reason": f"held-out accuracy {accuracy:.3f} {verdict} {current}'s "
+                      f"{theirs['accuracy']}"}
+
+
+def _save(data_dir: Path, config: TrainConfig, s: Setup, result: CycleResult,
+          manifest: list[dict[str, Any]], data: Prepared) -> None:
+    result.version = next_version(data_dir)
+    metadata = {
+        **result.summary(), "created_at": datetime.now(timezone.utc),
+        "config": config.model_dump(mode="json"), "backbone": str(s.backbone),
+        "n_train": len(data.train), "n_eval": len(data.eval),
+        "seen_through": manifest[-1]["partition"], "n_sealed": len(manifest),
+    }
+    save_version(data_dir, result.version, model=s.model, tokenizer=s.tokenizer,
+                 metadata=metadata)
+    if result.promoted:
+        promote(data_dir, result.version)
+
+
+def serve(data_dir: Path, config: TrainConfig) -> None:
+    """Poll the manifest every ``poll_interval_s`` and run a cycle when it changed. SIGTERM or
+    SIGINT stops cleanly: between polls at once, during training before the next step (the
+    half-written version is never renamed into place)."""
+    stop = threading.Event()
+    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        seen: tuple[str, int] | None = None
+        while not stop.is_set():
+            manifest = sealed_partitions(data_dir)
+            state = (manifest[-1]["partition"], len(manifest)) if manifest else None
+            if state != seen and not _poll(data_dir, config, stop):
+                break
+            seen = state
+            stop.wait(config.poll_interval_s)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    log.info("trainer service stopped")
+
+
+def _poll(data_dir: Path, config: TrainConfig, stop: threading.Event) -> bool:
+    """One cycle inside the service; False when it was interrupted."""
+    try:
+        result = run_once(data_dir, config, should_stop=stop.is_set)
+    except Interrupted as exc:
+        log.warning("%s", exc)
+        return False
+    except PrefstreamError as exc:
+        log.error("training cycle failed: %s", exc)
+        return True
+    if result is not None:
+        log.info("training cycle: %s", json.dumps(result.summary()))
+    return True
