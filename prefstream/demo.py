@@ -50,7 +50,8 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **DEMO_ENV,
            "PREFSTREAM_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
            "PREFSTREAM_DATA_DIR": str(settings.data_dir)}
-    cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")]
+    loglevel = os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")
+    cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", loglevel]
     with open(log_path, "ab") as log_file:
         return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
 
@@ -164,7 +165,8 @@ def run_demo(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     settings = Settings(**{"data_dir": data_dir, **_demo_overrides()})
     traffic = generate_traffic(TrafficConfig(
-        n_events=args.events, seed=args.seed, end=traffic_end(datetime.now(timezone.utc), settings)))
+        n_events=args.events, seed=args.seed,
+        end=traffic_end(datetime.now(timezone.utc), settings)))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with broker_for(settings, log_path=data_dir / "broker.log") as settings:
         prepare(settings)

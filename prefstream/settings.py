@@ -31,7 +31,8 @@ class Settings(BaseSettings):
     late_topic: str = "prefstream-late-events"
     partitions: int = Field(4, ge=1, le=256, description="Partitions of the events topic.")
     gap_s: float = Field(1800.0, gt=0, description="Inactivity gap (event time) closing a session.")
-    grace_s: float = Field(300.0, ge=0, description="Out-of-order tolerance; older events are late.")
+    grace_s: float = Field(300.0, ge=0,
+                           description="Out-of-order tolerance; older events are late.")
     idle_s: float = Field(30.0, gt=0, description="Wall time without events before the watermark "
                           "follows the wall clock.")
     tick_interval_s: float = Field(5.0, gt=0, description="How often the worker ticks partitions.")

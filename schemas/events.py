@@ -94,7 +94,8 @@ class SessionEnd(_Event):
 
 
 FeedbackEvent = Annotated[
-    Impression | Click | Copy | ThumbsUp | ThumbsDown | Regenerate | Edit | Reformulate | SessionEnd,
+    Impression | Click | Copy | ThumbsUp | ThumbsDown | Regenerate | Edit | Reformulate
+    | SessionEnd,
     Field(discriminator="type"),
 ]
 EVENT_TYPES = (

@@ -4,7 +4,7 @@ Layout under a data dir::
 
     <table>/<partition>/part-*.parquet   rows, one file per flushed batch and partition
     <table>/_schema/empty.parquet        zero-row file so views work before the first write
-    watermarks/p<N>.json                 per Kafka partition: watermark, applied offset, open sessions
+    watermarks/p<N>.json                 per Kafka partition: watermark, offset, open sessions
     manifest/<partition>.parquet         one row per sealed partition (files, row counts, sha256)
 
 Files are written under a hidden temporary name, fsynced, then renamed: readers globbing
@@ -70,7 +70,8 @@ def init_data_dir(data_dir: Path) -> None:
         if not path.exists():
             _write_atomic(arrow_schema(model).empty_table(), path)
     if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
-        _write_atomic(MANIFEST_SCHEMA.empty_table(), data_dir / "manifest" / f"{SCHEMA_DIR}.parquet")
+        empty = data_dir / "manifest" / f"{SCHEMA_DIR}.parquet"
+        _write_atomic(MANIFEST_SCHEMA.empty_table(), empty)
     (data_dir / "watermarks").mkdir(exist_ok=True, mode=0o700)
 
 
@@ -191,7 +192,8 @@ def _seal(data_dir: Path, partition: str, watermark: datetime, hours: int) -> No
         digest.update(rel.encode())
         digest.update(hashlib.sha256((data_dir / rel).read_bytes()).digest())
     counts = {
-        t: len(read_table(data_dir=data_dir, table=t, partitions=[partition])) for t in SEALED_TABLES
+        t: len(read_table(data_dir=data_dir, table=t, partitions=[partition]))
+        for t in SEALED_TABLES
     }
     start, end = partition_bounds(partition, hours=hours)
     row = {

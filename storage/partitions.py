@@ -12,9 +12,8 @@ def partition_for(ts: datetime, *, hours: int = 1) -> str:
     if ts.tzinfo is None:
         raise ValueError("partition_for needs a timezone-aware datetime")
     utc = ts.astimezone(timezone.utc)
-    return utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0).strftime(
-        PARTITION_FORMAT
-    )
+    floored = utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0)
+    return floored.strftime(PARTITION_FORMAT)
 
 
 def partition_bounds(name: str, *, hours: int = 1) -> tuple[datetime, datetime]:

@@ -145,7 +145,7 @@ class Pipeline:
         preview = raw.decode("utf-8", errors="replace")[:RAW_PREVIEW_CHARS]
         row = DeadLetter(dead_letter_id=coords, topic=topic, kafka_partition=partition,
                          offset=offset, reason=reason, raw=preview, received_at=received,
-                         partition=partition_for(received, hours=self.settings.rules.partition_hours))
+                         partition=self._arrival_partition(received))
         self.batch.rows["dead_letters"].append(row)
         self.batch.counts["dead_letter"] += 1
         payload = {"source": coords, "reason": reason, "raw": preview}
@@ -158,9 +158,12 @@ class Pipeline:
                         event_type=event.type, ts=event.ts, watermark=clock.watermark,
                         kafka_partition=partition, offset=offset, raw=raw.decode(errors="replace"),
                         received_at=received,
-                        partition=partition_for(received, hours=self.settings.rules.partition_hours))
+                        partition=self._arrival_partition(received))
         self.batch.rows["late_events"].append(row)
         return SideMessage(self.settings.late_topic, event.session_id.encode(), raw)
+
+    def _arrival_partition(self, received: datetime) -> str:
+        return partition_for(received, hours=self.settings.rules.partition_hours)
 
     # -- batches -------------------------------------------------------------------------
     def due(self) -> bool:
@@ -211,3 +214,40 @@ class Pipeline:
 
     def wall_ms(self) -> int:
         return self._wall_ms()
+
+
+class MemoryStore:
+    """A StateStore in a dict: for running the pipeline without Kafka (replays, references)."""
+
+    def __init__(self) -> None:
+        self.clocks: dict[int, Clock] = {}
+        self.slots: dict[int, dict[str, SessionSlot]] = defaultdict(dict)
+
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+        return self.clocks.get(kafka_partition), list(self.slots[kafka_partition].items())
+
+    def save(self, kafka_partition: int, clock: Clock,
+             slots: dict[str, SessionSlot | None]) -> None:
+        self.clocks[kafka_partition] = clock
+        for key, slot in slots.items():
+            if slot is None:
+                self.slots[kafka_partition].pop(key, None)
+            else:
+                self.slots[kafka_partition][key] = slot
+
+
+def replay(settings: Settings, records: Iterable[tuple[int, int, bytes | None, bytes, int]],
+           *, final_tick_ms: int) -> None:
+    """Run ``(partition, offset, key, value, timestamp_ms)`` records through a fresh pipeline
+    into ``settings.data_dir``, then tick every partition at ``final_tick_ms`` and flush."""
+    pipeline = Pipeline(settings, MemoryStore())
+    for partition, offset, key, value, ts_ms in records:
+        pipeline.handle(topic=settings.events_topic, partition=partition, offset=offset, key=key,
+                        value=value, timestamp_ms=ts_ms)
+    tick = Tick(wall_ms=final_tick_ms).model_dump_json().encode()
+    for p in range(settings.partitions):
+        pipeline.handle(topic=settings.events_topic, partition=p, offset=1 << 40, key=None,
+                        value=tick, timestamp_ms=final_tick_ms)
+    pipeline.flush_rows()
+    pipeline.checkpoint()
+    pipeline.forget_flushed()

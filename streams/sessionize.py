@@ -152,7 +152,10 @@ def add_event(
         event.ts - current.last >= rules.gap or current.start - event.ts >= rules.gap
     ):
         slot, current = _close(slot, "gap"), None
-    session = _append(current, event, offset) if current else _start(event, offset, clock.kafka_partition)
+    if current is None:
+        session = _start(event, offset, clock.kafka_partition)
+    else:
+        session = _append(current, event, offset)
     slot = slot.model_copy(update={"open": session})
     if len(session.events) >= rules.max_events:
         slot = _close(slot, "max_events")
