@@ -164,9 +164,8 @@ def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     data_dir = Path(args.data_dir)
     settings = Settings(**{"data_dir": data_dir, **_demo_overrides()})
-    traffic = generate_traffic(TrafficConfig(
-        n_events=args.events, seed=args.seed,
-        end=traffic_end(datetime.now(timezone.utc), settings)))
+    end = traffic_end(datetime.now(timezone.utc), settings)
+    traffic = generate_traffic(TrafficConfig(n_events=args.events, seed=args.seed, end=end))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with broker_for(settings, log_path=data_dir / "broker.log") as settings:
         prepare(settings)
@@ -178,7 +177,8 @@ def run_demo(args: argparse.Namespace) -> int:
         finally:
             stop(worker)
     ensure_catalog(data_dir)
-    summary = {"events_produced": len(traffic.messages), **funnel(data_dir),
+    summary = {"traffic": {"seed": args.seed, "events": args.events, "end": end.isoformat()},
+               "events_produced": len(traffic.messages), **funnel(data_dir),
                "generator": {k: traffic.counts[k] for k in ("valid", "duplicates", "bad", "late")},
                "ground_truth": agreement(data_dir, traffic),
                "ingest_seconds": round(time.monotonic() - started, 1)}

@@ -160,6 +160,7 @@ class DeadLetter(_Record):
 
 
 class LateEvent(_Record):
+    late_id: str = Field(description="topic[partition]@offset: a re-sent late event is a new row")
     event_id: str
     session_id: str
     event_type: str

@@ -28,7 +28,7 @@ TABLES: dict[str, tuple[type[BaseModel], str]] = {
     "refusals": (Refusal, "refusal_id"),
     "sessions": (SessionSummary, "session_key"),
     "dead_letters": (DeadLetter, "dead_letter_id"),
-    "late_events": (LateEvent, "event_id"),
+    "late_events": (LateEvent, "late_id"),
 }
 #: tables whose partitions follow the event-time watermark and get sealed
 SEALED_TABLES = ("pairs", "ties", "unpaired", "refusals", "sessions")

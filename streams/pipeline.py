@@ -154,7 +154,8 @@ class Pipeline:
     def _late(self, event: FeedbackEvent, clock: Clock, partition: int, offset: int, raw: bytes,
               timestamp_ms: int) -> SideMessage:
         received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
-        row = LateEvent(event_id=event.event_id, session_id=event.session_id,
+        row = LateEvent(late_id=f"{self.settings.events_topic}[{partition}]@{offset}",
+                        event_id=event.event_id, session_id=event.session_id,
                         event_type=event.type, ts=event.ts, watermark=clock.watermark,
                         kafka_partition=partition, offset=offset, raw=raw.decode(errors="replace"),
                         received_at=received,

@@ -147,7 +147,7 @@ def read_topic(broker: EmbeddedBroker, topic: str) -> list[bytes]:
 
 TABLE_IDS = {"pairs": "pair_id", "ties": "tie_id", "unpaired": "row_id",
              "refusals": "refusal_id", "sessions": "session_key",
-             "dead_letters": "dead_letter_id", "late_events": "event_id"}
+             "dead_letters": "dead_letter_id", "late_events": "late_id"}
 
 
 def snapshot(data_dir: Path) -> dict[str, set[str]]:
