@@ -45,10 +45,12 @@ class FeedbackProducer:
         self.sent = 0
         self.failed = 0
         self.errors: list[str] = []
+        # A fixed api_version skips the blocking version probe in the constructor, so an
+        # unreachable broker surfaces as a bounded error on send (KIP-35 brokers, Kafka >= 2.8).
+        config = {"api_version": (2, 8), "acks": "all", "linger_ms": 5, **kafka_config}
         try:
             self._producer = KafkaProducer(
-                bootstrap_servers=bootstrap, max_block_ms=max_block_ms, acks="all",
-                linger_ms=5, **kafka_config,
+                bootstrap_servers=bootstrap, max_block_ms=max_block_ms, **config
             )
         except KafkaError as exc:
             raise ProducerError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
