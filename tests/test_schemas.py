@@ -16,8 +16,9 @@ from schemas.events import EVENT_ADAPTER, EVENT_TYPES, MAX_TEXT_CHARS, Copy, Imp
 
 ids = st.from_regex(r"[A-Za-z0-9_.:-]{1,40}", fullmatch=True)
 texts = st.text(min_size=1, max_size=200)
+IST = timezone(timedelta(hours=5, minutes=30))
 times = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
-                     timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=5, minutes=30))]))
+                     timezones=st.sampled_from([timezone.utc, IST]))
 
 
 def base(**extra: object) -> dict:

@@ -47,7 +47,8 @@ class TrainConfig(BaseSettings):
     epochs: int = Field(1, ge=0, le=100, description="End-to-end epochs over the training pairs.")
     head_epochs: float = Field(0.5, ge=0, le=100, description="Head-only epochs first "
                                "(backbone frozen); fractions allowed.")
-    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of end-to-end steps warming up.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of end-to-end steps that "
+                                "warm the learning rate up.")
     margin_coef: float = Field(0.0, ge=0, description="margin = coef * max(confidence - 0.5, 0).")
     center_rewards_coef: float = Field(0.01, ge=0, description="coef * (r_c + r_r)^2 keeps rewards "
                                        "near 0; 0 disables.")
@@ -61,8 +62,8 @@ class TrainConfig(BaseSettings):
                                 "and evaluation (at least one deployment cycle).")
     # quality gates
     min_confidence: float = Field(0.5, ge=0, le=1, description="Pairs below are dropped.")
-    per_user_cap: int | None = Field(1000, ge=1, description="Most pairs kept per user "
-                                     "(highest confidence first); unset = no cap.")
+    per_user_cap: int = Field(1000, ge=0, description="Most pairs kept per user (highest "
+                              "confidence first); 0 = no cap.")
     near_dup_threshold: float = Field(0.9, gt=0, le=1, description="Jaccard of character 5-grams "
                                       "of chosen and of rejected within a prompt group.")
     length_match_tolerance: float = Field(0.2, ge=0, le=1, description="Length-matched accuracy "

@@ -52,9 +52,10 @@ def temporal_split(manifest: Sequence[dict[str, Any]], *, eval_window: int, gap:
 
 
 def normalize_text(text: str) -> str:
-    """Casefold, every run of punctuation/whitespace -> one space. Coarser than the pairing
-    rules' ``normalize_prompt``, so prompts the rules see as equal always share a group."""
-    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+    """Lowercase words joined by single spaces (punctuation, ``_`` and whitespace are
+    separators). Coarser than the pairing rules' ``normalize_prompt``: prompts the rules see as
+    equal always share a group here."""
+    return " ".join(w.casefold() for w in re.split(r"[\W_]+", text.lower()) if w)
 
 
 def _report(gate: str, before: Sequence[Any], kept: Sequence[Any]) -> Report:

@@ -47,10 +47,10 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],
     """Loss, accuracy, margin, reward stats, length-matched and per-rule accuracy."""
     rc, rr = torch.tensor(r_chosen, dtype=torch.float64), torch.tensor(r_rejected,
                                                                        dtype=torch.float64)
-    right = [c > r for c, r in zip(r_chosen, r_rejected)]
+    right = [c > r for c, r in zip(r_chosen, r_rejected, strict=True)]
     everything = list(r_chosen) + list(r_rejected)
     lengths = [len(p["chosen"]) for p in pairs] + [len(p["rejected"]) for p in pairs]
-    matched = [ok for ok, p in zip(right, pairs) if is_length_matched(p, tolerance)]
+    matched = [ok for ok, p in zip(right, pairs, strict=True) if is_length_matched(p, tolerance)]
     return {
         "n": len(pairs),
         "loss": -F.logsigmoid(rc - rr).mean().item() if len(pairs) else None,
@@ -76,7 +76,7 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
 
 def _per_rule(right: Sequence[bool], pairs: Sequence[PairDict]) -> dict[str, dict[str, Any]]:
     by_rule: dict[str, list[bool]] = defaultdict(list)
-    for ok, p in zip(right, pairs):
+    for ok, p in zip(right, pairs, strict=True):
         by_rule[p.get("rule", "unknown")].append(ok)
     return {rule: {"n": len(v), "accuracy": _share(v)} for rule, v in sorted(by_rule.items())}
 
@@ -152,10 +152,11 @@ def reward_hacking_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
     rates: dict[str, dict[str, Any]] = {}
     for kind, perturb in PROBES.items():
         probed = _score(model, tokenizer, prompts, [perturb(a) for a in answers], device, config)
-        raised = [b is not None and p is not None and p > b for b, p in zip(base, probed)]
-        scored = sum(b is not None and p is not None for b, p in zip(base, probed))
-        rates[kind] = {"n": scored, "raised": sum(raised), "rate": sum(raised) / scored
-                       if scored else None}
+        both = [(b, p) for b, p in zip(base, probed, strict=True)
+                if b is not None and p is not None]
+        raised = sum(p > b for b, p in both)
+        rates[kind] = {"n": len(both), "raised": raised,
+                       "rate": raised / len(both) if both else None}
     valid = [r["rate"] for r in rates.values() if r["rate"] is not None]
     return {"n_answers": len(answers), "probes": rates,
             "overall_rate": statistics.fmean(valid) if valid else None}
@@ -169,6 +170,6 @@ def _score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: 
     scores = score_encoded(model, [encoded[i] for i in fits], pad_id=tokenizer.pad_token_id,
                            device=device, batch_size=2 * config.batch_size)
     out: list[float | None] = [None] * len(encoded)
-    for i, value in zip(fits, scores):
+    for i, value in zip(fits, scores, strict=True):
         out[i] = value
     return out

@@ -73,7 +73,8 @@ def attach_tokens(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[PairDict]
     prompts = [p["prompt"] for p in pairs]
     chosen = encode(tokenizer, prompts, [p["chosen"] for p in pairs])
     rejected = encode(tokenizer, prompts, [p["rejected"] for p in pairs])
-    return [{**p, "chosen_enc": c, "rejected_enc": r} for p, c, r in zip(pairs, chosen, rejected)]
+    return [{**p, "chosen_enc": c, "rejected_enc": r}
+            for p, c, r in zip(pairs, chosen, rejected, strict=True)]
 
 
 def n_tokens(pair: PairDict) -> int:
@@ -157,7 +158,7 @@ def score_encoded(model: PreTrainedModel, encoded: Sequence[Encoded], *, pad_id:
     scores = [0.0] * len(encoded)
     for idx in _chunks(order, batch_size):
         batch = pad_batch([encoded[i] for i in idx], pad_id)
-        for i, value in zip(idx, forward_rewards(model, batch, device).tolist()):
+        for i, value in zip(idx, forward_rewards(model, batch, device).tolist(), strict=True):
             scores[i] = value
     return scores
 

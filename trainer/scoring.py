@@ -48,13 +48,13 @@ class RewardModel:
         """Rewards of several answers to one prompt, in input order."""
         encoded = [self._fit(e, prompt, a)
                    for e, a in zip(encode(self.tokenizer, [prompt] * len(answers), answers),
-                                   answers)]
+                                   answers, strict=True)]
         return score_encoded(self.model, encoded, pad_id=self.tokenizer.pad_token_id,
                              device=self.device, batch_size=self.batch_size)
 
     def rerank(self, prompt: str, answers: Sequence[str]) -> list[tuple[str, float]]:
         """``(answer, reward)`` best first; equal rewards keep the input order."""
-        scored = zip(answers, self.score_many(prompt, answers))
+        scored = zip(answers, self.score_many(prompt, answers), strict=True)
         return sorted(scored, key=lambda pair: -pair[1])
 
     def _fit(self, encoded: Encoded, prompt: str, answer: str) -> Encoded:

@@ -41,9 +41,9 @@ from trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
 from trainer.fit import Setup, fit, setup
 from trainer.model import attach_tokens, load, n_tokens
 from trainer.registry import (
-    json_default,
     clean_partial,
     current_version,
+    json_default,
     latest_metadata,
     next_version,
     promote,
