@@ -39,7 +39,8 @@ class Session(_Record):
     last: AwareDatetime
     events: tuple[SessionEvent, ...] = ()
     n_duplicates: int = 0
-    duplicate_offsets: tuple[int, ...] = Field(default=(), description="offsets of re-sent events")
+    duplicates: tuple[tuple[int, str], ...] = Field(
+        default=(), description="(offset, event_id) of each re-sent copy of an event")
     ended_at: AwareDatetime | None = Field(default=None, description="ts of a session_end event")
 
     @property

@@ -67,7 +67,7 @@ def ensure_catalog(data_dir: Path) -> bool:
     path = data_dir / CATALOG_NAME
     try:
         con = duckdb.connect(str(path))
-    except duckdb.IOException as exc:
+    except (duckdb.IOException, duckdb.ConnectionException) as exc:
         log.warning("catalog %s is locked by a reader, keeping its views: %s", path, exc)
         return False
     try:

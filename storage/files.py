@@ -62,9 +62,20 @@ class Watermark:
     open_sessions: int
 
 
+def _mkdir_private(path: Path) -> None:
+    """Create ``path`` and missing parents owner-only (``mkdir(mode=)`` sets only the last)."""
+    missing = []
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(mode=0o700, exist_ok=True)
+        folder.chmod(0o700)
+
+
 def init_data_dir(data_dir: Path) -> None:
     """Create the layout with owner-only permissions and a zero-row schema file per table."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _mkdir_private(data_dir)
     for table, (model, _) in TABLES.items():
         path = data_dir / table / SCHEMA_DIR / "empty.parquet"
         if not path.exists():
@@ -72,7 +83,7 @@ def init_data_dir(data_dir: Path) -> None:
     if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
         empty = data_dir / "manifest" / f"{SCHEMA_DIR}.parquet"
         _write_atomic(MANIFEST_SCHEMA.empty_table(), empty)
-    (data_dir / "watermarks").mkdir(exist_ok=True, mode=0o700)
+    _mkdir_private(data_dir / "watermarks")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -84,7 +95,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _mkdir_private(path.parent)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -105,7 +116,8 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel]) -> list
         by_partition[row.partition].append(row)  # type: ignore[attr-defined]
     written = []
     for partition, part_rows in sorted(by_partition.items()):
-        if table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition):
+        sealed = table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition)
+        if sealed:
             part_rows = _drop_existing(data_dir, table, partition, part_rows, id_col)
             if not part_rows:
                 continue
@@ -114,6 +126,8 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel]) -> list
         path = data_dir / table / partition / name
         _write_atomic(to_arrow(model, list(part_rows)), path)
         written.append(path)
+        if sealed:  # keep the manifest true to the files: new hash, counts and file list
+            _reseal(data_dir, partition)
     return written
 
 
@@ -177,11 +191,17 @@ def seal_ready(
     todo = [p for p in sealable(partitions=present, watermark=low, after=gap, hours=hours)
             if not is_sealed(data_dir=data_dir, partition=p)]
     for partition in todo:
-        _seal(data_dir, partition, low, hours)
+        _seal(data_dir, partition, low, partition_bounds(partition, hours=hours))
     return todo
 
 
-def _seal(data_dir: Path, partition: str, watermark: datetime, hours: int) -> None:
+def _reseal(data_dir: Path, partition: str) -> None:
+    old = pq.read_table(data_dir / "manifest" / f"{partition}.parquet").to_pylist()[0]
+    _seal(data_dir, partition, old["watermark"], (old["start"], old["end"]))
+
+
+def _seal(data_dir: Path, partition: str, watermark: datetime,
+          bounds: tuple[datetime, datetime]) -> None:
     files = sorted(
         str(f.relative_to(data_dir))
         for t in SEALED_TABLES
@@ -195,7 +215,7 @@ def _seal(data_dir: Path, partition: str, watermark: datetime, hours: int) -> No
         t: len(read_table(data_dir=data_dir, table=t, partitions=[partition]))
         for t in SEALED_TABLES
     }
-    start, end = partition_bounds(partition, hours=hours)
+    start, end = bounds
     row = {
         "partition": partition, "start": start, "end": end,
         "sealed_at": datetime.now(timezone.utc), "watermark": watermark, "files": files,

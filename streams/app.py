@@ -24,6 +24,7 @@ from streams.sessionize import Clock, SessionSlot
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "__clock__:{}"
+COMMIT_ATTEMPTS = 200
 
 
 class TableStore:
@@ -108,16 +109,43 @@ def create_app(settings: Settings) -> faust.App:
     acks: list[EventT] = []
 
     async def flush() -> None:
+        try:
+            await durable_flush()
+        except Exception as exc:  # not durable or not committed: stop; a restart replays
+            log.critical("flush failed, stopping the worker: %r", exc)
+            await app.crash(exc)
+            raise
+
+    async def durable_flush() -> None:
         batch = await asyncio.to_thread(pipeline.flush_rows)
         pipeline.checkpoint()
         await app.producer.flush()
+        targets: dict[TP, int] = {}
         for event in acks:
             event.ack()
+            tp = event.message.tp
+            targets[tp] = max(targets.get(tp, 0), event.message.offset + 1)
         acks.clear()
-        await app.consumer.commit()
+        await commit_through(targets)
         pipeline.forget_flushed()
         if batch.counts:
             log.info("flushed batch: %s", dict(batch.counts))
+
+    async def commit_through(targets: dict[TP, int]) -> None:
+        """Commit until the group's offsets cover ``targets``.
+
+        ``consumer.commit()`` returns without committing when another commit is in flight, and
+        closed sessions may only be forgotten once their offsets are committed.
+        """
+        for _ in range(COMMIT_ATTEMPTS):
+            await app.consumer.commit()
+            committed = app.consumer._committed_offset  # Faust keeps no public accessor
+            owned = app.consumer.assignment()  # a revoked partition is replayed by its new owner
+            if all((committed.get(tp) or 0) >= off for tp, off in targets.items()
+                   if tp in owned):
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"offsets {targets} not committed after {COMMIT_ATTEMPTS} attempts")
 
     async def send_side(messages: list[SideMessage]) -> None:
         for m in messages:

@@ -100,7 +100,20 @@ class Pipeline:
     # -- one message ---------------------------------------------------------------------
     def handle(self, *, topic: str, partition: int, offset: int, key: bytes | None,
                value: bytes | None, timestamp_ms: int) -> list[SideMessage]:
-        """Apply one record; returns records for the dead-letter / late topics."""
+        """Apply one record; returns records for the dead-letter / late topics.
+
+        Never raises for a message: even a bug in the rules sets that one message aside (with
+        the exception as its reason) instead of stopping the stream.
+        """
+        try:
+            return self._handle(topic, partition, offset, key, value, timestamp_ms)
+        except Exception as exc:
+            log.exception("internal error on %s[%d]@%d", topic, partition, offset)
+            return [self._dead_letter(topic, partition, offset, key, value or b"",
+                                      f"internal error: {exc!r}"[:500], timestamp_ms)]
+
+    def _handle(self, topic: str, partition: int, offset: int, key: bytes | None,
+                value: bytes | None, timestamp_ms: int) -> list[SideMessage]:
         state = self.state(partition)
         self.batch.applied[partition] = offset
         self._events_since_flush += 1

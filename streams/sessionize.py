@@ -12,7 +12,9 @@ State comes in two pieces, both persisted in the worker's Faust table:
 
 A session closes when the watermark passes its last event plus the inactivity gap, or its
 ``session_end`` event (the grace period then lets stragglers in), or when it hits the event or
-duration limit. An event older than the watermark is late: it is set aside, never merged.
+duration limit. Until then an open session may hold several groups of events a gap apart: a
+straggler can still bridge them. An event older than the watermark is late: set aside, never
+merged.
 """
 
 from __future__ import annotations
@@ -48,14 +50,14 @@ class Clock:
     watermark: datetime = EPOCH
     last_arrival_ms: int = 0
 
-    def observe(self, ts: datetime, arrival_ms: int, grace: timedelta) -> Clock:
+    def observe(self, ts: datetime, grace: timedelta) -> Clock:
+        """An accepted event at ``ts`` moves event time forward."""
         top = max(self.max_event_ts, ts)
-        return replace(
-            self,
-            max_event_ts=top,
-            watermark=max(self.watermark, top - grace),
-            last_arrival_ms=max(self.last_arrival_ms, arrival_ms),
-        )
+        return replace(self, max_event_ts=top, watermark=max(self.watermark, top - grace))
+
+    def arrived(self, arrival_ms: int) -> Clock:
+        """Any valid message (late and duplicate ones too) shows the partition is not idle."""
+        return replace(self, last_arrival_ms=max(self.last_arrival_ms, arrival_ms))
 
     def tick(self, wall_ms: int, rules: SessionRules) -> Clock:
         """With no event for ``idle`` wall time, event time is assumed to follow the wall clock."""
@@ -80,8 +82,8 @@ class SessionSlot(BaseModel):
 def _seen(session: Session, event_id: str, offset: int) -> Outcome | None:
     for item in session.events:
         if item.event.event_id == event_id:
-            redelivered = item.offset == offset or offset in session.duplicate_offsets
-            return "redelivered" if redelivered else "duplicate"
+            again = item.offset == offset or any(o == offset for o, _ in session.duplicates)
+            return "redelivered" if again else "duplicate"
     return None
 
 
@@ -98,23 +100,36 @@ def _start(event: FeedbackEvent, offset: int, kafka_partition: int) -> Session:
 
 
 def _append(session: Session, event: FeedbackEvent, offset: int) -> Session:
-    ended = session.ended_at
-    if event.type == "session_end":
-        ended = event.ts if ended is None else max(ended, event.ts)
-    return session.model_copy(
-        update={
-            "start": min(session.start, event.ts),
-            "last": max(session.last, event.ts),
-            "events": (*session.events, SessionEvent(offset=offset, event=event)),
-            "ended_at": ended,
-        }
-    )
+    return _with_events(session, (*session.events, SessionEvent(offset=offset, event=event)))
 
 
-def _close(slot: SessionSlot, reason: CloseReason) -> SessionSlot:
-    assert slot.open is not None
-    closed = ClosedSession(session=slot.open, reason=reason)
-    return SessionSlot(open=None, pending=(*slot.pending, closed))
+def _with_events(template: Session, items: tuple[SessionEvent, ...]) -> Session:
+    """``template`` restricted to ``items``: bounds, end marker and duplicates recomputed."""
+    ids = {i.event.event_id for i in items}
+    times = [i.event.ts for i in items]
+    ends = [i.event.ts for i in items if i.event.type == "session_end"]
+    dups = tuple(d for d in template.duplicates if d[1] in ids)
+    return template.model_copy(update={
+        "start": min(times), "last": max(times), "events": items,
+        "ended_at": max(ends) if ends else None, "duplicates": dups, "n_duplicates": len(dups),
+    })
+
+
+def clusters(session: Session, gap: timedelta) -> list[Session]:
+    """Split a session's events wherever event time has a gap of at least ``gap``.
+
+    Events arrive out of order, so two groups that looked a gap apart may still be bridged by a
+    straggler: the split is decided only when the watermark closes a group (see :func:`expire`).
+    """
+    ordered = sorted(session.events, key=lambda i: (i.event.ts, i.offset))
+    groups: list[list[SessionEvent]] = [[ordered[0]]]
+    for item in ordered[1:]:
+        if item.event.ts - groups[-1][-1].event.ts >= gap:
+            groups.append([])
+        groups[-1].append(item)
+    members = [{id(i) for i in g} for g in groups]
+    return [_with_events(session, tuple(i for i in session.events if id(i) in m))
+            for m in members]
 
 
 def _find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
@@ -136,8 +151,9 @@ def add_event(
 ) -> tuple[SessionSlot | None, Outcome]:
     """Merge one validated event into its session slot.
 
-    Returns the new slot and what happened to the event. A gap larger than ``rules.gap`` to the
-    open session closes it and starts a new one; so does reaching ``rules.max_events``.
+    Returns the new slot and what happened to the event. Events not older than the watermark
+    join the open session (which may span several gap-separated groups until the watermark
+    closes them); reaching ``rules.max_events`` closes everything open.
     """
     slot = slot or SessionSlot()
     seen = _find(slot, event.event_id, offset)
@@ -147,55 +163,63 @@ def add_event(
         return slot, seen
     if clock.is_late(event.ts):
         return slot, "late"
-    current = slot.open
-    if current is not None and (
-        event.ts - current.last >= rules.gap or current.start - event.ts >= rules.gap
-    ):
-        slot, current = _close(slot, "gap"), None
-    if current is None:
+    if slot.open is None:
         session = _start(event, offset, clock.kafka_partition)
     else:
-        session = _append(current, event, offset)
+        session = _append(slot.open, event, offset)
     slot = slot.model_copy(update={"open": session})
     if len(session.events) >= rules.max_events:
-        slot = _close(slot, "max_events")
+        groups = clusters(session, rules.gap)
+        closed = [ClosedSession(session=g, reason="gap") for g in groups[:-1]]
+        closed.append(ClosedSession(session=groups[-1], reason="max_events"))
+        slot = SessionSlot(open=None, pending=(*slot.pending, *closed))
     return slot, "accepted"
 
 
 def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSlot:
-    """Record the duplicate's offset on the session that holds the original event."""
-    if slot.open is not None and _seen(slot.open, event_id, offset) is not None:
-        return slot.model_copy(update={"open": _with_dup(slot.open, offset)})
-    pending = tuple(
-        c.model_copy(update={"session": _with_dup(c.session, offset)})
-        if _seen(c.session, event_id, offset) is not None else c
-        for c in slot.pending
-    )
-    return slot.model_copy(update={"pending": pending})
+    """Record the duplicate on the session that holds the original event."""
+    def mark(session: Session) -> Session:
+        if _seen(session, event_id, offset) is None:
+            return session
+        dups = (*session.duplicates, (offset, event_id))
+        return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups)})
+
+    pending = tuple(c.model_copy(update={"session": mark(c.session)}) for c in slot.pending)
+    return SessionSlot(open=mark(slot.open) if slot.open else None, pending=pending)
 
 
-def _with_dup(session: Session, offset: int) -> Session:
-    offsets = (*session.duplicate_offsets, offset)
-    return session.model_copy(update={"duplicate_offsets": offsets, "n_duplicates": len(offsets)})
-
-
-def deadline(session: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
-    """Watermark at which an open session closes, and why."""
+def _group_deadline(group: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
     candidates: list[tuple[datetime, CloseReason]] = [
-        (session.last + rules.gap, "gap"),
-        (session.start + rules.max_duration, "max_duration"),
+        (group.last + rules.gap, "gap"),
+        (group.start + rules.max_duration, "max_duration"),
     ]
-    if session.ended_at is not None:
-        candidates.append((session.ended_at, "session_end"))
+    if group.ended_at is not None:
+        candidates.append((group.ended_at, "session_end"))
     return min(candidates)
 
 
+def deadline(session: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
+    """Watermark at which the first group of an open session closes, and why.
+
+    The earliest group always closes first: later groups start at least a gap after it ends.
+    """
+    return _group_deadline(clusters(session, rules.gap)[0], rules)
+
+
 def expire(slot: SessionSlot, watermark: datetime, rules: SessionRules) -> SessionSlot:
-    """Close the open session if the watermark has passed its deadline."""
+    """Close every group of the open session whose deadline the watermark has passed."""
     if slot.open is None:
         return slot
-    when, reason = deadline(slot.open, rules)
-    return _close(slot, reason) if when <= watermark else slot
+    groups = clusters(slot.open, rules.gap)
+    closed: list[ClosedSession] = []
+    while groups and (due := _group_deadline(groups[0], rules))[0] <= watermark:
+        closed.append(ClosedSession(session=groups.pop(0), reason=due[1]))
+    if not closed:
+        return slot
+    rest = {id(i) for g in groups for i in g.events}
+    kept = tuple(i for i in slot.open.events if id(i) in rest)
+    still_open = _with_events(slot.open, kept) if kept else None
+    return SessionSlot(open=still_open, pending=(*slot.pending, *closed))
 
 
 def flushed(slot: SessionSlot) -> SessionSlot | None:

@@ -38,8 +38,8 @@ class PartitionSessions:
         self.slots: dict[str, SessionSlot] = dict(slots)
         self._heap: list[tuple[datetime, str]] = []
         self._dirty: set[str] = set()
-        # Sessions recovered as pending closed before a crash are emitted again (ids dedupe).
-        self._closed: list[ClosedSession] = [c for s in self.slots.values() for c in s.pending]
+        # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
+        self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
         for session_id, slot in self.slots.items():
             self._schedule(session_id, slot)
 
@@ -52,14 +52,15 @@ class PartitionSessions:
             heapq.heappush(self._heap, (deadline(slot.open, self.rules)[0], session_id))
 
     def _put(self, session_id: str, slot: SessionSlot | None) -> None:
-        before = self.slots.get(session_id)
-        n_before = len(before.pending) if before else 0
         if slot is None:
             self.slots.pop(session_id, None)
         else:
             self.slots[session_id] = slot
-            self._closed.extend(slot.pending[n_before:])
             self._schedule(session_id, slot)
+        if slot is not None and slot.pending:
+            self._pending.add(session_id)
+        else:
+            self._pending.discard(session_id)
         self._dirty.add(session_id)
 
     def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int) -> Outcome:
@@ -67,10 +68,11 @@ class PartitionSessions:
             self.slots.get(event.session_id), event, offset=offset, clock=self.clock,
             rules=self.rules,
         )
+        self.clock = self.clock.arrived(arrival_ms)
         if outcome in ("accepted", "duplicate"):
             self._put(event.session_id, slot)
         if outcome == "accepted":
-            self.clock = self.clock.observe(event.ts, arrival_ms, self.rules.grace)
+            self.clock = self.clock.observe(event.ts, self.rules.grace)
             self._expire()
         return outcome
 
@@ -89,15 +91,14 @@ class PartitionSessions:
                 self._put(session_id, after)
 
     def take_closed(self) -> list[ClosedSession]:
-        """Sessions closed since the last call (their rows are to be written)."""
-        closed, self._closed = self._closed, []
-        return closed
+        """Closed sessions whose rows are to be written, in their latest state (a duplicate
+        arriving after the close is counted on the session it repeats)."""
+        return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
 
     def forget_flushed(self) -> None:
         """After the flush is durable and committed: drop pending sessions from state."""
-        for session_id, slot in list(self.slots.items()):
-            if slot.pending:
-                self._put(session_id, flushed(slot))
+        for session_id in list(self._pending):
+            self._put(session_id, flushed(self.slots[session_id]))
 
     def take_dirty(self) -> dict[str, SessionSlot | None]:
         """Slots changed since the last checkpoint (``None`` = deleted)."""

@@ -1,0 +1,393 @@
+"""Storage: partition names, immutable Parquet files, sealing, and the DuckDB catalog of views.
+
+Everything runs on real files in ``tmp_path`` and a real DuckDB; one test reads from a second
+process while this one writes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from factories import at, pair, session_row
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
+from storage.files import (
+    Watermark,
+    init_data_dir,
+    is_sealed,
+    read_table,
+    read_watermarks,
+    seal_ready,
+    sealable,
+    sealed_partitions,
+    write_rows,
+    write_watermark,
+)
+from storage.partitions import partition_bounds, partition_for
+from storage.tables import SEALED_TABLES, TABLES
+
+H12, H13 = "2024-05-01T12", "2024-05-01T13"  # the hours of at(0) and at(60)
+GAP = timedelta(minutes=30)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "data"
+    init_data_dir(path)
+    return path
+
+
+def query(data_dir: Path, sql: str) -> list[tuple]:
+    assert ensure_catalog(data_dir)
+    con = connect_readonly(data_dir)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def parquet_files(table_dir: Path) -> list[Path]:
+    """Data files of a table (not its zero-row schema file)."""
+    return sorted(p for p in table_dir.glob("*/*.parquet") if p.parent.name != "_schema")
+
+
+# --- partition names -------------------------------------------------------------------------
+
+_offsets = st.builds(
+    timezone, st.timedeltas(min_value=timedelta(hours=-23, minutes=-59),
+                            max_value=timedelta(hours=23, minutes=59)))
+_aware = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1),
+                      timezones=st.one_of(_offsets, st.timezones()), allow_imaginary=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_aware, st.sampled_from([1, 2, 3, 4, 6, 12, 24]))
+def test_partition_name_round_trips_through_its_bounds(ts, hours):
+    name = partition_for(ts, hours=hours)
+    start, end = partition_bounds(name, hours=hours)
+    assert start <= ts < end
+    assert end - start == timedelta(hours=hours)
+    assert start.tzinfo == timezone.utc
+    assert start.hour % hours == 0 and (start.minute, start.second, start.microsecond) == (0, 0, 0)
+    assert partition_for(start, hours=hours) == name
+    assert partition_for(end - timedelta(microseconds=1), hours=hours) == name
+    assert partition_for(end, hours=hours) != name
+    assert partition_for(ts.astimezone(timezone.utc), hours=hours) == name
+
+
+def test_partition_for_literals():
+    berlin = timezone(timedelta(hours=2))
+    assert partition_for(datetime(2024, 5, 1, 1, 30, tzinfo=berlin)) == "2024-04-30T23"
+    assert partition_for(datetime(2024, 5, 1, 13, 59, tzinfo=timezone.utc), hours=6) == H12
+    assert partition_for(datetime(2024, 5, 1, 23, 0, tzinfo=timezone.utc), hours=24) == (
+        "2024-05-01T00")
+    assert partition_bounds(H12, hours=2) == (at(0), at(120))
+
+
+def test_partition_for_rejects_naive_datetimes():
+    with pytest.raises(ValueError):
+        partition_for(datetime(2024, 5, 1, 12))
+
+
+# --- writing rows ----------------------------------------------------------------------------
+
+def test_write_rows_writes_one_complete_file_per_partition(data_dir):
+    rows = [pair("p1", minute=0), pair("p2", minute=59), pair("p3", minute=60)]
+    written = write_rows(data_dir=data_dir, table="pairs", rows=rows)
+    assert [p.parent.name for p in written] == [H12, H13]
+    for path in written:
+        assert path.name.startswith("part-") and path.suffix == ".parquet"
+        assert path.parent.parent == data_dir / "pairs"
+        pq.ParquetFile(path)  # a whole file with its footer
+    assert sorted(pq.read_table(written[0]).column("pair_id").to_pylist()) == ["p1", "p2"]
+    leftovers = [p for p in data_dir.rglob("*") if p.is_file() and p.suffix != ".parquet"]
+    assert leftovers == []
+    assert not [p for p in data_dir.rglob(".*")]  # no hidden temporary names left
+    assert write_rows(data_dir=data_dir, table="pairs", rows=[]) == []
+
+
+def test_rows_round_trip_with_timestamps_in_utc(data_dir):
+    eastern = timezone(timedelta(hours=-4))
+    row = pair("p1", event_time=datetime(2024, 5, 1, 8, 15, tzinfo=eastern), rules=("a", "b"),
+               chosen_position=None)
+    write_rows(data_dir=data_dir, table="pairs", rows=[row])
+    [back] = read_table(data_dir=data_dir, table="pairs").to_pylist()
+    assert back["event_time"] == datetime(2024, 5, 1, 12, 15, tzinfo=timezone.utc)
+    assert back["rules"] == ["a", "b"]
+    assert back["chosen_position"] is None
+    assert back["pair_id"] == "p1" and back["partition"] == H12
+
+
+def test_writing_the_same_rows_twice_is_idempotent_for_readers(data_dir):
+    rows = [pair("p1", minute=0), pair("p2", minute=5), pair("p3", minute=70)]
+    write_rows(data_dir=data_dir, table="pairs", rows=rows)
+    write_rows(data_dir=data_dir, table="pairs", rows=rows)  # a redelivered batch
+    assert len(parquet_files(data_dir / "pairs")) == 4  # nothing rewritten: one new file each
+    assert query(data_dir, "SELECT pair_id, count(*) FROM pairs GROUP BY ALL ORDER BY 1") == [
+        ("p1", 1), ("p2", 1), ("p3", 1)]
+    table = read_table(data_dir=data_dir, table="pairs")
+    assert sorted(table.column("pair_id").to_pylist()) == ["p1", "p2", "p3"]
+    only = read_table(data_dir=data_dir, table="pairs", partitions=[H12])
+    assert sorted(only.column("pair_id").to_pylist()) == ["p1", "p2"]
+    assert query(data_dir, "SELECT partition, n_pairs, sealed FROM partitions") == [
+        (H12, 2, False), (H13, 1, False)]
+
+
+@pytest.mark.parametrize("view", [*TABLES, "partitions"])
+def test_views_work_on_an_empty_data_dir(data_dir, view):
+    assert query(data_dir, f"SELECT count(*) FROM {view}") == [(0,)]
+    if view in TABLES:
+        assert read_table(data_dir=data_dir, table=view).num_rows == 0
+
+
+def test_views_have_every_column_of_their_table(data_dir):
+    assert ensure_catalog(data_dir)
+    con = connect_readonly(data_dir)
+    try:
+        for table, (model, _) in TABLES.items():
+            cols = [d[0] for d in con.execute(f"SELECT * FROM {table} LIMIT 0").description]
+            assert cols == list(model.model_fields), table
+    finally:
+        con.close()
+
+
+def test_partial_and_temporary_files_are_ignored(data_dir):
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    [good] = parquet_files(data_dir / "pairs")
+    torn = good.read_bytes()[: good.stat().st_size // 2]  # no footer, as a killed writer leaves
+    (good.parent / ".part-dead.parquet.0badc0de.tmp").write_bytes(torn)
+    (good.parent / "part-dead.parquet.partial").write_bytes(torn)
+    assert query(data_dir, "SELECT pair_id FROM pairs") == [("p1",)]
+    assert read_table(data_dir=data_dir, table="pairs").column("pair_id").to_pylist() == ["p1"]
+    assert query(data_dir, "SELECT partition, n_pairs FROM partitions") == [(H12, 1)]
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(120), 0, 0))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP) == [H12]
+    [manifest] = sealed_partitions(data_dir)
+    assert manifest["files"] == [str(good.relative_to(data_dir))]
+
+
+def test_a_torn_file_named_parquet_would_break_the_views(data_dir):
+    """Why files are renamed into place: the glob reads every ``*.parquet``."""
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    [good] = parquet_files(data_dir / "pairs")
+    (good.parent / "part-torn.parquet").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(duckdb.Error):
+        query(data_dir, "SELECT count(*) FROM pairs")
+
+
+# --- watermarks and sealing ------------------------------------------------------------------
+
+def test_watermarks_round_trip(data_dir):
+    assert read_watermarks(data_dir) == {}
+    mark = Watermark(kafka_partition=2, watermark=at(5), applied_offset=41, open_sessions=3)
+    write_watermark(data_dir=data_dir, mark=mark)
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(1), 7, 0))
+    assert read_watermarks(data_dir)[2] == mark
+    assert sorted(read_watermarks(data_dir)) == [0, 2]
+    assert not list((data_dir / "watermarks").glob("*.tmp"))
+
+
+def test_sealable_needs_end_plus_gap():
+    parts = ["2024-05-01T10", "2024-05-01T12"]
+    assert sealable(partitions=parts, watermark=at(30) - timedelta(microseconds=1), after=GAP,
+                    hours=2) == []
+    assert sealable(partitions=parts, watermark=at(30), after=GAP, hours=2) == ["2024-05-01T10"]
+    assert sealable(partitions=parts, watermark=at(150), after=GAP, hours=2) == parts
+    assert sealable(partitions=[H12], watermark=at(90), after=GAP) == [H12]
+
+
+def _sha256(data_dir: Path, files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for rel in files:
+        digest.update(rel.encode())
+        digest.update(hashlib.sha256((data_dir / rel).read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_dir):
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=1), pair("p2", minute=2)])
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=1)])  # redelivered
+    write_rows(data_dir=data_dir, table="sessions", rows=[session_row("s1@1", minute=2)])
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p3", minute=61)])
+
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 10, 0))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=2, gap=GAP) == []  # p1 unknown
+    write_watermark(data_dir=data_dir, mark=Watermark(1, at(90) - timedelta(microseconds=1), 5, 1))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=2, gap=GAP) == []  # min < end + gap
+    assert not is_sealed(data_dir=data_dir, partition=H12)
+    write_watermark(data_dir=data_dir, mark=Watermark(1, at(90), 6, 1))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=2, gap=GAP) == [H12]
+    assert is_sealed(data_dir=data_dir, partition=H12)
+    assert not is_sealed(data_dir=data_dir, partition=H13)
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=2, gap=GAP) == []  # once only
+
+    [row] = sealed_partitions(data_dir)
+    files = sorted(str(p.relative_to(data_dir))
+                   for t in SEALED_TABLES for p in (data_dir / t / H12).glob("*.parquet"))
+    assert len(files) == 3
+    assert row["files"] == files
+    assert (row["partition"], row["start"], row["end"]) == (H12, at(0), at(60))
+    assert row["watermark"] == at(90)
+    assert (row["n_pairs"], row["n_sessions"], row["n_ties"], row["n_unpaired"],
+            row["n_refusals"]) == (2, 1, 0, 0, 0)
+    assert row["sha256"] == _sha256(data_dir, files)
+    assert row["sealed_at"] <= datetime.now(timezone.utc)
+
+    assert query(data_dir, "SELECT partition, sealed, n_pairs, n_sessions, sha256 IS NOT NULL "
+                           "FROM partitions") == [
+        (H12, True, 2, 1, True), (H13, False, 1, 0, False)]
+
+
+def test_sealed_partition_skips_known_ids_but_keeps_new_ones(data_dir):
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1"), pair("p2")])
+    write_rows(data_dir=data_dir, table="sessions", rows=[session_row("s1@0")])
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 1, 0))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP) == [H12]
+    before = parquet_files(data_dir / "pairs") + parquet_files(data_dir / "sessions")
+
+    assert write_rows(data_dir=data_dir, table="pairs", rows=[pair("p2"), pair("p1")]) == []
+    assert write_rows(data_dir=data_dir, table="sessions", rows=[session_row("s1@0")]) == []
+    assert parquet_files(data_dir / "pairs") + parquet_files(data_dir / "sessions") == before
+
+    [path] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1"), pair("p9")])
+    assert pq.read_table(path).column("pair_id").to_pylist() == ["p9"]  # no data loss
+    ids = read_table(data_dir=data_dir, table="pairs", partitions=[H12]).column("pair_id")
+    assert sorted(ids.to_pylist()) == ["p1", "p2", "p9"]
+    assert query(data_dir, "SELECT count(*), count(DISTINCT pair_id) FROM pairs") == [(3, 3)]
+
+
+# --- readers never blocked by the writer -----------------------------------------------------
+
+READER = r"""
+import json, sys, time, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < end:
+    try:
+        n, d = con.execute("SELECT count(*), count(DISTINCT pair_id) FROM pairs").fetchone()
+        print(json.dumps([n, d]), flush=True)
+    except Exception as exc:
+        print(json.dumps({"error": repr(exc)}), flush=True)
+con.close()
+"""
+
+
+def test_a_reader_in_another_process_sees_growing_deduplicated_pairs(data_dir, tmp_path):
+    assert ensure_catalog(data_dir)
+    catalog = data_dir / CATALOG_NAME
+    catalog_stat = catalog.stat()
+    out = tmp_path / "reader.out"
+    with open(out, "w") as fh:
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(catalog), "3"], stdout=fh,
+                                  stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while not out.read_text().startswith("ready"):
+            assert reader.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, "reader never started"
+            time.sleep(0.02)
+        # the reader holds the catalog: re-creating the views must give way, not fail
+        assert ensure_catalog(data_dir) is False
+
+        unique = 0
+        for batch in range(50):
+            fresh = [pair(f"b{batch}-{i}", minute=(batch + i) % 180) for i in range(8)]
+            again = [pair(f"b{batch - 1}-{i}", minute=(batch - 1 + i) % 180) for i in range(3)]
+            write_rows(data_dir=data_dir, table="pairs", rows=fresh + (again if batch else []))
+            unique += len(fresh)
+            time.sleep(0.03)
+        assert reader.wait(timeout=30) == 0
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+
+    lines = out.read_text().splitlines()
+    assert lines[0] == "ready"
+    reads = [json.loads(line) for line in lines[1:]]
+    errors = [r for r in reads if isinstance(r, dict)]
+    assert errors == []
+    assert len(reads) >= 10
+    counts = [n for n, _ in reads]
+    assert all(n == d for n, d in reads)
+    assert counts == sorted(counts)  # never decreases
+    assert len(set(counts)) > 5  # it really read while the batches landed
+    assert max(counts) <= unique
+    assert catalog.stat().st_mtime_ns == catalog_stat.st_mtime_ns  # the writer never touched it
+    assert query(data_dir, "SELECT count(*), count(DISTINCT pair_id) FROM pairs") == [
+        (unique, unique)]
+
+
+def test_writing_and_sealing_never_open_the_catalog(data_dir, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the writer opened DuckDB")
+
+    monkeypatch.setattr(duckdb, "connect", refuse)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    write_rows(data_dir=data_dir, table="sessions", rows=[session_row()])
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 1, 0))
+    assert seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP) == [H12]
+    assert read_table(data_dir=data_dir, table="pairs").num_rows == 1
+    assert not (data_dir / CATALOG_NAME).exists()
+
+
+def test_ensure_catalog_gives_way_to_a_reader_in_the_same_process(data_dir):
+    assert ensure_catalog(data_dir)
+    con = connect_readonly(data_dir)
+    try:
+        assert ensure_catalog(data_dir) is False
+        assert con.execute("SELECT count(*) FROM pairs").fetchall() == [(0,)]
+    finally:
+        con.close()
+
+
+# --- data dir layout -------------------------------------------------------------------------
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_init_data_dir_is_owner_only_and_idempotent(tmp_path, umask_022):
+    data_dir = tmp_path / "nested" / "data"
+    init_data_dir(data_dir)
+    assert _mode(data_dir) == 0o700
+    for leaf in ("watermarks", "manifest", *(f"{t}/_schema" for t in TABLES)):
+        assert _mode(data_dir / leaf) == 0o700, leaf
+    schema_file = data_dir / "pairs" / "_schema" / "empty.parquet"
+    before = schema_file.stat()
+    init_data_dir(data_dir)
+    assert schema_file.stat().st_ino == before.st_ino  # kept, not rewritten
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    assert _mode(data_dir / "pairs" / H12) == 0o700
+
+
+def test_every_dir_under_the_data_dir_is_owner_only(tmp_path, umask_022):
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    modes = {str(p.relative_to(data_dir)): oct(_mode(p)) for p in data_dir.rglob("*")
+             if p.is_dir()}
+    assert modes == dict.fromkeys(modes, oct(0o700))
