@@ -24,7 +24,7 @@ from tqdm import tqdm
 from prefstream.errors import PrefstreamError
 from prefstream.settings import Settings
 from storage.catalog import connect_readonly, ensure_catalog
-from storage.files import read_watermarks
+from storage.files import Watermark, read_watermarks
 from streams.producer import FeedbackProducer
 from streams.run import broker_for, prepare
 from streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
@@ -81,23 +81,33 @@ def end_offsets(settings: Settings) -> dict[int, int]:
 
 def wait_until_drained(settings: Settings, targets: dict[int, int], worker: subprocess.Popen[bytes],
                        timeout_s: float) -> None:
-    """Until every partition's worker flush covers ``targets`` and no session is open."""
+    """Until every partition's flushes cover ``targets``, no session is open and every
+    watermark has gone idle past the moment of this call (so all partitions that can seal have).
+    """
     deadline = time.monotonic() + timeout_s
-    total = sum(targets.values())
-    with tqdm(total=total, desc="stored", unit="ev", file=sys.stderr, leave=False) as bar:
+    idle_mark = datetime.now(timezone.utc) - timedelta(seconds=settings.grace_s)
+    with tqdm(total=sum(targets.values()), desc="stored", unit="ev", file=sys.stderr,
+              leave=False) as bar:
         while True:
             marks = read_watermarks(settings.data_dir)
             done = {p: min(targets[p], marks[p].applied_offset + 1) if p in marks else 0
                     for p in targets}
             bar.update(sum(done.values()) - bar.n)
-            drained = all(done[p] >= targets[p] for p in targets)
-            if drained and all(m.open_sessions == 0 for m in marks.values()):
+            if _drained(marks, targets, idle_mark):
                 return
             if worker.poll() is not None:
                 raise PrefstreamError(f"worker exited with {worker.returncode}; see its log")
             if time.monotonic() > deadline:
                 raise PrefstreamError(f"worker did not drain in {timeout_s:.0f}s")
             time.sleep(0.5)
+
+
+def _drained(marks: dict[int, Watermark], targets: dict[int, int], idle_mark: datetime) -> bool:
+    return all(
+        p in marks and marks[p].applied_offset + 1 >= targets[p]
+        and marks[p].open_sessions == 0 and marks[p].watermark >= idle_mark
+        for p in targets
+    )
 
 
 def stop(worker: subprocess.Popen[bytes]) -> None:
