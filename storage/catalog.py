@@ -62,6 +62,15 @@ def partitions_view_sql(data_dir: Path) -> str:
     """
 
 
+FUNNEL_SQL = """
+    SELECT partition,
+           sum(n_events) AS events, sum(n_duplicates) AS duplicates, count(*) AS sessions,
+           sum(n_candidates) AS candidates, sum(n_pairs) AS pairs, sum(n_ties) AS ties,
+           sum(n_unpaired) AS unpaired, sum(n_refusals) AS refusals
+    FROM sessions GROUP BY partition ORDER BY partition
+"""
+
+
 def ensure_catalog(data_dir: Path) -> bool:
     """(Re)create the views; returns False when a reader holds the file (views then stay)."""
     path = data_dir / CATALOG_NAME
@@ -74,6 +83,7 @@ def ensure_catalog(data_dir: Path) -> bool:
         for table in TABLES:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {table_view_sql(data_dir, table)}")
         con.execute(f"CREATE OR REPLACE VIEW partitions AS {partitions_view_sql(data_dir)}")
+        con.execute(f"CREATE OR REPLACE VIEW funnel AS {FUNNEL_SQL}")
         for name, body in EXTRA_VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {body.format(root=data_dir.resolve())}")
     finally:

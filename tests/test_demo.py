@@ -55,6 +55,8 @@ def test_summary_equals_the_views(demo: tuple[dict, Path]) -> None:
     assert sum(summary["pairs_by_rule"].values()) == summary["pairs"]
     assert summary["partitions_sealed"] == summary["partitions"] > 1
     assert summary["dead_lettered"] == summary["generator"]["bad"]
+    funnel = sql(data_dir, "SELECT sum(events), sum(sessions), sum(pairs) FROM funnel")
+    assert funnel == [(summary["events_accepted"], summary["sessions"], summary["pairs"])]
     assert summary["ground_truth"]["precision"] > 0.75
 
 
