@@ -153,7 +153,7 @@ def add_event(
 
     Returns the new slot and what happened to the event. Events not older than the watermark
     join the open session (which may span several gap-separated groups until the watermark
-    closes them); reaching ``rules.max_events`` closes everything open.
+    closes them); a group reaching ``rules.max_events`` closes at once.
     """
     slot = slot or SessionSlot()
     seen = _find(slot, event.event_id, offset)
@@ -168,12 +168,21 @@ def add_event(
     else:
         session = _append(slot.open, event, offset)
     slot = slot.model_copy(update={"open": session})
-    if len(session.events) >= rules.max_events:
-        groups = clusters(session, rules.gap)
-        closed = [ClosedSession(session=g, reason="gap") for g in groups[:-1]]
-        closed.append(ClosedSession(session=groups[-1], reason="max_events"))
-        slot = SessionSlot(open=None, pending=(*slot.pending, *closed))
+    if len(session.events) >= rules.max_events:  # only then can one group reach the cap
+        slot = _cap(slot, session, event.event_id, rules)
     return slot, "accepted"
+
+
+def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules) -> SessionSlot:
+    """Close the group the new event joined if it reached ``max_events``; others stay open."""
+    groups = clusters(session, rules.gap)
+    full = next(g for g in groups if any(i.event.event_id == event_id for i in g.events))
+    if len(full.events) < rules.max_events:
+        return slot
+    kept = tuple(i for i in session.events if all(i is not j for j in full.events))
+    still_open = _with_events(session, kept) if kept else None
+    closed = ClosedSession(session=full, reason="max_events")
+    return SessionSlot(open=still_open, pending=(*slot.pending, closed))
 
 
 def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSlot:
