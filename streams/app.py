@@ -89,6 +89,7 @@ def create_app(settings: Settings) -> faust.App:
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
+        datadir=str(settings.data_dir / "faust"),  # Faust's own files, not in the cwd
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
