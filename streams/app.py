@@ -36,6 +36,17 @@ class TableStore:
 
     def __init__(self, table: Any) -> None:
         self.table = table
+        self.in_flight: list[Any] = []  # changelog sends not yet acknowledged by the broker
+
+    async def wait_sent(self) -> None:
+        """Until every changelog record of the checkpoint is acknowledged by the broker.
+
+        ``producer.flush()`` alone is not enough: Faust's buffer flush returns after 0.1 s
+        without progress, possibly with records still queued.
+        """
+        sends, self.in_flight = self.in_flight, []
+        if sends:
+            await asyncio.gather(*sends)
 
     def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
         clock = None
@@ -61,10 +72,11 @@ class TableStore:
     def _put(self, partition: int, key: str, value: str | None) -> None:
         if value is None:  # a tombstone, sent raw as Faust itself does for deletions
             self.table.data.pop(key, None)
-            self.table.send_changelog(partition, key, None, value_serializer="raw")
+            sent = self.table.send_changelog(partition, key, None, value_serializer="raw")
         else:
             self.table.data[key] = value
-            self.table.send_changelog(partition, key, value)
+            sent = self.table.send_changelog(partition, key, value)
+        self.in_flight.append(sent)
 
 
 def _slot_partition(slot: SessionSlot) -> int:
@@ -105,7 +117,8 @@ def create_app(settings: Settings) -> faust.App:
             for name in (settings.dead_letter_topic, settings.late_topic)}
     table = app.Table("sessions", default=None, partitions=settings.partitions,
                       key_type=str, value_type=str)
-    pipeline = Pipeline(settings, TableStore(table))
+    store = TableStore(table)
+    pipeline = Pipeline(settings, store)
     lock = asyncio.Lock()
     acks: list[EventT] = []
 
@@ -121,6 +134,7 @@ def create_app(settings: Settings) -> faust.App:
         batch = await asyncio.to_thread(pipeline.flush_rows)
         pipeline.checkpoint()
         await app.producer.flush()
+        await store.wait_sent()
         targets: dict[TP, int] = {}
         for event in acks:
             event.ack()
@@ -172,10 +186,15 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:
+        """Make everything processed durable and committed before partitions move.
+
+        Faust does not redeliver events a worker already received when a partition comes back
+        to it, so dropping their acks would leave a hole no commit can pass.
+        """
         async with lock:
-            lost = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
-            pipeline.revoke(lost)
-            acks[:] = [e for e in acks if e.message.partition not in lost]
+            if acks:
+                await flush()
+            pipeline.revoke({tp.partition for tp in revoked if tp.topic == settings.events_topic})
 
     app.pipeline = pipeline  # type: ignore[attr-defined]
     return app

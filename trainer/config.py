@@ -42,7 +42,8 @@ class TrainConfig(BaseSettings):
     max_length: int = Field(256, ge=8, le=8192, description="Tokens of prompt + answer; longer "
                             "pairs are dropped and counted, never truncated.")
     batch_size: int = Field(16, ge=1, description="Pairs per optimisation step.")
-    lr: float = Field(2e-5, gt=0, lt=1, description="Peak learning rate of the end-to-end stage.")
+    lr: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate of the end-to-end stage "
+                      "(TRL's RewardConfig default).")
     head_lr: float = Field(1e-3, gt=0, lt=1, description="Learning rate of the head-only stage.")
     epochs: int = Field(1, ge=0, le=100, description="End-to-end epochs over the training pairs.")
     head_epochs: float = Field(0.5, ge=0, le=100, description="Head-only epochs first "

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer import Interrupted
+from trainer import Interrupted, TrainerError
 from trainer.config import TrainConfig
 from trainer.loss import bradley_terry_loss, pair_accuracy
 from trainer.model import (
@@ -55,6 +55,7 @@ class FitResult:
     head_steps: int = 0
     pairs_seen: int = 0
     wall_s: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         tail = max(len(self.losses) // 10, 1)  # last 10% of steps: the loss the model ended at
@@ -65,6 +66,7 @@ class FitResult:
             "final_accuracy": sum(self.accuracies[-tail:]) / tail if self.losses else None,
             "wall_s": round(self.wall_s, 3),
             "pairs_per_s": self.pairs_seen / self.wall_s if self.wall_s else None,
+            "stages": self.stages,
         }
 
 
@@ -73,6 +75,10 @@ def setup(config: TrainConfig) -> Setup:
     torch.manual_seed(config.seed)
     backbone = config.backbone_path()
     model, tokenizer = load(backbone)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and config.max_length > positions:
+        raise TrainerError(f"max_length {config.max_length} exceeds the {positions} positions "
+                           f"of {backbone}")
     device = resolve_device(config.device)
     log.info("backbone %s on %s", backbone, device)
     return Setup(model.to(device), tokenizer, device, backbone)
@@ -126,6 +132,7 @@ def _stage(name: str, s: Setup, pairs: Sequence[PairDict], batches: list[list[in
             params.append(param)
     if not batches:
         return
+    started, seen = time.perf_counter(), result.pairs_seen
     optimizer = torch.optim.AdamW(params, lr=lr(0), weight_decay=0.0)
     s.model.train()
     bar = tqdm(batches, desc=f"train {name}", unit="step", disable=None, mininterval=1.0)
@@ -139,7 +146,12 @@ def _stage(name: str, s: Setup, pairs: Sequence[PairDict], batches: list[list[in
         result.accuracies.append(acc)
         result.pairs_seen += len(idx)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", lr=f"{lr(step):.1e}", refresh=False)
-    log.info("%s stage: %d steps, last loss %.4f", name, len(batches), result.losses[-1])
+    wall = time.perf_counter() - started
+    pairs = result.pairs_seen - seen
+    result.stages[name] = {"steps": len(batches), "pairs": pairs, "wall_s": round(wall, 3),
+                           "pairs_per_s": round(pairs / wall, 3)}
+    log.info("%s stage: %d steps, %.1f pairs/s, last loss %.4f", name, len(batches),
+             pairs / wall, result.losses[-1])
 
 
 def _step(s: Setup, batch_pairs: list[PairDict], optimizer: torch.optim.Optimizer,

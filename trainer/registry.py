@@ -101,6 +101,8 @@ def version_path(data_dir: Path, version: str | None = None) -> Path:
     version = version or current_version(data_dir)
     if version is None:
         raise TrainerError(f"no promoted model in {models_dir(data_dir)}")
+    if not VERSION_RE.match(version):
+        raise TrainerError(f"not a model version name: {version!r} (expected v0001...)")
     path = models_dir(data_dir) / version
     if not (path / METADATA).exists():
         raise TrainerError(f"model version {version} not found in {models_dir(data_dir)}")
@@ -108,8 +110,12 @@ def version_path(data_dir: Path, version: str | None = None) -> Path:
 
 
 def next_version(data_dir: Path) -> str:
-    versions = list_versions(data_dir)
-    return f"v{int(versions[-1][1:]) + 1 if versions else 1:04d}"
+    """One past every version folder, complete or not, so a name is never reused."""
+    root = models_dir(data_dir)
+    if not root.is_dir():
+        return "v0001"
+    numbers = [int(p.name[1:]) for p in root.iterdir() if VERSION_RE.match(p.name)]
+    return f"v{max(numbers, default=0) + 1:04d}"
 
 
 @contextmanager

@@ -57,7 +57,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CycleResult:
-    """What one cycle did and why; ``summary()`` is what the metadata and the CLI show."""
+    """What one cycle did and why; ``summary()`` is what the metadata and the CLI show.
+
+    ``trained`` is False when the cycle stopped before training (too few sealed partitions or
+    pairs); then no version is saved and ``reasons`` says why. ``partitions`` maps a role
+    (train, gap, eval; or sealed when there was no split) to name, sha256 and pair count.
+    """
 
     trained: bool = False
     promoted: bool = False
@@ -113,21 +118,29 @@ def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
     if split is None:
         need = config.eval_window_partitions + config.gap_partitions + 1
         return CycleResult(reasons=[f"too few sealed partitions for a temporal split: "
-                                    f"{len(manifest)} sealed, need {need}"])
+                                    f"{len(manifest)} sealed, need {need}"],
+                           partitions=_partition_info(sealed=manifest), wall_s=_since(started))
     s = setup(config)
     data = prepare(data_dir, split, config, s.tokenizer)
-    result = CycleResult(cutoff=split.cutoff, partitions=_partition_info(split),
-                         counts=data.counts, length_bias={"train": length_bias(data.train),
-                                                          "eval": length_bias(data.eval)})
+    result = CycleResult(cutoff=split.cutoff, counts=data.counts,
+                         partitions=_partition_info(train=split.train, gap=split.gap,
+                                                    eval=split.eval),
+                         length_bias={"train": length_bias(data.train),
+                                      "eval": length_bias(data.eval)})
     if len(data.train) < config.min_train_pairs or len(data.eval) < config.min_eval_pairs:
         result.reasons.append(f"too few pairs after the gates: {len(data.train)} train (need "
                               f"{config.min_train_pairs}), {len(data.eval)} eval (need "
                               f"{config.min_eval_pairs})")
-        return result
-    _train_and_audit(data_dir, config, s, data, result, should_stop)
-    result.wall_s = round(time.perf_counter() - started, 3)
-    _save(data_dir, config, s, result, manifest, data)
+    else:
+        _train_and_audit(data_dir, config, s, data, result, should_stop)
+    result.wall_s = _since(started)
+    if result.trained:
+        _save(data_dir, config, s, result, manifest, data)
     return result
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
 
 
 def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]]) -> list[PairDict]:
@@ -165,11 +178,10 @@ def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedToken
     return kept, [*reports, too_long]
 
 
-def _partition_info(split: Split) -> dict[str, list[dict[str, Any]]]:
-    def info(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"partition": r["partition"], "sha256": r["sha256"], "n_pairs": r["n_pairs"]}
-                for r in rows]
-    return {"train": info(split.train), "gap": info(split.gap), "eval": info(split.eval)}
+def _partition_info(**roles: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Name, content hash and pair count of each partition, per role."""
+    return {role: [{"partition": r["partition"], "sha256": r["sha256"], "n_pairs": r["n_pairs"]}
+                   for r in rows] for role, rows in roles.items()}
 
 
 def _train_and_audit(data_dir: Path, config: TrainConfig, s: Setup, data: Prepared,

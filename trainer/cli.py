@@ -1,0 +1,162 @@
+"""Subcommands ``trainer``, ``score``, ``rerank`` and ``export`` for the ``prefstream`` script.
+
+Every ``TrainConfig`` field is a ``trainer`` flag (``max_length`` -> ``--max-length``) that
+overrides ``PREFSTREAM_TRAIN_<FIELD>``. Torch and transformers load only when a command runs;
+importing this module registers the ``models`` catalog view for whatever process loads it.
+
+Exit codes: 0 done (a model was promoted, or nothing new to do), 1 error, 2 bad usage or
+config, 3 the cycle ran but promoted nothing (too little data, or a gate failed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+import trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
+from prefstream.errors import PrefstreamError
+from trainer.config import ENV_PREFIX, TrainConfig
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_PROMOTED = 0, 1, 2, 3
+DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
+
+
+def register(subparsers: Any) -> None:
+    """Add the trainer's subcommands to an ``add_subparsers()`` object."""
+    train = subparsers.add_parser("trainer", help="Retrain the reward model on sealed partitions.")
+    _data_dir(train)
+    train.add_argument("--once", action="store_true", help="Run one cycle, print its summary "
+                       "as JSON and exit (default: poll every --poll-interval-s).")
+    for name, info in TrainConfig.model_fields.items():
+        help_text = (info.description or "").replace("%", "%%")
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
+                           type=_flag_type(info.annotation),
+                           help=f"{help_text} (default: {info.default}) [env: {ENV_PREFIX}"
+                                f"{name.upper()}]")
+    train.set_defaults(func=run_trainer)
+    _scoring_parsers(subparsers)
+    export = subparsers.add_parser("export", help="Write sealed pairs as TRL or KTO JSONL.")
+    _data_dir(export)
+    export.add_argument("--format", choices=("trl", "kto"), default="trl",
+                        help="trl: prompt/chosen/rejected; kto: prompt/completion/label.")
+    export.add_argument("--out", type=Path, required=True, help="JSONL file to write.")
+    export.add_argument("--partitions", nargs="+", default=None,
+                        help="Sealed partitions to export (default: all sealed).")
+    export.add_argument("--margin-coef", type=float, default=None,
+                        help="trl only: add margin = coef * max(confidence - 0.5, 0).")
+    export.set_defaults(func=run_export)
+
+
+def _scoring_parsers(subparsers: Any) -> None:
+    score = subparsers.add_parser("score", help="Reward of one answer under the current model.")
+    rerank = subparsers.add_parser("rerank", help="Answers ordered by reward, best first (JSONL).")
+    for parser in (score, rerank):
+        _data_dir(parser)
+        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--version", default=None, help="A model version (default: current).")
+        parser.add_argument("--device", default=os.environ.get(f"{ENV_PREFIX}DEVICE", "auto"),
+                            help=f"auto, cpu or cuda [env: {ENV_PREFIX}DEVICE]")
+    score.add_argument("--answer", required=True)
+    score.set_defaults(func=run_score)
+    rerank.add_argument("answers", nargs="+", help="Candidate answers.")
+    rerank.set_defaults(func=run_rerank)
+
+
+def _data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path,
+                        default=Path(os.environ.get(DATA_DIR_ENV, "prefstream-data")),
+                        help=f"Data dir of the stored pairs and models [env: {DATA_DIR_ENV}]")
+
+
+def _flag_type(annotation: Any) -> Any:
+    """``int | None`` -> ``int``: the type argparse converts a flag's text with."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if args else annotation
+
+
+def _config(args: argparse.Namespace) -> TrainConfig | None:
+    flags = {name: getattr(args, name) for name in TrainConfig.model_fields
+             if getattr(args, name, None) is not None}
+    try:
+        return TrainConfig(**flags)
+    except ValidationError as exc:
+        print(f"invalid trainer config:\n{exc}", file=sys.stderr)
+        return None
+
+
+def _setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                            "%(message)s")
+
+
+def run_trainer(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if config is None:
+        return EXIT_USAGE
+    if not args.data_dir.is_dir():
+        print(f"no data dir at {args.data_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging()
+    from trainer.service import run_once, serve
+
+    try:
+        if not args.once:
+            serve(args.data_dir, config)
+            return EXIT_OK
+        result = run_once(args.data_dir, config)
+    except PrefstreamError as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(result.summary() if result else {"status": "no new sealed partitions"},
+                     indent=2))
+    return EXIT_OK if result is None or result.promoted else EXIT_NOT_PROMOTED
+
+
+def run_score(args: argparse.Namespace) -> int:
+    from trainer.scoring import RewardModel
+
+    try:
+        model = RewardModel.load(args.data_dir, version=args.version, device=args.device)
+    except PrefstreamError as exc:
+        print(f"score: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{model.score(args.prompt, args.answer):.6f}")
+    return EXIT_OK
+
+
+def run_rerank(args: argparse.Namespace) -> int:
+    from trainer.scoring import RewardModel
+
+    try:
+        model = RewardModel.load(args.data_dir, version=args.version, device=args.device)
+    except PrefstreamError as exc:
+        print(f"rerank: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    for rank, (answer, reward) in enumerate(model.rerank(args.prompt, args.answers), start=1):
+        print(json.dumps({"rank": rank, "score": reward, "answer": answer}, ensure_ascii=False))
+    return EXIT_OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from trainer.export import export_kto, export_preferences
+
+    try:
+        if args.format == "kto":
+            n = export_kto(args.data_dir, args.out, partitions=args.partitions)
+        else:
+            n = export_preferences(args.data_dir, args.out, partitions=args.partitions,
+                                   margin_coef=args.margin_coef)
+    except PrefstreamError as exc:
+        print(f"export: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote {n} lines to {args.out}")
+    return EXIT_OK

@@ -1,0 +1,77 @@
+"""The trainer step of ``prefstream demo``: one cycle on the demo's sealed partitions.
+
+The traffic generator knows every answer's true quality, so it stands in for human raters: pairs
+of the evaluation window whose truth is known become the explicit labels of the calibration audit
+(chosen = the truly better answer). The audit then checks the model against the truth, not
+against the noisy implicit signal it learned from. ``PREFSTREAM_TRAIN_*`` variables still win
+over the demo's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from storage.files import sealed_partitions
+from trainer.config import ENV_PREFIX, TrainConfig
+from trainer.data import temporal_split
+from trainer.service import CycleResult, read_pairs, run_once
+
+DEMO_DEFAULTS: dict[str, Any] = {"max_length": 128, "epochs": 2, "head_epochs": 0.5}
+LABELS_FILE = "demo-explicit-labels.jsonl"
+
+
+class HasQuality(Protocol):
+    quality: dict[str, float]
+
+
+def train_after_demo(data_dir: Path, traffic: HasQuality) -> dict[str, Any]:
+    """Run one cycle with ground-truth calibration labels; a short summary for printing."""
+    unset = {k: v for k, v in DEMO_DEFAULTS.items() if f"{ENV_PREFIX}{k.upper()}" not in os.environ}
+    config = TrainConfig(**unset)
+    labels = write_truth_labels(data_dir, traffic.quality, config)
+    if labels is not None:
+        config = config.model_copy(update={"explicit_labels": labels})
+    result = run_once(data_dir, config)
+    return {"status": "no new sealed partitions"} if result is None else brief(result)
+
+
+def write_truth_labels(data_dir: Path, quality: dict[str, float], config: TrainConfig
+                       ) -> Path | None:
+    """Evaluation-window pairs with a known better answer, as explicit-label JSONL."""
+    split = temporal_split(sealed_partitions(data_dir), eval_window=config.eval_window_partitions,
+                           gap=config.gap_partitions)
+    if split is None:
+        return None
+    rows = []
+    for p in read_pairs(data_dir, split.eval):
+        a, b = quality.get(p["chosen_response_id"]), quality.get(p["rejected_response_id"])
+        if a is not None and b is not None and a != b:
+            better, worse = (p["chosen"], p["rejected"]) if a > b else (p["rejected"], p["chosen"])
+            rows.append({"prompt": p["prompt"], "chosen": better, "rejected": worse})
+    if not rows:
+        return None
+    path = data_dir / LABELS_FILE
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def brief(result: CycleResult) -> dict[str, Any]:
+    """The numbers a demo shows: what was trained on, how good it is, whether it was promoted."""
+    metrics, gates = result.metrics, result.gates
+    counts = {role: reports[-1]["kept"] for role, reports in result.counts.items() if reports}
+    return {
+        "version": result.version, "trained": result.trained, "promoted": result.promoted,
+        "reasons": "; ".join(result.reasons),
+        "partitions": {role: len(rows) for role, rows in result.partitions.items()},
+        "pairs_after_gates": counts,
+        "heldout_accuracy": metrics.get("eval", {}).get("accuracy"),
+        "length_matched_accuracy": metrics.get("eval", {}).get("length_matched", {}).get(
+            "accuracy"),
+        "calibration_agreement": gates.get("calibration", {}).get("agreement"),
+        "probe_raise_rate": metrics.get("probes", {}).get("overall_rate"),
+        "train_pairs_per_s": metrics.get("train", {}).get("pairs_per_s"),
+        "wall_s": result.wall_s,
+    }
