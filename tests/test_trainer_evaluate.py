@@ -61,3 +61,25 @@ def test_explicit_labels_are_parsed_and_bad_lines_named(tmp_path: Path) -> None:
     bad.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q"}\n')
     with pytest.raises(TrainerError, match="bad.jsonl:2"):
         load_explicit_labels(bad)
+
+
+def test_hh_dialogue_labels_are_split_at_the_final_assistant_turn(tmp_path):
+    import gzip
+    import json
+
+    from trainer.evaluate import load_explicit_labels
+
+    rows = [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected":
+         "\n\nHuman: hi\n\nAssistant: go away"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: same", "rejected":
+         "\n\nHuman: a\n\nAssistant: same"},                       # identical: refused
+        {"chosen": "\n\nHuman: a\n\nAssistant: x\n\nHuman: b\n\nAssistant: y",
+         "rejected": "\n\nHuman: a\n\nAssistant: z\n\nHuman: b\n\nAssistant: y"},  # differ earlier
+    ]
+    path = tmp_path / "hh.jsonl.gz"
+    with gzip.open(path, "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_explicit_labels(path) == [{
+        "prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": "hello there",
+        "rejected": "go away", "rule": "explicit"}]

@@ -6,7 +6,9 @@ Metrics are pure functions of the rewards, so they are tested on literal numbers
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 import re
 import statistics
 from collections import defaultdict
@@ -22,6 +24,8 @@ from trainer import TrainerError
 from trainer.config import TrainConfig
 from trainer.data import PairDict, drop_too_long, is_length_matched
 from trainer.model import attach_tokens, encode, n_tokens, score_encoded
+
+log = logging.getLogger(__name__)
 
 FILLER = " Basically, in other words, as mentioned, this is essentially what it is."
 EMPTY = (" There are many things to consider here, and it depends on many factors. Every case is"
@@ -108,18 +112,51 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return pair_metrics(r_c, r_r, pairs, tolerance=config.length_match_tolerance)
 
 
+ASSISTANT_TURN = "\n\nAssistant:"
+
+
+def split_dialogue_pair(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """HH-RLHF style rows hold two whole dialogues that share everything up to the final
+    assistant turn: (prompt, chosen answer, rejected answer), or None when the two are identical
+    or differ earlier (such rows break the pair contract and are not used)."""
+    cut = chosen.rfind(ASSISTANT_TURN)
+    if cut < 0 or rejected.rfind(ASSISTANT_TURN) != cut:
+        return None
+    prompt = chosen[: cut + len(ASSISTANT_TURN)]
+    if not rejected.startswith(prompt):
+        return None
+    a, b = chosen[len(prompt):].strip(), rejected[len(prompt):].strip()
+    return (prompt, a, b) if a and b and a != b else None
+
+
 def load_explicit_labels(path: Path) -> list[PairDict]:
-    """Human-labelled pairs, one JSON object with prompt/chosen/rejected per line."""
-    labels = []
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            labels.append({"prompt": str(row["prompt"]), "chosen": str(row["chosen"]),
-                           "rejected": str(row["rejected"]), "rule": "explicit"})
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TrainerError(f"{path}:{line_no}: not a prompt/chosen/rejected object") from exc
+    """Human-labelled pairs: JSONL (optionally .gz) of prompt/chosen/rejected objects, or of
+    chosen/rejected dialogues (HH-RLHF format); dialogue rows that break the contract are
+    skipped and logged."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    labels, skipped = [], 0
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if "prompt" in row:
+                    triple: tuple[str, str, str] | None = (
+                        str(row["prompt"]), str(row["chosen"]), str(row["rejected"]))
+                else:
+                    triple = split_dialogue_pair(str(row["chosen"]), str(row["rejected"]))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise TrainerError(f"{path}:{line_no}: not a prompt/chosen/rejected "
+                                   "or chosen/rejected dialogue object") from exc
+            if triple is None:
+                skipped += 1
+                continue
+            prompt, chosen, rejected = triple
+            labels.append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                           "rule": "explicit"})
+    if skipped:
+        log.info("%s: skipped %d dialogue rows that are not one pair of final turns", path, skipped)
     return labels
 
 
