@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 the job ran and failed a check, 2 bad usage or configuration
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -16,6 +17,11 @@ from pydantic import ValidationError
 
 from prefstream.errors import PrefstreamError
 
+#: modules adding subcommands through ``register(subparsers)``
+COMMAND_MODULES = (
+    "trainer.cli", "prefstream.simulate", "prefstream.evaluate", "prefstream.status",
+    "prefstream.report",
+)
 SETTINGS_FLAGS = (
     "kafka_bootstrap", "data_dir", "app_id", "events_topic", "partitions", "gap_s", "grace_s",
     "idle_s", "tick_interval_s", "flush_interval_s", "flush_max_events", "rebalance_timeout_s",
@@ -87,12 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the trainer cycle at the end")
     p.set_defaults(func=_cmd_demo)
 
-    try:
-        from trainer.cli import register
-    except ImportError:  # the trainer's optional dependencies are missing
-        pass
-    else:
-        register(sub)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a real import error inside the module: show it
+                raise
+            continue
+        module.register(sub)
     return parser
 
 
