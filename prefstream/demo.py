@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from prefstream.errors import PrefstreamError
 from prefstream.settings import Settings
 from storage.catalog import connect_readonly, ensure_catalog
 from storage.files import Watermark, read_watermarks
+from streams.broker import free_port
 from streams.producer import FeedbackProducer
 from streams.run import broker_for, prepare
 from streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
@@ -49,7 +51,8 @@ def traffic_end(now: datetime, settings: Settings) -> datetime:
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **DEMO_ENV,
            "PREFSTREAM_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
-           "PREFSTREAM_DATA_DIR": str(settings.data_dir)}
+           "PREFSTREAM_DATA_DIR": str(settings.data_dir),
+           "PREFSTREAM_METRICS_PORT": str(settings.metrics_port)}
     loglevel = os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")
     cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", loglevel]
     with open(log_path, "ab") as log_file:
@@ -108,6 +111,18 @@ def _drained(marks: dict[int, Watermark], targets: dict[int, int], idle_mark: da
         and marks[p].open_sessions == 0 and marks[p].watermark >= idle_mark
         for p in targets
     )
+
+
+def scrape(settings: Settings) -> dict[str, float]:
+    """The worker's /metrics as ``{'name{labels}': value}`` (empty if it is not serving)."""
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    return {name: float(value) for name, value in samples}
 
 
 def stop(worker: subprocess.Popen[bytes]) -> None:
@@ -173,7 +188,8 @@ def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
 def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     data_dir = Path(args.data_dir)
-    settings = Settings(**{"data_dir": data_dir, **_demo_overrides()})
+    settings = Settings(**{"data_dir": data_dir, "metrics_port": free_port(),
+                           **_demo_overrides()})
     end = traffic_end(datetime.now(timezone.utc), settings)
     traffic = generate_traffic(TrafficConfig(n_events=args.events, seed=args.seed, end=end))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -184,6 +200,7 @@ def run_demo(args: argparse.Namespace) -> int:
             produce(settings, traffic)
             targets = end_offsets(settings)
             wait_until_drained(settings, targets, worker, args.timeout)
+            worker_metrics = scrape(settings)
         finally:
             stop(worker)
     ensure_catalog(data_dir)
@@ -191,6 +208,9 @@ def run_demo(args: argparse.Namespace) -> int:
                "events_produced": len(traffic.messages), **funnel(data_dir),
                "generator": {k: traffic.counts[k] for k in ("valid", "duplicates", "bad", "late")},
                "ground_truth": agreement(data_dir, traffic),
+               "worker_metrics": {k: v for k, v in worker_metrics.items()
+                                  if k.startswith(("prefstream_events_total",
+                                                   "prefstream_pairs_total"))},
                "ingest_seconds": round(time.monotonic() - started, 1)}
     summary["balanced"] = summary["events_produced"] == (
         summary["events_accepted"] + summary["duplicates_ignored"] + summary["dead_lettered"]

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
                                     "its rows to be written.")
     flush_max_events: int = Field(5000, ge=1, description="Flush after this many events.")
     rebalance_timeout_s: float = Field(60.0, gt=0, description="Faust broker_rebalance_timeout.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint "
+                              "(0.0.0.0 to let other hosts scrape).")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Port of GET /metrics "
+                              "(Prometheus text); 0 disables it.")
     rules: RuleConfig = Field(default_factory=RuleConfig)
 
     @model_validator(mode="after")

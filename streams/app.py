@@ -18,6 +18,7 @@ from faust.types import TP, EventT
 
 from prefstream.settings import Settings
 from schemas.events import Tick
+from streams import metrics
 from streams.pipeline import Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
 
@@ -143,6 +144,11 @@ def create_app(settings: Settings) -> faust.App:
         acks.clear()
         await commit_through(targets)
         pipeline.forget_flushed()
+        for tp, next_offset in targets.items():
+            end = app.consumer.highwater(tp)
+            if end is not None:
+                pipeline.metrics.set("prefstream_lag_messages", max(0, end - next_offset),
+                                     partition=str(tp.partition))
         if batch.counts:
             log.info("flushed batch: %s", dict(batch.counts))
 
@@ -195,6 +201,12 @@ def create_app(settings: Settings) -> faust.App:
             if acks:
                 await flush()
             pipeline.revoke({tp.partition for tp in revoked if tp.topic == settings.events_topic})
+
+    if settings.metrics_port:
+        @app.task
+        async def start_metrics() -> None:
+            metrics.serve(pipeline.metrics.render, host=settings.metrics_host,
+                          port=settings.metrics_port)
 
     app.pipeline = pipeline  # type: ignore[attr-defined]
     return app

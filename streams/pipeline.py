@@ -23,6 +23,7 @@ from schemas.events import EVENT_ADAPTER, FeedbackEvent, Tick
 from schemas.records import DeadLetter, LateEvent
 from storage.files import Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
+from streams.metrics import Metrics
 from streams.outputs import session_rows
 from streams.pairing import session_to_pairs
 from streams.sessionize import Clock, SessionSlot
@@ -81,6 +82,7 @@ class Pipeline:
         self._events_since_flush = 0
         self._last_flush = time.monotonic()
         self._wall_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self.metrics = Metrics()
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int) -> PartitionSessions:
@@ -129,6 +131,7 @@ class Pipeline:
             return [self._dead_letter(topic, partition, offset, key, raw, reason, timestamp_ms)]
         outcome = state.on_event(event, offset=offset, arrival_ms=timestamp_ms)
         self.batch.counts[outcome] += 1
+        self.metrics.inc("prefstream_events_total", outcome=outcome)
         if outcome == "late":
             return [self._late(event, state.clock, partition, offset, raw, timestamp_ms)]
         return []
@@ -161,6 +164,7 @@ class Pipeline:
                          partition=self._arrival_partition(received))
         self.batch.rows["dead_letters"].append(row)
         self.batch.counts["dead_letter"] += 1
+        self.metrics.inc("prefstream_events_total", outcome="dead_letter")
         payload = {"source": coords, "reason": reason, "raw": preview}
         return SideMessage(self.settings.dead_letter_topic, key, json.dumps(payload).encode())
 
@@ -205,7 +209,23 @@ class Pipeline:
         sealed = seal_ready(data_dir=data_dir, n_kafka_partitions=self.settings.partitions,
                             gap=self.rules.gap, hours=self.settings.rules.partition_hours)
         batch.counts["sealed"] += len(sealed)
+        self._count_flush(batch, len(sealed))
         return batch
+
+    def _count_flush(self, batch: Batch, n_sealed: int) -> None:
+        m = self.metrics
+        for table, rows in batch.rows.items():
+            m.inc("prefstream_rows_total", len(rows), table=table)
+        for pair in batch.rows.get("pairs", []):
+            m.inc("prefstream_pairs_total", rule=pair.rule)  # type: ignore[attr-defined]
+        for refusal in batch.rows.get("refusals", []):
+            m.inc("prefstream_refusals_total", reason=refusal.reason)  # type: ignore[attr-defined]
+        m.inc("prefstream_flushes_total")
+        m.inc("prefstream_partitions_sealed_total", n_sealed)
+        for p, state in list(self.partitions.items()):
+            m.set("prefstream_sessions_open", state.open_sessions, partition=str(p))
+            m.set("prefstream_watermark_seconds", state.clock.watermark.timestamp(),
+                  partition=str(p))
 
     def _collect_closed(self, batch: Batch) -> None:
         for state in self.partitions.values():

@@ -60,6 +60,17 @@ def test_summary_equals_the_views(demo: tuple[dict, Path]) -> None:
     assert summary["ground_truth"]["precision"] > 0.75
 
 
+def test_the_worker_metrics_endpoint_served_the_same_counts(demo: tuple[dict, Path]) -> None:
+    summary, _ = demo
+    metrics = summary["worker_metrics"]
+    events = {k: v for k, v in metrics.items() if k.startswith("prefstream_events_total")}
+    assert sum(events.values()) == summary["events_produced"]
+    assert events['prefstream_events_total{outcome="dead_letter"}'] == summary["dead_lettered"]
+    assert events['prefstream_events_total{outcome="late"}'] == summary["late"]
+    pairs = sum(v for k, v in metrics.items() if k.startswith("prefstream_pairs_total"))
+    assert pairs == summary["pairs"]
+
+
 def test_no_stored_pair_breaks_the_pair_contract(demo: tuple[dict, Path]) -> None:
     """Exposure, same context and distinct answers, checked against the raw events."""
     summary, data_dir = demo

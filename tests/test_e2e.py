@@ -31,7 +31,8 @@ from streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
 
-FAST = {"idle_s": 1.5, "tick_interval_s": 0.5, "flush_interval_s": 0.5, "rebalance_timeout_s": 2.0}
+FAST = {"idle_s": 1.5, "tick_interval_s": 0.5, "flush_interval_s": 0.5, "rebalance_timeout_s": 2.0,
+        "metrics_port": 0}
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 
 

@@ -1,0 +1,98 @@
+"""Prometheus text-format metrics of a worker, served over HTTP from a daemon thread.
+
+Counters are updated by the stream (one asyncio thread) and read by the HTTP thread; a lock
+keeps each scrape a consistent snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+log = logging.getLogger(__name__)
+
+Labels = tuple[tuple[str, str], ...]
+
+HELP = {
+    "prefstream_events_total": ("counter", "Messages read, by outcome."),
+    "prefstream_pairs_total": ("counter", "Preference pairs stored, by rule."),
+    "prefstream_refusals_total": ("counter", "Candidate comparisons refused, by reason."),
+    "prefstream_rows_total": ("counter", "Rows stored, by table."),
+    "prefstream_flushes_total": ("counter", "Batches made durable and committed."),
+    "prefstream_partitions_sealed_total": ("counter", "Storage partitions sealed."),
+    "prefstream_sessions_open": ("gauge", "Open sessions, by Kafka partition."),
+    "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
+    "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, dict[Labels, float]] = defaultdict(dict)
+
+    def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._values[name]
+            series[key] = series.get(key, 0.0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        with self._lock:
+            self._values[name][tuple(sorted(labels.items()))] = value
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values[name].get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        with self._lock:
+            snapshot = {name: dict(series) for name, series in self._values.items()}
+        lines: list[str] = []
+        for name in sorted(snapshot):
+            kind, text = HELP.get(name, ("untyped", name))
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            lines += [f"{name}{_labels(key)} {value:g}"
+                      for key, value in sorted(snapshot[name].items())]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(key: Iterable[tuple[str, str]]) -> str:
+    parts = [f'{k}="{_escape(v)}"' for k, v in key]
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def serve(render: Callable[[], str], *, host: str, port: int) -> ThreadingHTTPServer | None:
+    """Serve ``GET /metrics`` on a daemon thread; None (and a warning) if the port is taken."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            if self.path.split("?")[0] != "/metrics":
+                self.send_error(404)
+                return
+            body = render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+            return
+
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        log.warning("metrics endpoint not started on %s:%d: %s", host, port, exc)
+        return None
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    return server
