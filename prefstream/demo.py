@@ -121,7 +121,8 @@ def scrape(settings: Settings) -> dict[str, float]:
             text = response.read().decode()
     except OSError:
         return {}
-    samples = (line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    samples = (line.rsplit(" ", 1) for line in text.splitlines()
+               if line.strip() and not line.startswith("#"))
     return {name: float(value) for name, value in samples}
 
 

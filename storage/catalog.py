@@ -27,13 +27,9 @@ def _quote(path: Path) -> str:
 
 
 def table_view_sql(data_dir: Path, table: str) -> str:
-    """One row per id: redelivered duplicates share an id and are kept once."""
-    _, id_col = TABLES[table]
+    """A plain scan: the writer stores each id once (``storage.files.IdIndex``)."""
     glob = _quote(data_dir.resolve() / table / "*" / "*.parquet")
-    return (
-        f"SELECT * FROM read_parquet({glob}, hive_partitioning = false, union_by_name = true) "
-        f"QUALIFY row_number() OVER (PARTITION BY {id_col}) = 1"
-    )
+    return f"SELECT * FROM read_parquet({glob}, hive_partitioning = false, union_by_name = true)"
 
 
 def partitions_view_sql(data_dir: Path) -> str:

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import uuid
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -107,38 +107,76 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel]) -> list[Path]:
-    """Durably write rows as one new file per partition; rows already in a sealed partition are
-    skipped by id so a redelivered batch never changes what the trainer has read."""
+class IdIndex:
+    """Ids already stored, per (table, partition): each loaded from its files on first use, then
+    kept up to date by :func:`write_rows`, so every id is written once and the views need no
+    deduplication. Only the ``capacity`` most recently used partitions stay in memory."""
+
+    def __init__(self, data_dir: Path, *, capacity: int = 512) -> None:
+        self.data_dir = data_dir
+        self.capacity = capacity
+        self._ids: OrderedDict[tuple[str, str], set[Any]] = OrderedDict()
+
+    def ids(self, table: str, partition: str) -> set[Any]:
+        key = (table, partition)
+        if key not in self._ids:
+            self._ids[key] = _stored_ids(self.data_dir, table, partition)
+            while len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
+        self._ids.move_to_end(key)
+        return self._ids[key]
+
+
+def _stored_ids(data_dir: Path, table: str, partition: str) -> set[Any]:
+    id_col = TABLES[table][1]
+    ids: set[Any] = set()
+    for f in sorted((data_dir / table / partition).glob("*.parquet")):
+        ids.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
+    return ids
+
+
+def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
+               index: IdIndex | None = None) -> list[Path]:
+    """Durably write the rows whose id is not stored yet, one new file per partition.
+
+    Redelivery after a crash or a rebalance replays rows that are already stored: they are
+    skipped by id (``index`` remembers stored ids between calls; without it they are read from
+    the partition's files). New rows for a sealed partition are still written, never lost, and
+    its manifest entry is refreshed.
+    """
     model, id_col = TABLES[table]
+    index = index or IdIndex(data_dir, capacity=1)
     by_partition: dict[str, list[BaseModel]] = defaultdict(list)
     for row in rows:
         by_partition[row.partition].append(row)  # type: ignore[attr-defined]
     written = []
     for partition, part_rows in sorted(by_partition.items()):
+        stored = index.ids(table, partition)
+        fresh = _first_of_each_id(part_rows, id_col, stored)
+        if not fresh:
+            continue
         sealed = table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition)
         if sealed:
-            part_rows = _drop_existing(data_dir, table, partition, part_rows, id_col)
-            if not part_rows:
-                continue
-            log.warning("%d new %s rows for sealed partition %s", len(part_rows), table, partition)
+            log.warning("%d new %s rows for sealed partition %s", len(fresh), table, partition)
         name = f"part-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
         path = data_dir / table / partition / name
-        _write_atomic(to_arrow(model, list(part_rows)), path)
+        _write_atomic(to_arrow(model, fresh), path)
+        stored.update(getattr(r, id_col) for r in fresh)
         written.append(path)
         if sealed:  # keep the manifest true to the files: new hash, counts and file list
             _reseal(data_dir, partition)
     return written
 
 
-def _drop_existing(
-    data_dir: Path, table: str, partition: str, rows: list[BaseModel], id_col: str
-) -> list[BaseModel]:
-    files = sorted((data_dir / table / partition).glob("*.parquet"))
-    existing: set[Any] = set()
-    for f in files:
-        existing.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
-    return [r for r in rows if getattr(r, id_col) not in existing]
+def _first_of_each_id(rows: list[BaseModel], id_col: str, stored: set[Any]) -> list[BaseModel]:
+    seen = set(stored)
+    fresh = []
+    for row in rows:
+        key = getattr(row, id_col)
+        if key not in seen:
+            seen.add(key)
+            fresh.append(row)
+    return fresh
 
 
 def write_watermark(*, data_dir: Path, mark: Watermark) -> None:

@@ -25,7 +25,7 @@ from streams.sessionize import Clock, SessionSlot
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "__clock__:{}"
-COMMIT_ATTEMPTS = 200
+COMMIT_ATTEMPTS = 50
 
 
 class TableStore:
@@ -121,7 +121,7 @@ def create_app(settings: Settings) -> faust.App:
     store = TableStore(table)
     pipeline = Pipeline(settings, store)
     lock = asyncio.Lock()
-    acks: list[EventT] = []
+    uncommitted: list[EventT] = []
 
     async def flush() -> None:
         try:
@@ -137,11 +137,10 @@ def create_app(settings: Settings) -> faust.App:
         await app.producer.flush()
         await store.wait_sent()
         targets: dict[TP, int] = {}
-        for event in acks:
-            event.ack()
+        for event in uncommitted:
             tp = event.message.tp
             targets[tp] = max(targets.get(tp, 0), event.message.offset + 1)
-        acks.clear()
+        uncommitted.clear()
         await commit_through(targets)
         pipeline.forget_flushed()
         for tp, next_offset in targets.items():
@@ -153,19 +152,19 @@ def create_app(settings: Settings) -> faust.App:
             log.info("flushed batch: %s", dict(batch.counts))
 
     async def commit_through(targets: dict[TP, int]) -> None:
-        """Commit until the group's offsets cover ``targets``.
+        """Commit exactly these offsets (next offset per partition) for the consumer group.
 
-        ``consumer.commit()`` returns without committing when another commit is in flight, and
-        closed sessions may only be forgotten once their offsets are committed.
+        Faust's own commit follows its ack bookkeeping, which can lose acks around a
+        rebalance and then never pass the hole; our batches know exactly what is durable, so
+        they commit it directly. Nothing is acked to Faust, so it never commits on its own.
         """
         for _ in range(COMMIT_ATTEMPTS):
-            await app.consumer.commit()
-            committed = app.consumer._committed_offset  # Faust keeps no public accessor
-            owned = app.consumer.assignment()  # a revoked partition is replayed by its new owner
-            if all((committed.get(tp) or 0) >= off for tp, off in targets.items()
-                   if tp in owned):
+            owned = {tp: off for tp, off in targets.items() if tp in app.consumer.assignment()}
+            if not owned:  # revoked meanwhile: the new owner replays, ids keep rows unique
                 return
-            await asyncio.sleep(0.05)
+            if await app.consumer._commit(owned):  # Faust keeps no public per-offset commit
+                return
+            await asyncio.sleep(0.1)
         raise RuntimeError(f"offsets {targets} not committed after {COMMIT_ATTEMPTS} attempts")
 
     async def send_side(messages: list[SideMessage]) -> None:
@@ -180,7 +179,7 @@ def create_app(settings: Settings) -> faust.App:
                 await send_side(pipeline.handle(
                     topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
                     value=msg.value, timestamp_ms=int(msg.timestamp * 1000)))
-                acks.append(event)
+                uncommitted.append(event)
                 if pipeline.due():
                     await flush()
 
@@ -195,10 +194,10 @@ def create_app(settings: Settings) -> faust.App:
         """Make everything processed durable and committed before partitions move.
 
         Faust does not redeliver events a worker already received when a partition comes back
-        to it, so dropping their acks would leave a hole no commit can pass.
+        to it, so their offsets must be committed now or they would be skipped.
         """
         async with lock:
-            if acks:
+            if uncommitted:
                 await flush()
             pipeline.revoke({tp.partition for tp in revoked if tp.topic == settings.events_topic})
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from prefstream.settings import Settings
 from schemas.events import EVENT_ADAPTER, FeedbackEvent, Tick
 from schemas.records import DeadLetter, LateEvent
-from storage.files import Watermark, seal_ready, write_rows, write_watermark
+from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
 from streams.metrics import Metrics
 from streams.outputs import session_rows
@@ -83,6 +83,7 @@ class Pipeline:
         self._last_flush = time.monotonic()
         self._wall_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.metrics = Metrics()
+        self.stored = IdIndex(settings.data_dir)
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int) -> PartitionSessions:
@@ -98,6 +99,8 @@ class Pipeline:
         """Drop state of partitions this worker no longer owns (their new owner replays)."""
         for p in kafka_partitions:
             self.partitions.pop(p, None)
+        # Another worker may write the same hours while the partition is away: reload ids.
+        self.stored = IdIndex(self.settings.data_dir)
 
     # -- one message ---------------------------------------------------------------------
     def handle(self, *, topic: str, partition: int, offset: int, key: bytes | None,
@@ -200,7 +203,8 @@ class Pipeline:
         data_dir = self.settings.data_dir
         for table, rows in batch.rows.items():
             if rows:
-                write_rows(data_dir=data_dir, table=table, rows=rows)
+                write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
+        self._count_rows(batch)  # before the watermark files: they tell readers we are done
         for p, offset in batch.applied.items():
             state = self.partitions.get(p)
             if state is not None:
@@ -212,7 +216,7 @@ class Pipeline:
         self._count_flush(batch, len(sealed))
         return batch
 
-    def _count_flush(self, batch: Batch, n_sealed: int) -> None:
+    def _count_rows(self, batch: Batch) -> None:
         m = self.metrics
         for table, rows in batch.rows.items():
             m.inc("prefstream_rows_total", len(rows), table=table)
@@ -220,6 +224,9 @@ class Pipeline:
             m.inc("prefstream_pairs_total", rule=pair.rule)  # type: ignore[attr-defined]
         for refusal in batch.rows.get("refusals", []):
             m.inc("prefstream_refusals_total", reason=refusal.reason)  # type: ignore[attr-defined]
+
+    def _count_flush(self, batch: Batch, n_sealed: int) -> None:
+        m = self.metrics
         m.inc("prefstream_flushes_total")
         m.inc("prefstream_partitions_sealed_total", n_sealed)
         for p, state in list(self.partitions.items()):

@@ -30,6 +30,7 @@ from schemas.records import ClosedSession, CloseReason, Session, SessionEvent
 
 Outcome = Literal["accepted", "duplicate", "redelivered", "late"]
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+TICK = timedelta(microseconds=1)  # the smallest step of event time
 
 
 @dataclass(frozen=True)
@@ -157,12 +158,12 @@ def add_event(
     """
     slot = slot or SessionSlot()
     seen = _find(slot, event.event_id, offset)
+    if seen == "redelivered":  # replay after a restart: already applied
+        return slot, seen
+    if clock.is_late(event.ts):  # before the duplicate check: a copy of an event of a closed
+        return slot, "late"      # session is late whether or not that session was flushed yet
     if seen == "duplicate":
         return _count_duplicate(slot, event.event_id, offset), seen
-    if seen == "redelivered":
-        return slot, seen
-    if clock.is_late(event.ts):
-        return slot, "late"
     if slot.open is None:
         session = _start(event, offset, clock.kafka_partition)
     else:
@@ -198,12 +199,15 @@ def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSl
 
 
 def _group_deadline(group: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
+    """A group closes only once the watermark is past its last event, so any later copy of one
+    of its events is late: what happens to it never depends on when the group was flushed."""
+    after_last = group.last + TICK
     candidates: list[tuple[datetime, CloseReason]] = [
         (group.last + rules.gap, "gap"),
-        (group.start + rules.max_duration, "max_duration"),
+        (max(group.start + rules.max_duration, after_last), "max_duration"),
     ]
     if group.ended_at is not None:
-        candidates.append((group.ended_at, "session_end"))
+        candidates.append((max(group.ended_at, after_last), "session_end"))
     return min(candidates)
 
 

@@ -71,7 +71,7 @@ class PartitionSessions:
         self.clock = self.clock.arrived(arrival_ms)
         if outcome in ("accepted", "duplicate"):
             self._put(event.session_id, slot)
-        if outcome == "accepted":
+        if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             self.clock = self.clock.observe(event.ts, self.rules.grace)
             self._expire()
         return outcome

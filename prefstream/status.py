@@ -1,0 +1,239 @@
+"""``prefstream status --data-dir D [--json]``: what a data dir holds, read without locking anyone.
+
+Partitions, the manifest and the watermark files are read through ``storage.files``; row counts
+through an in-memory DuckDB over the Parquet files (the SQL of the catalog's views), so
+``prefstream.duckdb`` is never opened: the worker can always rewrite its views and readers are
+never blocked. Model versions come from the registry's ``metadata.json`` files.
+
+Exit codes: 0 a report was printed; 2 the folder is not a prefstream data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from prefstream.errors import StorageError
+from storage.catalog import CATALOG_NAME, table_view_sql
+from storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
+from storage.partitions import partition_bounds
+from storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
+from trainer.registry import current_version, list_versions, read_metadata
+
+DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
+#: folders ``storage.files.init_data_dir`` creates: their absence means "not a data dir"
+LAYOUT = ("manifest", "watermarks")
+#: a dead letter's cause: the field before the first ':' (``ts``, ``<root>``...), else the reason
+#: with numbers collapsed (``message of N bytes over max_message_bytes``)
+REASON_KIND_SQL = ("CASE WHEN strpos(reason, ':') > 0 THEN split_part(reason, ':', 1) "
+                   "ELSE regexp_replace(reason, '[0-9]+', 'N', 'g') END")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("status", help="state of a data dir: partitions, rows, watermarks, "
+                              "dead letters, models")
+    p.add_argument("--data-dir", type=Path,
+                   default=Path(os.environ.get(DATA_DIR_ENV, "prefstream-data")),
+                   help=f"the worker's data dir [env: {DATA_DIR_ENV}] [default: prefstream-data]")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=run_status)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    report = collect(args.data_dir)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_text(report))
+    return 0
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """``StorageError`` (exit 2) unless ``data_dir`` has the layout a worker creates."""
+    missing = [name for name in LAYOUT if not (data_dir / name).is_dir()]
+    if not data_dir.is_dir() or missing:
+        why = "no such folder" if not data_dir.is_dir() else f"no {', '.join(missing)} folder"
+        raise StorageError(f"{data_dir} is not a prefstream data dir ({why}); give the folder a "
+                           f"worker writes to (prefstream worker --data-dir {data_dir})")
+
+
+def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
+    """The whole report as a JSON-ready dict (datetimes stay datetimes)."""
+    check_data_dir(data_dir)
+    now = now or datetime.now(timezone.utc)
+    marks = read_watermarks(data_dir)
+    low = min((m.watermark for m in marks.values()), default=None)
+    con = duckdb.connect()  # in memory: prefstream.duckdb is never opened, so never locked
+    try:
+        counts = {t: dict(_query(con, data_dir, t, "partition, count(*)", "partition"))
+                  for t in TABLES}
+        per_kafka = {t: dict(_query(con, data_dir, t, "kafka_partition, count(*)",
+                                    "kafka_partition")) for t in ("sessions", *SIDE_TABLES)}
+        kinds = _query(con, data_dir, "dead_letters", f"{REASON_KIND_SQL}, count(*)", "1")
+    finally:
+        con.close()
+    return {
+        "data_dir": str(data_dir.resolve()),
+        "catalog": (data_dir / CATALOG_NAME).exists(),
+        "now": now,
+        "partitions": _partitions(data_dir, counts, low, now),
+        "rows": {t: sum(counts[t].values()) for t in TABLES},
+        "kafka_partitions": _kafka(marks, per_kafka),
+        "dead_letters": {"total": sum(counts["dead_letters"].values()),
+                         "by_kind": dict(sorted(kinds, key=lambda k: (-k[1], k[0])))},
+        "late_events": sum(counts["late_events"].values()),
+        "models": _models(data_dir),
+    }
+
+
+def _query(con: duckdb.DuckDBPyConnection, data_dir: Path, table: str, select: str,
+           group: str) -> list[tuple[Any, ...]]:
+    """``SELECT {select} FROM <table, one row per id> GROUP BY {group}``; no files: no rows."""
+    if not any((data_dir / table).glob("*/*.parquet")):
+        return []
+    sql = f"SELECT {select} FROM ({table_view_sql(data_dir, table)}) GROUP BY {group} ORDER BY 1"
+    return con.execute(sql).fetchall()
+
+
+def _partition_names(data_dir: Path) -> set[str]:
+    """Event-time partitions holding files of any sealed table (sealed or not)."""
+    return {p.name for t in SEALED_TABLES if (data_dir / t).is_dir()
+            for p in (data_dir / t).iterdir() if p.is_dir() and p.name != SCHEMA_DIR}
+
+
+def _partitions(data_dir: Path, counts: dict[str, dict[str, int]], low: datetime | None,
+                now: datetime) -> dict[str, Any]:
+    manifest = sealed_partitions(data_dir)
+    sealed = {r["partition"] for r in manifest}
+    hours = _partition_hours(manifest)
+    unsealed = []
+    for name in sorted(_partition_names(data_dir) - sealed):
+        start, end = partition_bounds(name, hours=hours)
+        unsealed.append({
+            "partition": name, "start": start, "end": end,
+            "age_s": round((now - end).total_seconds(), 1),
+            "low_watermark_past_end_s": None if low is None else (low - end).total_seconds(),
+            "rows": {t: counts[t].get(name, 0) for t in SEALED_TABLES},
+        })
+    return {
+        "total": len(sealed) + len(unsealed), "sealed": len(sealed), "unsealed": len(unsealed),
+        "partition_hours": hours,
+        "oldest_sealed": manifest[0]["partition"] if manifest else None,
+        "newest_sealed": manifest[-1]["partition"] if manifest else None,
+        "last_sealed_at": max((r["sealed_at"] for r in manifest), default=None),
+        "low_watermark": low, "unsealed_partitions": unsealed,
+    }
+
+
+def _partition_hours(manifest: list[dict[str, Any]]) -> int:
+    """Hours per partition, from a sealed partition's bounds (1, the default, before any seal)."""
+    if not manifest:
+        return 1
+    return int((manifest[-1]["end"] - manifest[-1]["start"]) / timedelta(hours=1))
+
+
+def _kafka(marks: dict[int, Watermark], per: dict[str, dict[int, int]]) -> list[dict[str, Any]]:
+    """Per Kafka partition: watermark, applied offset, open sessions, and what it stored."""
+    out = []
+    for kp in sorted(set(marks) | {k for v in per.values() for k in v}):
+        mark = marks.get(kp)
+        out.append({
+            "kafka_partition": kp,
+            "watermark": mark.watermark if mark else None,
+            "applied_offset": mark.applied_offset if mark else None,
+            "open_sessions": mark.open_sessions if mark else None,
+            "closed_sessions": per["sessions"].get(kp, 0),
+            "dead_letters": per["dead_letters"].get(kp, 0),
+            "late_events": per["late_events"].get(kp, 0),
+        })
+    return out
+
+
+def _model_summary(meta: dict[str, Any], current: str | None) -> dict[str, Any]:
+    """The key facts of one version's metadata (the same columns as the ``models`` view)."""
+    metrics, gates = meta.get("metrics") or {}, meta.get("gates") or {}
+    held_out = metrics.get("eval") or {}
+    return {
+        "version": meta.get("version"), "created_at": meta.get("created_at"),
+        "promoted": meta.get("promoted"), "is_current": meta.get("version") == current,
+        "cutoff": meta.get("cutoff"), "n_train": meta.get("n_train"),
+        "n_eval": meta.get("n_eval"),
+        "heldout_accuracy": held_out.get("accuracy"),
+        "length_matched_accuracy": (held_out.get("length_matched") or {}).get("accuracy"),
+        "mean_margin": held_out.get("mean_margin"),
+        "calibration_agreement": (gates.get("calibration") or {}).get("agreement"),
+        "probe_raise_rate": (metrics.get("probes") or {}).get("overall_rate"),
+        "reasons": meta.get("reasons", []),
+    }
+
+
+def _models(data_dir: Path) -> dict[str, Any]:
+    versions, current = list_versions(data_dir), current_version(data_dir)
+    latest = _model_summary(read_metadata(data_dir, versions[-1]), current) if versions else None
+    cur = None
+    if current is not None and current in versions:
+        cur = _model_summary(read_metadata(data_dir, current), current)
+    return {"versions": len(versions), "current_version": current, "current": cur,
+            "latest": latest}
+
+
+def _ago(seconds: float) -> str:
+    """``3h 05m ago`` / ``in 12m`` from seconds before now."""
+    s = abs(int(seconds))
+    text = f"{s // 3600}h {s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m {s % 60:02d}s"
+    return f"{text} ago" if seconds >= 0 else f"in {text}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def _model_line(label: str, m: dict[str, Any]) -> str:
+    state = "promoted" if m["promoted"] else "not promoted"
+    return (f"  {label:<8} {m['version']} ({state}, created {_fmt(m['created_at'])}): "
+            f"held-out acc {_fmt(m['heldout_accuracy'])}, length-matched "
+            f"{_fmt(m['length_matched_accuracy'])}, calibration "
+            f"{_fmt(m['calibration_agreement'])}, probes raise {_fmt(m['probe_raise_rate'])}, "
+            f"{m['n_train']} train / {m['n_eval']} eval pairs")
+
+
+def format_text(r: dict[str, Any]) -> str:
+    """The report for a terminal."""
+    p, lines = r["partitions"], [f"data dir     {r['data_dir']}"]
+    lines.append(f"partitions   {p['total']} ({p['sealed']} sealed, {p['unsealed']} unsealed); "
+                 f"sealed {_fmt(p['oldest_sealed'])} .. {_fmt(p['newest_sealed'])}, last sealed "
+                 f"at {_fmt(p['last_sealed_at'])}; lowest watermark {_fmt(p['low_watermark'])}")
+    for u in p["unsealed_partitions"]:
+        past = u["low_watermark_past_end_s"]
+        side = "past" if past is not None and past >= 0 else "before"
+        wm = "no watermark yet" if past is None else \
+            f"lowest watermark {abs(past) / 60:.0f} min {side} its end"
+        lines.append(f"  unsealed {u['partition']}  ended {_ago(u['age_s'])}, {wm}; "
+                     + ", ".join(f"{t} {n}" for t, n in u["rows"].items()))
+    lines.append("rows         " + ", ".join(f"{t} {n}" for t, n in r["rows"].items()))
+    lines.append("kafka        " + ("no watermark files yet" if not r["kafka_partitions"] else ""))
+    for k in r["kafka_partitions"]:
+        lines.append(f"  p{k['kafka_partition']:<3} watermark {_fmt(k['watermark'])}, offset "
+                     f"{_fmt(k['applied_offset'])}, open sessions {_fmt(k['open_sessions'])}, "
+                     f"closed {k['closed_sessions']}, dead letters {k['dead_letters']}, "
+                     f"late {k['late_events']}")
+    kinds = ", ".join(f"{kind} {n}" for kind, n in r["dead_letters"]["by_kind"].items())
+    lines.append(f"dead letters {r['dead_letters']['total']}" + (f" ({kinds})" if kinds else ""))
+    lines.append(f"late events  {r['late_events']}")
+    models = r["models"]
+    lines.append(f"models       {models['versions']} version(s)")
+    if models["current"]:
+        lines.append(_model_line("current", models["current"]))
+    if models["latest"] and not models["latest"]["is_current"]:
+        lines.append(_model_line("latest", models["latest"]))
+        lines += [f"           {reason}" for reason in models["latest"]["reasons"]]
+    return "\n".join(line.rstrip() for line in lines)
