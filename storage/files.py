@@ -8,8 +8,9 @@ Layout under a data dir::
     manifest/<partition>.parquet         one row per sealed partition (files, row counts, sha256)
 
 Files are written under a hidden temporary name, fsynced, then renamed: readers globbing
-``*.parquet`` see whole files or nothing. Rows are never rewritten; duplicates from at-least-once
-redelivery share an id and the views keep one row per id.
+``*.parquet`` see whole files or nothing. Rows are never rewritten; rows replayed by
+at-least-once redelivery share an id with a stored row and are skipped by the writer
+(:class:`IdIndex`), so every id is stored once and the views are plain scans.
 """
 
 from __future__ import annotations

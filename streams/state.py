@@ -91,8 +91,8 @@ class PartitionSessions:
                 self._put(session_id, after)
 
     def take_closed(self) -> list[ClosedSession]:
-        """Closed sessions whose rows are to be written, in their latest state (a duplicate
-        arriving after the close is counted on the session it repeats)."""
+        """Closed sessions whose rows are to be written, in their latest state; returned again
+        until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe)."""
         return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
 
     def forget_flushed(self) -> None:

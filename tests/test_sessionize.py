@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from schemas.records import ClosedSession, Session, SessionEvent
 from streams.sessionize import (
     EPOCH,
+    TICK,
     Clock,
     SessionRules,
     SessionSlot,
@@ -255,11 +256,40 @@ def test_event_older_than_the_watermark_is_late_and_set_aside():
 def test_redelivery_of_an_old_message_is_not_late():
     """After a restart the clock is ahead of replayed messages: they must not become late rows."""
     a = event(minute=0)
-    slot, _ = feed((a, 0))
-    _, outcome = add_event(slot, a, offset=0, clock=clock_at(60), rules=RULES)
-    assert outcome == "redelivered"
-    _, outcome = add_event(slot, a, offset=1, clock=clock_at(60), rules=RULES)
+    slot, _ = feed((a, 0), (a, 4))
+    for offset in (0, 4):  # the original and a recorded duplicate alike
+        again, outcome = add_event(slot, a, offset=offset, clock=clock_at(60), rules=RULES)
+        assert (again, outcome) == (slot, "redelivered")
+    # A new copy older than the watermark is late, not a duplicate (the lateness check now comes
+    # before the duplicate check): it is set aside and counted nowhere, as it would be once the
+    # session holding ``a`` was flushed and forgotten.
+    after, outcome = add_event(slot, a, offset=1, clock=clock_at(60), rules=RULES)
+    assert (after, outcome) == (slot, "late")
+    assert slot.open.duplicates == ((4, a.event_id),)
+    forgotten, outcome = add_event(None, a, offset=1, clock=clock_at(60), rules=RULES)
+    assert outcome == "late" and (forgotten is None or forgotten.open is None)
+    # while it is not older than the watermark, the same copy is still a duplicate
+    _, outcome = add_event(slot, a, offset=1, clock=clock_at(0), rules=RULES)
     assert outcome == "duplicate"
+
+
+def test_duplicate_of_an_event_of_a_closed_group_is_late_whether_or_not_flushed():
+    """A group closes only once the watermark is past its last event, so a later copy of any of
+    its events is late: the outcome does not depend on when the pending session was flushed."""
+    a, b = event(minute=0), event(minute=40)
+    slot, _ = feed((a, 0), (b, 1))
+    clock = clock_at(30)
+    slot = expire(slot, clock.watermark, RULES)
+    [closed] = slot.pending
+    assert ids(closed.session) == [a.event_id]
+    pending, outcome = add_event(slot, a, offset=2, clock=clock, rules=RULES)
+    assert (pending, outcome) == (slot, "late")  # not counted on the pending session
+    flushed_slot, outcome = add_event(flushed(slot), a, offset=2, clock=clock, rules=RULES)
+    assert (flushed_slot, outcome) == (flushed(slot), "late")
+    # a copy of an event of the open group is in time and still counted as a duplicate
+    slot, outcome = add_event(slot, b, offset=3, clock=clock, rules=RULES)
+    assert outcome == "duplicate"
+    assert slot.open.duplicates == ((3, b.event_id),)
 
 
 def test_gap_after_last_closes_the_open_session():
@@ -378,18 +408,27 @@ def _session(*minutes: float, ended: float | None = None) -> Session:
 
 
 def test_deadline_is_the_earliest_of_gap_end_and_duration():
+    assert TICK == timedelta(microseconds=1)
     assert deadline(_session(0, 10), RULES) == (at(40), "gap")
-    assert deadline(_session(0, 10, ended=12), RULES) == (at(12), "session_end")
+    # session_end and max_duration wait until the watermark is strictly past the last event
+    # (here the session_end event itself): one tick after it, no longer at ended_at
+    assert deadline(_session(0, 10, ended=12), RULES) == (at(12) + TICK, "session_end")
+    assert deadline(_session(0, 10, ended=5), RULES) == (at(10) + TICK, "session_end")
     short = SessionRules(max_duration=timedelta(minutes=30))
     assert deadline(_session(0, 20), short) == (at(30), "max_duration")
+    assert deadline(_session(0, 20, 30), short) == (at(30) + TICK, "max_duration")
+    assert deadline(_session(0, 20, 40), short) == (at(40) + TICK, "max_duration")
 
 
 def test_deadline_is_the_first_groups():
     assert deadline(_session(50, 0, 10, 55), RULES) == (at(40), "gap")
     assert deadline(_session(0, 10, 50, ended=52), RULES) == (at(40), "gap")
-    assert deadline(_session(0, 10, 50, ended=5), RULES) == (at(5), "session_end")
+    # was at(5): the first group [0, 5, 10] now waits until the watermark is past 10
+    assert deadline(_session(0, 10, 50, ended=5), RULES) == (at(10) + TICK, "session_end")
     short = SessionRules(max_duration=timedelta(minutes=20))
-    assert deadline(_session(0, 25, 60), short) == (at(20), "max_duration")
+    # was at(20): the first group [0, 25] outlasts max_duration; it waits until past 25
+    assert deadline(_session(0, 25, 60), short) == (at(25) + TICK, "max_duration")
+    assert deadline(_session(0, 15, 60), short) == (at(20), "max_duration")
 
 
 def test_clusters_split_at_event_time_gaps_and_keep_arrival_order():
@@ -451,10 +490,18 @@ def test_session_end_waits_for_grace_so_stragglers_join():
     slot, outcome = add_event(slot, straggler, offset=2, clock=clock, rules=RULES)
     assert outcome == "accepted"
     clock = clock.observe(at(15), RULES.grace)  # another session moves the watermark to 10
+    # The close now waits until the watermark is strictly past the last event (the session_end
+    # at 10, not yet late at watermark 10): a last straggler exactly at 10 still joins.
+    assert expire(slot, clock.watermark, RULES) is slot
+    last = event(minute=10)
+    slot, outcome = add_event(slot, last, offset=3, clock=clock, rules=RULES)
+    assert outcome == "accepted"
+    assert expire(slot, clock.watermark, RULES) is slot
+    clock = clock.observe(at(15) + TICK, RULES.grace)  # watermark one tick past 10
     slot = expire(slot, clock.watermark, RULES)
     [closed] = slot.pending
     assert closed.reason == "session_end"
-    assert straggler.event_id in ids(closed.session)
+    assert straggler.event_id in ids(closed.session) and last.event_id in ids(closed.session)
 
 
 def test_flushed_drops_pending_and_keeps_open():
@@ -536,6 +583,10 @@ def test_expire_closes_exactly_the_due_leading_groups(session, rules, minute, la
     assert deadline(session, rules)[0] == min(deadline(g, rules)[0] for g in groups)
     if n_due == 0:
         assert closed_slot is slot
+    # a group closes only once the watermark is strictly past its last event: any later copy
+    # of one of its events is late
+    assert all(deadline(g, rules)[0] > g.last for g in groups)
+    assert all(c.session.last < watermark for c in closed_slot.pending)
     assert [c.session for c in closed_slot.pending] == groups[:n_due]
     reasons = [deadline(g, rules)[1] for g in groups[:n_due]]
     assert [c.reason for c in closed_slot.pending] == reasons

@@ -8,12 +8,13 @@ from dataclasses import replace
 from datetime import timedelta
 from itertools import pairwise
 
+import pytest
 from factories import T0, at, event
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from schemas.records import ClosedSession
-from streams.sessionize import Clock, SessionRules
+from streams.sessionize import Clock, SessionRules, add_event
 from streams.state import PartitionSessions
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
@@ -55,7 +56,9 @@ def test_accepted_event_moves_the_clock_and_marks_the_slot_dirty():
 
 
 def test_late_duplicate_and_redelivered_events_leave_the_clock_alone():
-    """They move no event time, but each one counts as an arrival (the partition is not idle)."""
+    """They move no event time, but each one counts as an arrival (the partition is not idle).
+    A redelivery observes its event time again, which the clock already holds (see the next
+    test for a replay where it does not)."""
     ps = fresh()
     a = event(minute=10)
     send(ps, a, 0)
@@ -73,14 +76,38 @@ def test_late_duplicate_and_redelivered_events_leave_the_clock_alone():
     assert ps.slots["s1"].open.n_duplicates == 1
 
 
+def test_a_redelivery_moves_event_time_as_the_first_delivery_did():
+    """A replay after a restart into state whose clock is behind (here: the epoch) observes the
+    replayed events again, so the same sessions close at the same messages as in the first run."""
+    a, b = event(minute=0, session_id="s1"), event(minute=40, session_id="s2")
+    first = fresh()
+    assert send(first, a, 0) == "accepted"
+    assert send(first, b, 1) == "accepted"  # watermark 35 closes s1 (deadline 30)
+    [closed] = first.take_closed()
+
+    slots = [(sid, add_event(None, ev, offset=o, clock=Clock(kafka_partition=0),
+                             rules=RULES)[0]) for sid, ev, o in (("s1", a, 0), ("s2", b, 1))]
+    back = PartitionSessions(Clock(kafka_partition=0), RULES, slots)
+    assert back.take_closed() == []
+    assert send(back, a, 0) == "redelivered"
+    assert (back.clock.max_event_ts, back.clock.watermark) == (at(0), at(-5))
+    assert back.take_closed() == []
+    assert send(back, b, 1) == "redelivered"
+    assert back.clock == first.clock
+    assert back.take_closed() == [closed]
+    assert back.slots == first.slots
+
+
 def test_a_partition_receiving_only_late_or_duplicate_messages_is_not_idle():
     ps = fresh()
     a = event(minute=10)
     send(ps, a, 0)
-    send(ps, event(minute=1), 1, minute=50)  # late
+    assert send(ps, event(minute=1), 1, minute=50) == "late"
     ps.on_tick(ms(50) + 29_999)
     assert ps.clock.watermark == at(5)  # not idle: the watermark stays with event time
-    send(ps, event(minute=3, event_id=a.event_id), 2, minute=51)  # duplicate
+    # The copy of a is at minute 6 (was 3): a copy older than the watermark (5) is now late
+    # rather than a duplicate; at 6 it is in time and still a duplicate.
+    assert send(ps, event(minute=6, event_id=a.event_id), 2, minute=51) == "duplicate"
     ps.on_tick(ms(51) + 29_999)
     assert ps.clock.watermark == at(5)
     assert ps.take_closed() == []
@@ -137,7 +164,9 @@ def test_session_end_closes_after_grace():
     assert send(ps, event(minute=6), 2, minute=11) == "accepted"  # straggler within grace
     ps.on_tick(ms(14))  # watermark 9
     assert ps.take_closed() == []
-    ps.on_tick(ms(15))  # watermark 10 = ended_at
+    ps.on_tick(ms(15))  # watermark 10 = ended_at = last event: not past it yet, still open
+    assert ps.take_closed() == []
+    ps.on_tick(ms(15) + 1)  # watermark one millisecond past the last event
     [closed] = ps.take_closed()
     assert closed.reason == "session_end"
     assert len(closed.session.events) == 3
@@ -177,7 +206,12 @@ def test_take_closed_returns_pending_sessions_in_their_latest_state_until_forgot
     [closed] = ps.take_closed()
     assert closed.session.n_duplicates == 0
     ps.take_dirty()
-    assert send(ps, event(minute=2, event_id=a.event_id), 2, minute=36) == "duplicate"
+    # A copy as old as a (minute 0, or 2 as here before) is now late: older than the watermark
+    # (30). Only a copy stamped at or after the watermark can still reach the pending session.
+    assert send(ps, event(minute=2, event_id=a.event_id), 3, minute=36) == "late"
+    assert ps.take_dirty() == {}
+    assert ps.take_closed() == [closed]
+    assert send(ps, event(minute=31, event_id=a.event_id), 2, minute=36) == "duplicate"
     assert list(ps.take_dirty()) == ["s1"]
     [again] = ps.take_closed()
     assert again == closed.model_copy(update={"session": closed.session.model_copy(update={
@@ -325,7 +359,17 @@ def test_every_accepted_event_lands_in_exactly_one_closed_session(messages, rule
     accepted = Counter(by_outcome.get("accepted", []))
     assert all(n == 1 for n in accepted.values())
     assert Counter(i for c in closed for i in ids(c)) == accepted
-    assert not set(by_outcome.get("late", [])) & set(accepted)
+    # A late message is never merged, nor counted as a duplicate. Its id may now be accepted
+    # too: a copy of an event of a closed group is late (lateness is checked before the
+    # duplicate check), but only a copy sent after the original was accepted.
+    stored = {(i.offset, i.event.event_id) for c in closed for i in c.session.events}
+    stored |= {d for c in closed for d in c.session.duplicates}
+    accepted_at = {ev.event_id: k for k, ((_, ev, _, _), outcome)
+                   in enumerate(zip(events, outcomes, strict=True)) if outcome == "accepted"}
+    for k, ((_, ev, offset, _), outcome) in enumerate(zip(events, outcomes, strict=True)):
+        if outcome == "late":
+            assert (offset, ev.event_id) not in stored
+            assert accepted_at.get(ev.event_id, -1) < k
 
     assert ps.open_sessions == 0
     for c in closed:
@@ -422,6 +466,59 @@ def test_redelivering_every_message_changes_nothing(messages, rules):
     assert twice_ps.slots == once_ps.slots
     assert twice[0::2] == once
     assert twice[1::2] == ["late" if o == "late" else "redelivered" for o in once]
+
+
+def play_flushing(ps: PartitionSessions, messages, flush_after: set[int]) -> tuple[list, list]:
+    """``play``, flushing (take_closed, then forget_flushed) after the messages in
+    ``flush_after`` and at the end; returns the outcomes and every session written."""
+    outcomes, written = [], []
+    for k, msg in enumerate(messages):
+        outcomes += play(ps, [msg])
+        if k in flush_after:
+            written += ps.take_closed()
+            ps.forget_flushed()
+    ps.on_tick(FAR_MS)
+    written += ps.take_closed()
+    ps.forget_flushed()
+    return outcomes, written
+
+
+@settings(max_examples=200, deadline=None)
+@given(message_streams(), uncapped_rules_st, st.data())
+def test_output_does_not_depend_on_when_pending_sessions_are_flushed(messages, rules, data):
+    """Every message gets the same outcome and the same sessions (duplicate counts included)
+    are written whether pending sessions are flushed after every message or only at the end:
+    a group closes only once the watermark is past its last event, so no copy of one of its
+    events can reach it (or start a new session) after it closed. A flush is followed by the
+    offset commit, so it happens only where no later message redelivers one before it."""
+    first_at: dict[int, int] = {}
+    replayed: set[int] = set()  # positions a later redelivery reaches back past
+    for j, msg in enumerate(messages):
+        if msg[0] == "msg":
+            i = first_at.setdefault(msg[2], j)
+            replayed.update(range(i, j))
+    committable = [k for k in range(len(messages)) if k not in replayed]
+    flush_after = data.draw(st.sets(st.sampled_from(committable)) if committable
+                            else st.just(set()), label="flush after")
+    lazy_outcomes, lazy = play_flushing(fresh(rules), messages, set())
+    eager_outcomes, eager = play_flushing(fresh(rules), messages, flush_after)
+    assert eager_outcomes == lazy_outcomes
+    assert sorted(eager, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a group closed by max_events closes before the watermark passes its last event; "
+    "once flushed and forgotten, a copy of one of its events (not late) is accepted into a "
+    "new session instead of counted as a duplicate, so the output depends on flush timing"))
+def test_flush_timing_does_not_change_the_output_under_an_event_cap():
+    rules = SessionRules(max_events=2)
+    a, b = event(minute=0, event_id="a"), event(minute=1, event_id="b")
+    messages = [("msg", a, 0, 0), ("msg", b, 1, 1), ("msg", a, 2, 2)]  # a, b close: cap
+    lazy_outcomes, lazy = play_flushing(fresh(rules), messages, set())
+    eager_outcomes, eager = play_flushing(fresh(rules), messages, {1})
+    assert lazy_outcomes == ["accepted", "accepted", "duplicate"]
+    assert eager_outcomes == lazy_outcomes
+    assert sorted(eager, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
 
 
 @settings(max_examples=200, deadline=None)

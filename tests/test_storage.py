@@ -23,8 +23,10 @@ from factories import at, pair, session_row
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from storage import files
 from storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
 from storage.files import (
+    IdIndex,
     Watermark,
     init_data_dir,
     is_sealed,
@@ -133,9 +135,12 @@ def test_rows_round_trip_with_timestamps_in_utc(data_dir):
 
 def test_writing_the_same_rows_twice_is_idempotent_for_readers(data_dir):
     rows = [pair("p1", minute=0), pair("p2", minute=5), pair("p3", minute=70)]
-    write_rows(data_dir=data_dir, table="pairs", rows=rows)
-    write_rows(data_dir=data_dir, table="pairs", rows=rows)  # a redelivered batch
-    assert len(parquet_files(data_dir / "pairs")) == 4  # nothing rewritten: one new file each
+    first = write_rows(data_dir=data_dir, table="pairs", rows=rows)
+    # a redelivered batch: every id is stored already, so no new file at all (was one per
+    # partition: the writer now skips stored ids instead of leaving them to the views)
+    assert write_rows(data_dir=data_dir, table="pairs", rows=rows) == []
+    assert parquet_files(data_dir / "pairs") == sorted(first)
+    assert len(first) == 2
     assert query(data_dir, "SELECT pair_id, count(*) FROM pairs GROUP BY ALL ORDER BY 1") == [
         ("p1", 1), ("p2", 1), ("p3", 1)]
     table = read_table(data_dir=data_dir, table="pairs")
@@ -144,6 +149,84 @@ def test_writing_the_same_rows_twice_is_idempotent_for_readers(data_dir):
     assert sorted(only.column("pair_id").to_pylist()) == ["p1", "p2"]
     assert query(data_dir, "SELECT partition, n_pairs, sealed FROM partitions") == [
         (H12, 2, False), (H13, 1, False)]
+
+
+def test_write_rows_stores_each_id_once_within_a_call_and_across_calls(data_dir):
+    """The first row of each id wins; only new ids make a new file, in the partitions that
+    have any (the views are plain scans, so this is what keeps them one row per id)."""
+    rows = [pair("p1", minute=0, rule="first"), pair("p1", minute=0, rule="second"),
+            pair("p2", minute=1)]
+    [path] = write_rows(data_dir=data_dir, table="pairs", rows=rows)
+    table = pq.read_table(path)
+    assert table.column("pair_id").to_pylist() == ["p1", "p2"]
+    assert table.column("rule").to_pylist() == ["first", "copy_vs_skip"]
+    mixed = [pair("p2", minute=1), pair("p4", minute=2), pair("p1", minute=0),
+             pair("p5", minute=61), pair("p5", minute=61)]
+    new_files = write_rows(data_dir=data_dir, table="pairs", rows=mixed)
+    assert [p.parent.name for p in new_files] == [H12, H13]
+    assert [pq.read_table(p).column("pair_id").to_pylist() for p in new_files] == [
+        ["p4"], ["p5"]]
+    assert query(data_dir, "SELECT pair_id, rule FROM pairs ORDER BY 1") == [
+        ("p1", "first"), ("p2", "copy_vs_skip"), ("p4", "copy_vs_skip"), ("p5", "copy_vs_skip")]
+    # ids are per (table, partition): the same id in another table is a different row
+    [other] = write_rows(data_dir=data_dir, table="sessions", rows=[session_row("p1")])
+    assert other.parent.parent.name == "sessions"
+
+
+def test_an_id_index_shared_across_calls_reads_each_partition_once(data_dir, monkeypatch):
+    reads: list[Path] = []
+    real_read = pq.read_table
+
+    def counting_read(source, *args, **kwargs):
+        reads.append(Path(source))
+        return real_read(source, *args, **kwargs)
+
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p0", minute=0)])  # from before
+    monkeypatch.setattr(files.pq, "read_table", counting_read)
+    index = IdIndex(data_dir)
+    [path] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")], index=index)
+    assert len(reads) == 1  # the existing file, once, to load the partition's ids
+    assert index.ids("pairs", H12) == {"p0", "p1"}  # kept up to date with what it wrote
+    reads.clear()
+    for _ in range(3):  # redelivered batches: no new file, and no file read again
+        assert write_rows(data_dir=data_dir, table="pairs", rows=[pair("p0"), pair("p1")],
+                          index=index) == []
+    assert reads == []
+    [new] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1"), pair("p2")],
+                       index=index)
+    assert reads == []
+    assert real_read(new).column("pair_id").to_pylist() == ["p2"]
+    assert len(parquet_files(data_dir / "pairs")) == 3
+    # without an index every call reads the partition's files again
+    assert write_rows(data_dir=data_dir, table="pairs", rows=[pair("p2")]) == []
+    assert len(reads) == 3
+
+
+def test_a_fresh_id_index_reloads_ids_written_by_another_writer(data_dir):
+    mine = IdIndex(data_dir)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")], index=mine)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p2"), pair("p3", minute=60)],
+               index=IdIndex(data_dir))  # another writer, e.g. after a rebalance
+    before = parquet_files(data_dir / "pairs")
+    fresh = IdIndex(data_dir)
+    assert fresh.ids("pairs", H12) == {"p1", "p2"}
+    assert fresh.ids("pairs", H13) == {"p3"}
+    assert write_rows(data_dir=data_dir, table="pairs",
+                      rows=[pair("p1"), pair("p2"), pair("p3", minute=60)], index=fresh) == []
+    assert parquet_files(data_dir / "pairs") == before
+    assert mine.ids("pairs", H12) == {"p1"}  # an old index only knows what it loaded or wrote
+
+
+def test_an_id_index_over_capacity_reloads_evicted_partitions(data_dir):
+    index = IdIndex(data_dir, capacity=1)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=0)], index=index)
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p2", minute=60)], index=index)
+    assert list(index._ids) == [("pairs", H13)]  # H12 evicted
+    before = parquet_files(data_dir / "pairs")
+    assert write_rows(data_dir=data_dir, table="pairs",
+                      rows=[pair("p1", minute=0), pair("p2", minute=60)], index=index) == []
+    assert parquet_files(data_dir / "pairs") == before
+    assert query(data_dir, "SELECT count(*), count(DISTINCT pair_id) FROM pairs") == [(2, 2)]
 
 
 @pytest.mark.parametrize("view", [*TABLES, "partitions"])
@@ -219,7 +302,8 @@ def _sha256(data_dir: Path, files: list[str]) -> str:
 
 def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_dir):
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=1), pair("p2", minute=2)])
-    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=1)])  # redelivered
+    # redelivered: p1 is stored already, so no file (was a second pairs file in H12)
+    assert write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=1)]) == []
     write_rows(data_dir=data_dir, table="sessions", rows=[session_row("s1@1", minute=2)])
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p3", minute=61)])
 
@@ -237,7 +321,7 @@ def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_d
     [row] = sealed_partitions(data_dir)
     files = sorted(str(p.relative_to(data_dir))
                    for t in SEALED_TABLES for p in (data_dir / t / H12).glob("*.parquet"))
-    assert len(files) == 3
+    assert len(files) == 2  # one pairs and one sessions file: the redelivery wrote none
     assert row["files"] == files
     assert (row["partition"], row["start"], row["end"]) == (H12, at(0), at(60))
     assert row["watermark"] == at(90)
@@ -262,11 +346,20 @@ def test_sealed_partition_skips_known_ids_but_keeps_new_ones(data_dir):
     assert write_rows(data_dir=data_dir, table="sessions", rows=[session_row("s1@0")]) == []
     assert parquet_files(data_dir / "pairs") + parquet_files(data_dir / "sessions") == before
 
+    [old] = sealed_partitions(data_dir)
     [path] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1"), pair("p9")])
     assert pq.read_table(path).column("pair_id").to_pylist() == ["p9"]  # no data loss
     ids = read_table(data_dir=data_dir, table="pairs", partitions=[H12]).column("pair_id")
     assert sorted(ids.to_pylist()) == ["p1", "p2", "p9"]
     assert query(data_dir, "SELECT count(*), count(DISTINCT pair_id) FROM pairs") == [(3, 3)]
+    # the manifest is refreshed to match the files: new file list, counts and hash
+    [row] = sealed_partitions(data_dir)
+    rel = sorted(str(p.relative_to(data_dir)) for p in before + [path])
+    assert row["files"] == rel
+    assert (row["n_pairs"], row["n_sessions"]) == (3, 1)
+    assert row["sha256"] == _sha256(data_dir, rel) != old["sha256"]
+    assert (row["start"], row["end"], row["watermark"]) == (old["start"], old["end"],
+                                                            old["watermark"])
 
 
 # --- readers never blocked by the writer -----------------------------------------------------
