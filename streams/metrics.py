@@ -26,6 +26,11 @@ HELP = {
     "prefstream_sessions_open": ("gauge", "Open sessions, by Kafka partition."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
+    "prefstream_trainer_runs_total": ("counter", "Training cycles, by outcome."),
+    "prefstream_trainer_sealed_partitions": ("gauge", "Sealed partitions in the manifest."),
+    "prefstream_trainer_last_run_seconds": ("gauge", "Wall time of the last cycle."),
+    "prefstream_trainer_heldout_accuracy": ("gauge", "Held-out accuracy of the last cycle."),
+    "prefstream_trainer_calibration_agreement": ("gauge", "Calibration agreement, last cycle."),
 }
 
 

@@ -245,9 +245,43 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     before = signal.getsignal(signal.SIGTERM)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
-    serve(data_dir, tiny_config(poll_interval_s=0.05))
+    serve(data_dir, tiny_config(poll_interval_s=0.05, metrics_port=0))
     timer.join()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_serve_exposes_prometheus_metrics(tmp_path: Path) -> None:
+    import urllib.request
+
+    from streams.broker import free_port
+
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir)
+    port, scraped = free_port(), []
+
+    def scrape_then_stop() -> None:
+        url = f"http://127.0.0.1:{port}/metrics"
+        scraped.append(urllib.request.urlopen(url, timeout=5).read().decode())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    timer = threading.Timer(0.5, scrape_then_stop)
+    timer.start()
+    serve(data_dir, tiny_config(poll_interval_s=0.05, metrics_port=port))
+    timer.join()
+    assert "prefstream_trainer_sealed_partitions 0" in scraped[0]
+
+
+def test_a_finished_cycle_is_recorded_in_the_metrics(trained: tuple[Path, CycleResult]) -> None:
+    from streams.metrics import Metrics
+    from trainer.service import record_cycle
+
+    stats = Metrics()
+    summary = trained[1].summary()
+    record_cycle(stats, summary)
+    text = stats.render()
+    assert 'prefstream_trainer_runs_total{outcome="promoted"} 1' in text
+    accuracy = summary["metrics"]["eval"]["accuracy"]
+    assert stats.value("prefstream_trainer_heldout_accuracy") == accuracy
 
 
 # -- CLI ------------------------------------------------------------------------------------------

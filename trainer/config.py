@@ -79,6 +79,9 @@ class TrainConfig(BaseSettings):
                                "reward-hacking probes.")
     # service
     poll_interval_s: float = Field(60.0, gt=0, description="Seconds between manifest polls.")
+    metrics_port: int = Field(9465, ge=0, le=65535, description="Port of the service's GET "
+                              "/metrics (Prometheus text); 0 disables it.")
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint.")
 
     @field_validator("backbone", "explicit_labels")
     @classmethod

@@ -24,6 +24,8 @@ from transformers import PreTrainedTokenizerBase
 
 from prefstream.errors import PrefstreamError
 from storage.files import read_table, sealed_partitions
+from streams.metrics import Metrics
+from streams.metrics import serve as serve_metrics
 from trainer import Interrupted
 from trainer.config import TrainConfig
 from trainer.data import (
@@ -240,31 +242,56 @@ def serve(data_dir: Path, config: TrainConfig) -> None:
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    stats = Metrics()
+    server = (serve_metrics(stats.render, host=config.metrics_host, port=config.metrics_port)
+              if config.metrics_port else None)
     try:
         seen: tuple[str, int] | None = None
         while not stop.is_set():
             manifest = sealed_partitions(data_dir)
+            stats.set("prefstream_trainer_sealed_partitions", len(manifest))
             state = (manifest[-1]["partition"], len(manifest)) if manifest else None
-            if state != seen and not _poll(data_dir, config, stop):
+            if state != seen and not _poll(data_dir, config, stop, stats):
                 break
             seen = state
             stop.wait(config.poll_interval_s)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        if server is not None:
+            server.shutdown()
     log.info("trainer service stopped")
 
 
-def _poll(data_dir: Path, config: TrainConfig, stop: threading.Event) -> bool:
+def _poll(data_dir: Path, config: TrainConfig, stop: threading.Event,
+          stats: Metrics | None = None) -> bool:
     """One cycle inside the service; False when it was interrupted."""
+    stats = stats or Metrics()
     try:
         result = run_once(data_dir, config, should_stop=stop.is_set)
     except Interrupted as exc:
         log.warning("%s", exc)
+        stats.inc("prefstream_trainer_runs_total", outcome="interrupted")
         return False
     except PrefstreamError as exc:
         log.error("training cycle failed: %s", exc)
+        stats.inc("prefstream_trainer_runs_total", outcome="failed")
         return True
     if result is not None:
         log.info("training cycle: %s", json.dumps(result.summary()))
+        record_cycle(stats, result.summary())
     return True
+
+
+def record_cycle(stats: Metrics, summary: dict[str, Any]) -> None:
+    """Counters and gauges of one finished cycle, for the trainer's /metrics."""
+    outcome = "promoted" if summary.get("promoted") else (
+        "refused" if summary.get("trained") else "skipped")
+    stats.inc("prefstream_trainer_runs_total", outcome=outcome)
+    stats.set("prefstream_trainer_last_run_seconds", float(summary.get("wall_s") or 0.0))
+    evaluation = (summary.get("metrics") or {}).get("eval") or {}
+    if isinstance(evaluation.get("accuracy"), (int, float)):
+        stats.set("prefstream_trainer_heldout_accuracy", evaluation["accuracy"])
+    calibration = (summary.get("gates") or {}).get("calibration") or {}
+    if isinstance(calibration.get("agreement"), (int, float)):
+        stats.set("prefstream_trainer_calibration_agreement", calibration["agreement"])
