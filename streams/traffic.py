@@ -1,12 +1,25 @@
-"""Deterministic synthetic feedback traffic: the demo's built-in workload.
+"""Deterministic feedback traffic: the demo's built-in workload and ``prefstream simulate``.
 
-``generate_traffic(TrafficConfig(end=...))`` simulates users who see one to four candidate answers
-per prompt (``impression`` events) and then behave in one of several ways (careful rater, copier,
+``generate_traffic(TrafficConfig(end=...))`` simulates users who see candidate answers to a prompt
+(``impression`` events) and then behave in one of several ways (careful rater, copier,
 position-biased clicker, regenerator, editor, reformulator, abandoner, tie maker). Every answer
-has a latent quality in [0, 1] that drives behaviour and is returned as ground truth, so mined
-pairs can be scored with :func:`prefers`. Malformed messages, exact re-sends, late events and
-local reordering are mixed in at the configured shares. No I/O and no clock reads: all randomness
-comes from one seeded ``random.Random`` and all times from ``config.end``.
+has a latent quality in [0, 1], returned as ground truth, so mined pairs can be scored with
+:func:`prefers`. Malformed messages, exact re-sends, late events and local reordering are mixed
+in at the configured shares. No clock reads: all randomness comes from one seeded
+``random.Random`` and all times from ``config.end``.
+
+Two content sources feed the same behaviours:
+
+- synthetic (``config.source`` is None): one to four built-in answers per prompt, written for
+  their quality; the user perceives that quality as it is.
+- a preference file (``config.source``, see :mod:`streams.content`): each request is one row,
+  its two answers shown in random slots (chosen = better in truth). The user perceives the truly
+  chosen answer as the better one with probability ``prefer_prob`` and acts on that perception.
+  Regenerators, editors and reformulators are users unhappy with the first answer: they are shown
+  the answer they perceive as worse, and the row's other answer is what the regeneration, the
+  edit or the same-intent reformulation brings. A share of the rows (``holdout``, grouped by
+  prompt) is never simulated and is returned as explicit labels. Reading that file is the only
+  I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +30,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import NamedTuple, Protocol
 
+from prefstream.errors import ConfigError
 from schemas.events import (
     MAX_TEXT_CHARS,
     Click,
@@ -31,6 +47,7 @@ from schemas.events import (
     ThumbsDown,
     ThumbsUp,
 )
+from streams.content import SourcePair, read_source, rephrase, split_holdout
 
 MODEL_VERSIONS = ("chat-v1.0", "chat-v1.1", "chat-v2.0-rc")
 LATE_BY = timedelta(hours=6)
@@ -125,7 +142,12 @@ VAGUE = (
 
 @dataclass(frozen=True, kw_only=True)
 class TrafficConfig:
-    """What to generate; ``end`` (tz-aware) is the latest event time."""
+    """What to generate; ``end`` (tz-aware) is the latest event time.
+
+    ``source``: a preference JSONL file as content (None = the built-in synthetic texts);
+    ``prefer_prob``: how often a user perceives the truly chosen answer of a row as the better;
+    ``holdout``: share of the file's prompts never simulated (returned as ``Traffic.holdout``).
+    """
 
     n_events: int = 5000
     seed: int = 0
@@ -136,6 +158,9 @@ class TrafficConfig:
     duplicate_share: float = 0.01
     late_share: float = 0.005
     shuffle_window: int = 5
+    source: Path | None = None
+    prefer_prob: float = 0.8
+    holdout: float = 0.2
 
     def __post_init__(self) -> None:
         if self.end.tzinfo is None or self.end.utcoffset() is None:
@@ -145,6 +170,8 @@ class TrafficConfig:
         for share in (self.bad_share, self.duplicate_share, self.late_share):
             if not 0.0 <= share < 0.5:
                 raise ValueError("shares must be in [0, 0.5)")
+        if not 0.0 <= self.prefer_prob <= 1.0 or not 0.0 <= self.holdout < 1.0:
+            raise ValueError("need prefer_prob in [0, 1] and holdout in [0, 1)")
 
 
 @dataclass
@@ -156,6 +183,8 @@ class Traffic:
     counts: dict[str, int]
     bad_reasons: dict[str, int]
     labels: list[str] = field(default_factory=list)  # per message: valid|duplicate|late|bad:<kind>
+    skipped: dict[str, int] = field(default_factory=dict)  # source rows skipped, by reason
+    holdout: list[SourcePair] = field(default_factory=list)  # source rows never simulated
 
 
 def prefers(
@@ -171,16 +200,25 @@ def prefers(
 @dataclass
 class _Shown:
     response_id: str
-    quality: float
+    quality: float  # as the user perceives it (the truth for synthetic answers)
     position: int
+
+
+class _Answer(NamedTuple):
+    """A source answer not shown yet: its text, true quality and the quality the user sees."""
+
+    text: str
+    truth: float
+    perceived: float
 
 
 @dataclass
 class _Request:
     request_id: str
-    topic: int
+    topic: int  # synthetic content only (-1 for a source row)
     prompt: str
     shown: list[_Shown] = field(default_factory=list)
+    spare: list[_Answer] = field(default_factory=list)  # a source row's answer not shown yet
 
 
 _Maker = Callable[..., FeedbackEvent]  # an event class
@@ -198,6 +236,7 @@ class _Gen:
         self.quality: dict[str, float] = {}
         self.counts: Counter[str] = Counter()
         self.used_texts: set[str] = set()
+        self.content: _Content = _Synthetic(self)
 
     def next_id(self, prefix: str) -> str:
         self.ids[prefix] += 1
@@ -262,11 +301,14 @@ class _Session:
         self.emit(cls, req.request_id, self.rng.uniform(3, 90), response_id=shown.response_id,
                   **fields)
 
-    def show(self, req: _Request, position: int, q: float, gap: float) -> _Shown:
+    def show(self, req: _Request, position: int, q: float, gap: float,
+             answer: _Answer | None = None) -> _Shown:
+        """Show a synthetic answer of perceived = true quality ``q``, or a source ``answer``."""
         rid = self.gen.next_id("r")
-        self.gen.quality[rid] = q
+        self.gen.quality[rid] = q if answer is None else answer.truth
+        text = self.gen.answer_text(req.topic, q) if answer is None else answer.text
         self.emit(Impression, req.request_id, gap, response_id=rid, prompt=req.prompt,
-                  response_text=self.gen.answer_text(req.topic, q), position=position,
+                  response_text=text, position=position,
                   model_version=self.rng.choice(MODEL_VERSIONS))
         shown = _Shown(rid, q, position)
         req.shown.append(shown)
@@ -286,6 +328,124 @@ class _Session:
             for t, cls, fields in self.pending
         ]
 
+    def reformulate(self, req: _Request, prompt: str) -> str:
+        """Emit a reformulation of ``req`` as ``prompt``; returns the new request id."""
+        new_id = self.gen.next_id("q")
+        self.emit(Reformulate, new_id, self.rng.uniform(5, 60), prompt=prompt,
+                  previous_request_id=req.request_id)
+        return new_id
+
+
+class _Content(Protocol):
+    """Where prompts and answers come from; the behaviours below are the same for every source."""
+
+    flip_p: float  # share of careful raters who get it backwards
+
+    def open(self, s: _Session, first: bool, persona: str) -> _Request: ...
+    def regenerate(self, s: _Session, req: _Request, poor: _Shown) -> _Shown | None: ...
+    def edit(self, s: _Session, req: _Request, target: _Shown) -> str | None: ...
+    def reformulate(self, s: _Session, req: _Request, same: bool) -> _Request: ...
+
+
+class _Synthetic:
+    """Built-in texts written for a random latent quality, perceived as it is."""
+
+    flip_p = 0.1
+
+    def __init__(self, gen: _Gen) -> None:
+        self.gen = gen
+
+    def open(self, s: _Session, first: bool, persona: str) -> _Request:
+        topic = s.rng.randrange(len(TOPICS))
+        prompt = self.gen.prompt(topic)
+        return s.request(topic, prompt, 0.0 if first else s.rng.uniform(10, 300))
+
+    def regenerate(self, s: _Session, req: _Request, poor: _Shown) -> _Shown:
+        q_new = poor.quality + (1 - poor.quality) * s.rng.uniform(0.3, 1.0)
+        return s.show(req, poor.position, q_new, s.rng.uniform(1, 8))
+
+    def edit(self, s: _Session, req: _Request, target: _Shown) -> str:
+        self.gen.quality[f"{target.response_id}:edit"] = (
+            target.quality + (1 - target.quality) * s.rng.uniform(0.3, 1.0))
+        return self.gen.edited_text(req.topic)
+
+    def reformulate(self, s: _Session, req: _Request, same: bool) -> _Request:
+        topic = req.topic if same else (req.topic + s.rng.randrange(1, len(TOPICS))) % len(TOPICS)
+        prompt = self.gen.prompt(topic, avoid=req.prompt)
+        new_id = s.reformulate(req, prompt)
+        return s.request(topic, prompt, s.rng.uniform(1, 5), request_id=new_id)
+
+
+class _External:
+    """Rows of a preference file, cycled in a fresh random order on every pass."""
+
+    flip_p = 0.0  # ``prefer_prob`` is this source's rater noise
+    SINGLE = frozenset({"regenerator", "editor", "reformulator"})
+
+    def __init__(self, gen: _Gen, pairs: list[SourcePair]) -> None:
+        self.gen, self.pairs = gen, pairs
+        self.queue: list[SourcePair] = []
+
+    def next_row(self) -> SourcePair:
+        if not self.queue:
+            self.queue = list(self.pairs)
+            self.gen.rng.shuffle(self.queue)
+            self.gen.counts["source_passes"] += 1
+        return self.queue.pop()
+
+    def answers(self, row: SourcePair) -> tuple[_Answer, _Answer]:
+        """(perceived better, perceived worse); the truly chosen one is better with prefer_prob."""
+        rng = self.gen.rng
+        hi, lo = rng.uniform(0.5, 1.0), rng.uniform(0.0, 0.5)
+        right = rng.random() < self.gen.config.prefer_prob
+        self.gen.counts["user_prefers_chosen" if right else "user_prefers_rejected"] += 1
+        chosen = _Answer(row.chosen, hi, hi if right else lo)
+        rejected = _Answer(row.rejected, lo, lo if right else hi)
+        return (chosen, rejected) if right else (rejected, chosen)
+
+    def show_row(self, s: _Session, req: _Request, row: SourcePair, gap: float,
+                 single: bool) -> _Request:
+        better, worse = self.answers(row)
+        if single:  # an unhappy user: shown the answer they dislike, the other one kept back
+            s.show(req, 0, worse.perceived, gap, worse)
+            req.spare.append(better)
+            return req
+        order = [better, worse]
+        s.rng.shuffle(order)
+        for pos, answer in enumerate(order):
+            s.show(req, pos, answer.perceived, gap if pos == 0 else s.rng.uniform(0.05, 1.5),
+                   answer)
+        return req
+
+    def open(self, s: _Session, first: bool, persona: str) -> _Request:
+        row = self.next_row()
+        req = _Request(self.gen.next_id("q"), -1, row.prompt)
+        gap = 0.0 if first else s.rng.uniform(10, 300)
+        return self.show_row(s, req, row, gap, persona in self.SINGLE)
+
+    def regenerate(self, s: _Session, req: _Request, poor: _Shown) -> _Shown | None:
+        if not req.spare:
+            return None
+        fresh = req.spare.pop()
+        return s.show(req, poor.position, fresh.perceived, s.rng.uniform(1, 8), fresh)
+
+    def edit(self, s: _Session, req: _Request, target: _Shown) -> str | None:
+        """The user rewrites the answer into the row's other one (its truth goes with it)."""
+        if not req.spare:
+            return None
+        self.gen.quality[f"{target.response_id}:edit"] = req.spare[0].truth
+        return req.spare[0].text
+
+    def reformulate(self, s: _Session, req: _Request, same: bool) -> _Request:
+        if same and req.spare:
+            prompt, spare = rephrase(req.prompt, s.rng), req.spare.pop()
+            new = _Request(s.reformulate(req, prompt), -1, prompt)
+            s.show(new, 0, spare.perceived, s.rng.uniform(1, 5), spare)
+            return new
+        row = self.next_row()
+        new = _Request(s.reformulate(req, row.prompt), -1, row.prompt)
+        return self.show_row(s, new, row, s.rng.uniform(1, 5), single=False)
+
 
 def _best(req: _Request) -> _Shown:
     return max(req.shown, key=lambda s: s.quality)
@@ -296,7 +456,7 @@ def _worst(req: _Request) -> _Shown:
 
 
 def _careful(s: _Session, req: _Request) -> None:
-    flip = s.rng.random() < 0.1  # noise: the rater gets it backwards
+    flip = s.rng.random() < s.gen.content.flip_p  # noise: the rater gets it backwards
     s.gen.counts["careful_flipped"] += flip
     if len(req.shown) == 1:
         up = (req.shown[0].quality >= 0.5) != flip
@@ -326,8 +486,10 @@ def _clicker(s: _Session, req: _Request) -> None:
 def _regenerator(s: _Session, req: _Request) -> None:
     poor = _worst(req)
     s.signal(Regenerate, req, poor)
-    q_new = poor.quality + (1 - poor.quality) * s.rng.uniform(0.3, 1.0)
-    fresh = s.show(req, poor.position, q_new, s.rng.uniform(1, 8))
+    fresh = s.gen.content.regenerate(s, req, poor)
+    if fresh is None:  # nothing else to show: the user gives up
+        s.gen.counts["regenerate_abandoned"] += 1
+        return
     roll = s.rng.random()
     if roll < 0.45:
         s.signal(Copy, req, fresh)
@@ -339,20 +501,15 @@ def _regenerator(s: _Session, req: _Request) -> None:
 
 def _editor(s: _Session, req: _Request) -> None:
     target = min(req.shown, key=lambda x: abs(x.quality - 0.5))
-    s.gen.quality[f"{target.response_id}:edit"] = (
-        target.quality + (1 - target.quality) * s.rng.uniform(0.3, 1.0))
-    s.signal(Edit, req, target, edited_text=s.gen.edited_text(req.topic))
+    text = s.gen.content.edit(s, req, target)
+    if text is not None:
+        s.signal(Edit, req, target, edited_text=text)
 
 
 def _reformulator(s: _Session, req: _Request) -> None:
     same = s.rng.random() < 0.6
     s.gen.counts["reformulate_same_intent" if same else "reformulate_new_intent"] += 1
-    topic = req.topic if same else (req.topic + s.rng.randrange(1, len(TOPICS))) % len(TOPICS)
-    prompt = s.gen.prompt(topic, avoid=req.prompt)
-    new_id = s.gen.next_id("q")
-    s.emit(Reformulate, new_id, s.rng.uniform(5, 60), prompt=prompt,
-           previous_request_id=req.request_id)
-    new = s.request(topic, prompt, s.rng.uniform(1, 5), request_id=new_id)
+    new = s.gen.content.reformulate(s, req, same)
     s.signal(Copy if s.rng.random() < 0.5 else ThumbsUp, new, _best(new))
 
 
@@ -375,9 +532,7 @@ def _session(gen: _Gen) -> tuple[_Session, list[FeedbackEvent]]:
     name = rng.choices(list(BEHAVIOURS), weights=[w for w, _ in BEHAVIOURS.values()])[0]
     gen.counts[f"behaviour:{name}"] += 1
     for i in range(rng.choices((1, 2, 3), weights=(0.5, 0.3, 0.2))[0]):
-        topic = rng.randrange(len(TOPICS))
-        req = s.request(topic, gen.prompt(topic), 0.0 if i == 0 else rng.uniform(10, 300))
-        BEHAVIOURS[name][1](s, req)
+        BEHAVIOURS[name][1](s, gen.content.open(s, i == 0, name))
     if rng.random() < SESSION_END_P:
         s.emit(SessionEnd, str(s.pending[-1][2]["request_id"]), rng.uniform(5, 120))
         gen.counts["session_end"] += 1
@@ -459,10 +614,33 @@ def _send_list(gen: _Gen, s: _Session, events: list[FeedbackEvent], n_late: int,
     return out
 
 
+def _use_source(gen: _Gen) -> tuple[dict[str, int], list[SourcePair]]:
+    """Switch ``gen`` to the configured source file: (skipped rows by reason, held-out rows)."""
+    config = gen.config
+    if config.source is None:
+        return {}, []
+    try:
+        rows = read_source(config.source)
+    except OSError as exc:
+        raise ConfigError(f"cannot read source {config.source}: {exc}") from exc
+    simulated, held = split_holdout(rows.pairs, config.holdout, config.seed)
+    if not simulated:
+        raise ConfigError(f"{config.source}: no preference rows left to simulate "
+                          f"({rows.n_rows} rows, skipped {dict(rows.skipped)}, "
+                          f"{len(held)} held out)")
+    gen.content = _External(gen, simulated)
+    gen.counts.update(source_rows=rows.n_rows, source_valid=len(rows.pairs),
+                      source_skipped=rows.n_rows - len(rows.pairs), source_holdout=len(held),
+                      source_simulated=len(simulated))
+    return dict(rows.skipped), held
+
+
 def generate_traffic(config: TrafficConfig) -> Traffic:
-    """Generate the workload described by ``config`` (deterministic for a given config)."""
+    """Generate the workload described by ``config`` (deterministic for a given config and
+    source file). Raises ``ConfigError`` when the source cannot be read or has no usable row."""
     gen = _Gen(config)
     rng = gen.rng
+    skipped, holdout = _use_source(gen)
     n_bad, n_late, n_dup = (round(share * config.n_events) for share in
                             (config.bad_share, config.late_share, config.duplicate_share))
     sessions: list[tuple[_Session, list[FeedbackEvent]]] = []
@@ -496,4 +674,5 @@ def generate_traffic(config: TrafficConfig) -> Traffic:
     return Traffic(
         messages=[(key, value) for _, key, value, _ in entries], quality=dict(gen.quality),
         counts=counts, bad_reasons=dict(Counter(kinds)), labels=[e[3] for e in entries],
+        skipped=skipped, holdout=holdout,
     )

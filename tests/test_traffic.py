@@ -1,19 +1,41 @@
-"""Tests for the synthetic traffic generator (streams.traffic)."""
+"""Tests for the traffic generator (streams.traffic) and its external content (streams.content)."""
 
 from __future__ import annotations
 
+import gzip
 import json
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.events import EVENT_ADAPTER, Impression, SessionEnd
-from streams.traffic import BAD_KINDS, LATE_BY, Traffic, TrafficConfig, generate_traffic, prefers
+from prefstream.errors import ConfigError
+from schemas.events import EVENT_ADAPTER, MAX_TEXT_CHARS, Impression, SessionEnd
+from streams.content import (
+    SourcePair,
+    parse_lines,
+    parse_row,
+    read_source,
+    rephrase,
+    split_holdout,
+    write_labels,
+)
+from streams.pairing import prompt_similarity
+from streams.traffic import (
+    BAD_KINDS,
+    LATE_BY,
+    TOPICS,
+    Traffic,
+    TrafficConfig,
+    generate_traffic,
+    prefers,
+)
 
 END = datetime(2025, 1, 15, 12, 0, tzinfo=timezone.utc)
 CONFIG = TrafficConfig(n_events=5000, end=END)
@@ -248,3 +270,206 @@ def test_invariants_hold_for_any_config(
 def test_messages_are_compact_json_objects(good: list[Parsed]) -> None:
     for p in good[:200]:
         assert isinstance(json.loads(p.raw), dict)
+
+
+# --- external content: a preference file instead of the built-in texts -----------------------
+
+#: literal prompt/chosen/rejected rows, then rows that break the pair contract
+PLAIN_ROWS = [
+    {"prompt": f"How do I {task}?", "chosen": good, "rejected": wrong}
+    for task, good, wrong in TOPICS[:20]
+]
+BROKEN_LINES = [
+    "this is not json",
+    json.dumps(["a", "list"]),
+    json.dumps({"prompt": "p", "chosen": "same answer", "rejected": " same answer "}),
+    json.dumps({"prompt": "p", "chosen": "", "rejected": "b"}),
+    json.dumps({"prompt": "p", "chosen": 3, "rejected": "b"}),
+    json.dumps({"prompt": "p", "chosen": "x" * (MAX_TEXT_CHARS + 1), "rejected": "b"}),
+    "",
+]
+PLAIN_SKIPPED = {"not_json": 1, "not_a_pair_object": 2, "identical_answers": 1, "empty_text": 1,
+                 "text_too_long": 1}
+
+
+def hh_row(prompt_turns: list[str], chosen: str, rejected: str) -> dict[str, str]:
+    """An HH-RLHF style row: two whole dialogues that differ in the final assistant turn."""
+    prefix = "".join(f"\n\n{turn}" for turn in prompt_turns) + "\n\nAssistant:"
+    return {"chosen": f"{prefix} {chosen}", "rejected": f"{prefix} {rejected}"}
+
+
+def write_hh_source(path: Path) -> dict[str, int]:
+    """A gzipped HH-format file (30 good rows, one multi-turn); returns its skipped counts."""
+    rows = [hh_row([f"Human: How can I {task}?"], good, wrong) for task, good, wrong in TOPICS]
+    rows.append(hh_row(["Human: I need help with git.", "Assistant: Sure, what is it?",
+                        "Human: How do I see the log?"], "Run `git log --oneline`.",
+                       "Git has no history."))
+    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: hello",  # differs before the last turn
+                 "rejected": "\n\nHuman: yo\n\nAssistant: hey"})
+    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected":
+                 "\n\nHuman: hi\n\nAssistant: same"})  # identical dialogues
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return {"dialogue_mismatch": 2}
+
+
+@pytest.fixture(scope="module")
+def plain_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("source") / "pairs.jsonl"
+    lines = [json.dumps(r) for r in PLAIN_ROWS[:10]] + BROKEN_LINES + [
+        json.dumps(r) for r in PLAIN_ROWS[10:]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hh_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, int]]:
+    path = tmp_path_factory.mktemp("hh") / "hh.jsonl.gz"
+    return path, write_hh_source(path)
+
+
+def source_config(source: Path, **kw: object) -> TrafficConfig:
+    return TrafficConfig(**{"n_events": 3000, "end": END, "source": source, **kw})
+
+
+@pytest.fixture(scope="module")
+def plain_traffic(plain_source: Path) -> Traffic:
+    return generate_traffic(source_config(plain_source))
+
+
+def texts_in(traffic: Traffic) -> set[str]:
+    """Every prompt and answer text the traffic's valid messages carry."""
+    out: set[str] = set()
+    for p in parse_good(traffic):
+        for name in ("prompt", "response_text", "edited_text"):
+            if getattr(p.event, name, None):
+                out.add(getattr(p.event, name))
+    return out
+
+
+def test_parse_row_reasons() -> None:
+    assert parse_row(json.dumps(PLAIN_ROWS[0])) == SourcePair(**PLAIN_ROWS[0])
+    reasons = [parse_row(line) for line in BROKEN_LINES if line]
+    assert reasons == ["not_json", "not_a_pair_object", "identical_answers", "empty_text",
+                       "not_a_pair_object", "text_too_long"]
+    hh = parse_row(json.dumps(hh_row(["Human: Why?"], "Because.", "No idea.")))
+    assert hh == SourcePair("\n\nHuman: Why?\n\nAssistant:", "Because.", "No idea.")
+    earlier = {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"}
+    assert parse_row(json.dumps(earlier)) == "dialogue_mismatch"
+    rows = parse_lines([json.dumps(PLAIN_ROWS[0]), *BROKEN_LINES])
+    assert rows.pairs == [SourcePair(**PLAIN_ROWS[0])] and dict(rows.skipped) == PLAIN_SKIPPED
+    assert rows.n_rows == 7
+
+
+def test_split_holdout_groups_prompts_and_is_deterministic() -> None:
+    pairs = [SourcePair(f"p{i % 10}", f"good {i}", f"bad {i}") for i in range(40)]
+    simulated, held = split_holdout(pairs, 0.2, seed=1)
+    assert len(held) == 8 and len(simulated) == 32
+    assert {p.prompt for p in held}.isdisjoint({p.prompt for p in simulated})
+    assert split_holdout(pairs, 0.2, seed=1) == (simulated, held)
+    assert split_holdout(pairs, 0.0, seed=1) == (pairs, [])
+    assert split_holdout(pairs, 0.2, seed=2) != (simulated, held)
+
+
+def test_rephrase_keeps_the_intent() -> None:
+    rng = random.Random(0)
+    dialogue = "\n\nHuman: I need help.\n\nAssistant: Sure.\n\nHuman: How do I sort a list?" \
+               "\n\nAssistant:"
+    for _ in range(20):
+        for prompt in (dialogue, "How do I sort a list of numbers in Python?"):
+            new = rephrase(prompt, rng)
+            assert new != prompt and prompt_similarity(new, prompt) >= 0.5
+        assert new.endswith("\n\nAssistant:") or not prompt.endswith("\n\nAssistant:")
+        assert rephrase(dialogue, rng).startswith("\n\nHuman: I need help.\n\nAssistant: Sure.")
+
+
+def test_write_labels_round_trip(tmp_path: Path) -> None:
+    pairs = [SourcePair("p", "a\nb", "c ü")]
+    assert write_labels(tmp_path / "labels.jsonl", pairs) == 1
+    assert read_source(tmp_path / "labels.jsonl").pairs == pairs
+
+
+def test_source_traffic_invariants(plain_source: Path, plain_traffic: Traffic) -> None:
+    check_invariants(plain_traffic, source_config(plain_source))
+    counts = plain_traffic.counts
+    assert plain_traffic.skipped == PLAIN_SKIPPED
+    assert counts["source_rows"] == len(PLAIN_ROWS) + 6 and counts["source_valid"] == 20
+    assert counts["source_holdout"] == len(plain_traffic.holdout) == 4
+    assert counts["source_simulated"] == 16 and counts["source_passes"] > 1
+    assert abs(counts["valid"] + counts["bad"] - 3000) < 60
+
+
+def test_holdout_rows_never_appear(plain_traffic: Traffic) -> None:
+    texts = texts_in(plain_traffic)
+    for row in plain_traffic.holdout:
+        assert row.prompt not in texts and row.chosen not in texts and row.rejected not in texts
+    shown = {r["prompt"] for r in PLAIN_ROWS} & texts
+    assert len(shown) == 16
+
+
+def test_source_rows_are_shown_in_random_slots(plain_traffic: Traffic) -> None:
+    chosen = {r["chosen"] for r in PLAIN_ROWS}
+    slots = [p.event.position for p in parse_good(plain_traffic)
+             if isinstance(p.event, Impression) and p.event.response_text in chosen]
+    assert 0.3 < slots.count(0) / len(slots) < 0.8 and 1 in slots
+    answers = {r["prompt"]: {r["chosen"], r["rejected"]} for r in PLAIN_ROWS}
+    for p in parse_good(plain_traffic):
+        if isinstance(p.event, Impression) and p.event.prompt in answers:
+            assert p.event.response_text in answers[p.event.prompt]
+
+
+def test_source_traffic_has_every_behaviour(plain_traffic: Traffic) -> None:
+    types = {p.event.type for p in parse_good(plain_traffic)}
+    assert types == {"impression", "click", "copy", "thumbs_up", "thumbs_down", "regenerate",
+                     "edit", "reformulate", "session_end"}
+    assert plain_traffic.counts["reformulate_same_intent"] > 0
+    assert plain_traffic.counts["reformulate_new_intent"] > 0
+
+
+@pytest.mark.parametrize("prefer_prob", [0.0, 1.0])
+def test_user_follows_prefer_prob(plain_source: Path, prefer_prob: float) -> None:
+    """A user who always (never) prefers the truly chosen answer: every explicit verdict and
+    every edit agrees (disagrees) with the truth."""
+    traffic = generate_traffic(source_config(plain_source, n_events=1500,
+                                             prefer_prob=prefer_prob))
+    good = [p for p in parse_good(traffic) if p.label == "valid"]
+    ups: dict[str, list[str]] = defaultdict(list)
+    downs: dict[str, list[str]] = defaultdict(list)
+    for p in good:
+        if p.event.type in ("thumbs_up", "thumbs_down"):
+            (ups if p.event.type == "thumbs_up" else downs)[p.event.request_id].append(
+                p.event.response_id)
+        if p.event.type == "edit":
+            rid = p.event.response_id
+            assert prefers(traffic.quality, f"{rid}:edit", rid) is (prefer_prob == 1.0)
+    verdicts = [prefers(traffic.quality, u, d) for r in ups for u in ups[r] for d in downs[r]]
+    assert verdicts and all(v is (prefer_prob == 1.0) for v in verdicts)
+
+
+def test_hh_gz_source(hh_source: tuple[Path, dict[str, int]]) -> None:
+    path, skipped = hh_source
+    config = TrafficConfig(n_events=1200, end=END, seed=5, source=path, holdout=0.25)
+    traffic = generate_traffic(config)
+    check_invariants(traffic, config)
+    assert traffic.skipped == skipped and len(traffic.holdout) == 8
+    assert all(r.prompt.endswith("\n\nAssistant:") for r in traffic.holdout)
+    texts = texts_in(traffic)
+    assert not any(r.prompt in texts or r.chosen in texts for r in traffic.holdout)
+    reformulated = [p.event.prompt for p in parse_good(traffic) if p.event.type == "reformulate"]
+    assert reformulated and all(t.endswith("\n\nAssistant:") for t in reformulated)
+
+
+def test_source_traffic_is_deterministic(plain_source: Path, plain_traffic: Traffic) -> None:
+    assert generate_traffic(source_config(plain_source)) == plain_traffic
+    other = generate_traffic(source_config(plain_source, seed=1))
+    assert other.messages != plain_traffic.messages
+
+
+def test_unusable_source_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        generate_traffic(source_config(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text("\n".join(BROKEN_LINES))
+    with pytest.raises(ConfigError, match="no preference rows"):
+        generate_traffic(source_config(tmp_path / "bad.jsonl"))
+    with pytest.raises(ValueError):
+        TrafficConfig(end=END, prefer_prob=1.5)
