@@ -95,18 +95,10 @@ def faust_rate(bootstrap: str, topic: str, n: int, mode: str) -> float:
     return n / (result["last"] - result["first"])
 
 
-def worker_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    for name, value in settings.model_dump(exclude={"rules"}).items():
-        if value is not None:
-            env[f"PREFSTREAM_{name.upper()}"] = str(value)
-    return env
-
-
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "ab") as fh:
         return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker",
-                                 "--loglevel", "warning"], env=worker_env(settings),
+                                 "--loglevel", "warning"], env={**os.environ, **settings.as_env()},
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
 
 

@@ -49,10 +49,7 @@ def traffic_end(now: datetime, settings: Settings) -> datetime:
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **DEMO_ENV,
-           "PREFSTREAM_KAFKA_BOOTSTRAP": str(settings.kafka_bootstrap),
-           "PREFSTREAM_DATA_DIR": str(settings.data_dir),
-           "PREFSTREAM_METRICS_PORT": str(settings.metrics_port)}
+    env = {**os.environ, **settings.as_env()}  # settings already hold the demo timings
     loglevel = os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")
     cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", loglevel]
     with open(log_path, "ab") as log_file:

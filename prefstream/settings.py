@@ -56,6 +56,12 @@ class Settings(BaseSettings):
             raise ValueError("rules.partition_hours must divide 24")
         return self
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``PREFSTREAM_*`` variables, for starting a worker process."""
+        return {f"PREFSTREAM_{name.upper()}": str(value)
+                for name, value in self.model_dump(exclude={"rules"}).items()
+                if value is not None}
+
     def session_rules(self) -> SessionRules:
         return SessionRules(
             gap=timedelta(seconds=self.gap_s),

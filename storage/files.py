@@ -286,15 +286,15 @@ def read_table(
     if not files:
         return schema.empty_table()
     merged = pa.concat_tables(pq.read_table(f, schema=schema) for f in files)
-    _, first = _unique_indices(merged.column(id_col).to_pylist())
-    return merged.take(first)
+    return merged.take(_first_of_each(merged.column(id_col).to_pylist()))
 
 
-def _unique_indices(ids: list[Any]) -> tuple[set[Any], list[int]]:
+def _first_of_each(ids: list[Any]) -> list[int]:
+    """Indices of the first occurrence of each id."""
     seen: set[Any] = set()
     keep = []
     for i, v in enumerate(ids):
         if v not in seen:
             seen.add(v)
             keep.append(i)
-    return seen, keep
+    return keep

@@ -22,7 +22,7 @@ from kafka.partitioner.default import murmur2
 from prefstream.demo import end_offsets, wait_until_drained
 from prefstream.settings import Settings
 from storage.catalog import connect_readonly, ensure_catalog
-from storage.files import read_watermarks
+from storage.files import init_data_dir, read_watermarks
 from streams.broker import EmbeddedBroker
 from streams.pipeline import replay
 from streams.producer import FeedbackProducer
@@ -49,10 +49,7 @@ def make_settings(broker: EmbeddedBroker, data_dir: Path, name: str, **extra: ob
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ}
-    for name, value in settings.model_dump(exclude={"rules"}).items():
-        if value is not None:
-            env[f"PREFSTREAM_{name.upper()}"] = str(value)
+    env = {**os.environ, **settings.as_env()}
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -165,14 +162,8 @@ def reference(settings: Settings, messages: list[tuple[bytes, bytes]], data_dir:
         records.append((p, offsets[p], key, value, int(time.time() * 1000)))
         offsets[p] += 1
     ref = settings.model_copy(update={"data_dir": data_dir})
-    prepare_files(ref)
+    init_data_dir(ref.data_dir)
     replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
-
-
-def prepare_files(settings: Settings) -> None:
-    from storage.files import init_data_dir
-
-    init_data_dir(settings.data_dir)
 
 
 KILL_9_REASON = (

@@ -121,25 +121,28 @@ def run_trainer(args: argparse.Namespace) -> int:
     return EXIT_OK if result is None or result.promoted else EXIT_NOT_PROMOTED
 
 
-def run_score(args: argparse.Namespace) -> int:
+def _load_model(args: argparse.Namespace, command: str) -> Any:
+    """The model ``args`` name, or None after printing why it cannot be loaded."""
     from trainer.scoring import RewardModel
 
     try:
-        model = RewardModel.load(args.data_dir, version=args.version, device=args.device)
+        return RewardModel.load(args.data_dir, version=args.version, device=args.device)
     except PrefstreamError as exc:
-        print(f"score: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
+        return None
+
+
+def run_score(args: argparse.Namespace) -> int:
+    model = _load_model(args, "score")
+    if model is None:
         return EXIT_ERROR
     print(f"{model.score(args.prompt, args.answer):.6f}")
     return EXIT_OK
 
 
 def run_rerank(args: argparse.Namespace) -> int:
-    from trainer.scoring import RewardModel
-
-    try:
-        model = RewardModel.load(args.data_dir, version=args.version, device=args.device)
-    except PrefstreamError as exc:
-        print(f"rerank: {exc}", file=sys.stderr)
+    model = _load_model(args, "rerank")
+    if model is None:
         return EXIT_ERROR
     for rank, (answer, reward) in enumerate(model.rerank(args.prompt, args.answers), start=1):
         print(json.dumps({"rank": rank, "score": reward, "answer": answer}, ensure_ascii=False))
