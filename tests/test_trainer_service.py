@@ -30,6 +30,7 @@ from trainer.registry import (
     list_versions,
     next_version,
     read_metadata,
+    recover,
     registry_lock,
     save_version,
     version_path,
@@ -225,6 +226,8 @@ def test_half_written_versions_are_ignored_and_cleaned(tmp_path: Path) -> None:
             (Path(path) / "model.safetensors").write_text("half")
             raise KeyboardInterrupt
 
+    with pytest.raises(TrainerError, match="v0009 already exists"):  # never written over
+        save_version(data_dir, "v0009", model=Killed(), tokenizer=Killed(), metadata={})
     with pytest.raises(KeyboardInterrupt):
         save_version(data_dir, "v0001", model=Killed(), tokenizer=Killed(), metadata={})
     assert not (models / "v0001").exists() and list_versions(data_dir) == []
@@ -235,8 +238,28 @@ def test_half_written_versions_are_ignored_and_cleaned(tmp_path: Path) -> None:
 
 def test_one_trainer_per_data_dir(tmp_path: Path) -> None:
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=3, unsealed=False)
-    with registry_lock(data_dir), pytest.raises(TrainerError, match="another trainer"):
+    held_by = f"another trainer \\(pid {os.getpid()}\\) holds"
+    with registry_lock(data_dir), pytest.raises(TrainerError, match=held_by):
         run_once(data_dir, tiny_config())
+    with registry_lock(data_dir):  # released on exit, even after the error
+        pass
+
+
+def test_recover_finishes_a_staged_promotion_and_drops_a_dangling_one(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    init_data_dir(data_dir)
+    models = data_dir / "models"
+    (models / "v0001").mkdir(parents=True)
+    (models / "v0001" / "metadata.json").write_text('{"version": "v0001"}')
+    (models / ".current.next").write_text("v0002\n")  # killed before v0002 was renamed in
+    with registry_lock(data_dir):
+        assert recover(data_dir) == ["dropped promotion of missing v0002"]
+    assert current_version(data_dir) is None and not (models / ".current.next").exists()
+    (models / ".current.next").write_text("v0001\n")  # killed after the rename, before the switch
+    with registry_lock(data_dir):
+        assert recover(data_dir) == ["promoted v0001"]
+        assert recover(data_dir) == []
+    assert current_version(data_dir) == "v0001" and not (models / ".current.next").exists()
 
 
 def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

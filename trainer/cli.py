@@ -4,8 +4,12 @@ Every ``TrainConfig`` field is a ``trainer`` flag (``max_length`` -> ``--max-len
 overrides ``PREFSTREAM_TRAIN_<FIELD>``. Torch and transformers load only when a command runs;
 importing this module registers the ``models`` catalog view for whatever process loads it.
 
-Exit codes: 0 done (a model was promoted, or nothing new to do), 1 error, 2 bad usage or
-config, 3 the cycle ran but promoted nothing (too little data, or a gate failed).
+Exit codes: 0 done (a model was promoted, or nothing new to do; the service stopped by SIGTERM),
+1 error, 2 bad usage or config, 3 the cycle ran but promoted nothing (too little data, or a gate
+failed), 4 ``--once`` stopped by SIGTERM or SIGINT before a version was written (nothing saved;
+the next run starts the cycle over).
+
+``PREFSTREAM_TRAINER_PAUSE_AT`` is a crash-test hook, not a setting: see ``trainer.control``.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ from pydantic import ValidationError
 
 import trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
 from prefstream.errors import PrefstreamError
+from trainer import Interrupted
 from trainer.config import ENV_PREFIX, TrainConfig
+from trainer.control import PAUSE_ENV, pause_points, stop_on_signals
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_PROMOTED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_PROMOTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
 
 
@@ -105,14 +111,23 @@ def run_trainer(args: argparse.Namespace) -> int:
     if not args.data_dir.is_dir():
         print(f"no data dir at {args.data_dir}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        pause_at = pause_points(os.environ.get(PAUSE_ENV, ""))
+    except PrefstreamError as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     _setup_logging()
     from trainer.service import run_once, serve
 
     try:
         if not args.once:
-            serve(args.data_dir, config)
+            serve(args.data_dir, config, pause_at=pause_at)
             return EXIT_OK
-        result = run_once(args.data_dir, config)
+        with stop_on_signals() as stop:
+            result = run_once(args.data_dir, config, should_stop=stop.is_set, pause_at=pause_at)
+    except Interrupted as exc:
+        print(f"trainer: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except PrefstreamError as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return EXIT_ERROR

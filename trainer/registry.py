@@ -5,9 +5,13 @@ Layout::
     models/v0001/               save_pretrained (model + tokenizer) + metadata.json
     models/current              the promoted version's name, replaced atomically on promotion
     models/.v0002.<hex>.tmp/    a version being written, renamed into place once complete
-    models/.lock                held by the one trainer working on this data dir
+    models/.current.next        a promotion staged before the rename, switched in after it
+    models/.lock                flock of the one trainer working on this data dir (holder's pid)
 
-A killed run leaves at most a hidden ``.tmp`` folder: never listed, removed by the next run.
+Crash safety: files are fsynced before each rename, so a version folder exists only complete.
+A run killed at any point leaves at most a hidden ``.tmp`` folder (never listed, removed by the
+next run's ``recover``) or a staged promotion of a complete version (finished by ``recover``).
+The lock is an ``flock``: the kernel releases it when its holder dies, so it never goes stale.
 Importing this module registers the ``models`` view (no torch import here).
 """
 
@@ -20,7 +24,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime
 from pathlib import Path
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MODELS_DIR = "models"
 CURRENT = "current"
+NEXT = ".current.next"
 METADATA = "metadata.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
@@ -120,18 +125,50 @@ def next_version(data_dir: Path) -> str:
 
 @contextmanager
 def registry_lock(data_dir: Path) -> Iterator[None]:
-    """One trainer per data dir: a second one fails fast instead of racing on version names."""
+    """One trainer per data dir: a second one fails fast instead of racing on version names.
+
+    ``flock`` rather than a marker file: the kernel drops it when the holder exits or is killed,
+    so a crashed trainer never blocks the next one. The holder's pid is written for operators.
+    """
     root = models_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(root / ".lock", "a") as fh:
+    with open(root / ".lock", "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
-            raise TrainerError(f"another trainer holds {root / '.lock'}") from exc
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise TrainerError(f"another trainer (pid {holder}) holds {root / '.lock'}") from exc
         try:
+            fh.truncate(0)
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
             yield
         finally:
+            fh.truncate(0)
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def recover(data_dir: Path) -> list[str]:
+    """Finish or undo what a killed run left (call under ``registry_lock``); returns what it did.
+
+    A staged promotion of a complete version is switched in (the killed run had decided it and
+    written the version); one naming no complete version is dropped; temp folders are removed.
+    """
+    root = models_dir(data_dir)
+    done: list[str] = []
+    staged = root / NEXT
+    if staged.exists():
+        version = staged.read_text().strip()
+        if version in list_versions(data_dir):
+            _switch_current(root)
+            log.warning("finished the promotion of %s left by a killed run", version)
+            done.append(f"promoted {version}")
+        else:
+            staged.unlink()
+            done.append(f"dropped promotion of missing {version}")
+    done += [f"removed {name}" for name in clean_partial(data_dir)]
+    return done
 
 
 def clean_partial(data_dir: Path) -> list[str]:
@@ -144,33 +181,84 @@ def clean_partial(data_dir: Path) -> list[str]:
     return [p.name for p in removed]
 
 
+def _no_pause(point: str) -> None:
+    return None
+
+
 def save_version(data_dir: Path, version: str, *, model: Saveable, tokenizer: Saveable,
-                 metadata: dict[str, Any]) -> Path:
-    """Write model, tokenizer and metadata to a temp folder, then rename it into place."""
+                 metadata: dict[str, Any], promote: bool = False,
+                 pause: Callable[[str], None] = _no_pause) -> Path:
+    """Write model, tokenizer and metadata to a temp folder, fsync it, rename it into place;
+    with ``promote``, then point ``current`` at it.
+
+    The promotion is staged (``.current.next``) before the rename, so a run killed between the
+    rename and the switch is finished by the next ``recover``. ``pause`` is the crash-test hook
+    (``trainer.control.PAUSE_ENV``), called at ``write`` (temp folder complete, not renamed) and
+    ``promote`` (version in place, ``current`` not switched yet).
+    """
     root = models_dir(data_dir)
     final = root / version
+    if final.exists():
+        raise TrainerError(f"model version {version} already exists in {root}")
     tmp = root / f".{version}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, default=json_default))
+        _fsync_tree(tmp)
+        pause("write")
+        if promote:
+            _write_durably(root / NEXT, version + "\n")
         os.replace(tmp, final)
+        _fsync(root)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # failed before the rename: nothing was published or staged
             shutil.rmtree(tmp)
+            if promote:
+                (root / NEXT).unlink(missing_ok=True)
     ensure_catalog(data_dir)
     log.info("saved model version %s", final)
+    pause("promote")
+    if promote:
+        _switch_current(root)
+        log.info("promoted model version %s", version)
     return final
 
 
 def promote(data_dir: Path, version: str) -> None:
     """Point ``current`` at a saved version (atomic replace: readers see old or new)."""
     version_path(data_dir, version)
-    path = models_dir(data_dir) / CURRENT
-    tmp = path.with_name(f".{CURRENT}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(version + "\n")
-    os.replace(tmp, path)
+    root = models_dir(data_dir)
+    _write_durably(root / NEXT, version + "\n")
+    _switch_current(root)
     log.info("promoted model version %s", version)
+
+
+def _switch_current(root: Path) -> None:
+    os.replace(root / NEXT, root / CURRENT)
+    _fsync(root)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder, then the folder, to disk (before it is renamed)."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(folder)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def json_default(value: Any) -> Any:

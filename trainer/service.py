@@ -1,9 +1,13 @@
 """One training cycle (``run_once``) and the polling service (``serve``).
 
-A cycle: lock the registry, remove half-written versions, read the manifest. When partitions were
-sealed since the last version: split by time (``data.temporal_split``), read the pairs of those
-sealed partitions only, gate them, train, evaluate, audit, save a version, promote it when every
-gate passes. Unsealed partitions are never read: only manifest rows name what is read.
+A cycle: lock the registry, recover what a killed run left, read the manifest. When partitions
+were sealed since the last version: split by time (``data.temporal_split``), read the pairs of
+those sealed partitions only, gate them, train, evaluate, audit, save a version, promote it when
+every gate passes. Unsealed partitions are never read: only manifest rows name what is read.
+
+Crash safety: a cycle starts with ``registry.recover`` (a killed run's temp folders removed, its
+staged promotion finished), so a run killed at any point costs only its own work. A stop request
+(SIGTERM) is honoured between stages and training steps, before any version is written.
 """
 
 from __future__ import annotations
@@ -11,10 +15,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,11 +26,12 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from prefstream.errors import PrefstreamError
-from storage.files import read_table, sealed_partitions
+from storage.files import live_files, read_table, sealed_partitions
 from streams.metrics import Metrics
 from streams.metrics import serve as serve_metrics
 from trainer import Interrupted
 from trainer.config import TrainConfig
+from trainer.control import Control, stop_on_signals
 from trainer.data import (
     PairDict,
     Report,
@@ -43,12 +47,11 @@ from trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
 from trainer.fit import Setup, fit, setup
 from trainer.model import attach_tokens, load, n_tokens
 from trainer.registry import (
-    clean_partial,
     current_version,
     json_default,
     latest_metadata,
     next_version,
-    promote,
+    recover,
     registry_lock,
     save_version,
     version_path,
@@ -93,15 +96,18 @@ class Prepared:
 
 
 def run_once(data_dir: Path, config: TrainConfig, *,
-             should_stop: Callable[[], bool] = lambda: False) -> CycleResult | None:
-    """One cycle; None when no partition was sealed since the newest version was made."""
+             should_stop: Callable[[], bool] = lambda: False,
+             pause_at: Collection[str] = ()) -> CycleResult | None:
+    """One cycle; None when no partition was sealed since the newest version was made.
+    ``Interrupted`` when ``should_stop()`` turned true before the version was written."""
     started = time.perf_counter()
+    control = Control(should_stop, frozenset(pause_at))
     with registry_lock(data_dir):
-        clean_partial(data_dir)
+        recover(data_dir)
         manifest = sealed_partitions(data_dir)
         if not has_new_partitions(manifest, latest_metadata(data_dir)):
             return None
-        return _cycle(data_dir, config, manifest, should_stop, started)
+        return _cycle(data_dir, config, manifest, control, started)
 
 
 def has_new_partitions(manifest: Sequence[dict[str, Any]], last: dict[str, Any] | None) -> bool:
@@ -114,7 +120,7 @@ def has_new_partitions(manifest: Sequence[dict[str, Any]], last: dict[str, Any] 
 
 
 def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
-           should_stop: Callable[[], bool], started: float) -> CycleResult:
+           control: Control, started: float) -> CycleResult:
     split = temporal_split(manifest, eval_window=config.eval_window_partitions,
                            gap=config.gap_partitions)
     if split is None:
@@ -123,6 +129,7 @@ def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
                                     f"{len(manifest)} sealed, need {need}"],
                            partitions=_partition_info(sealed=manifest), wall_s=_since(started))
     s = setup(config)
+    control.check("load")
     data = prepare(data_dir, split, config, s.tokenizer)
     result = CycleResult(cutoff=split.cutoff, counts=data.counts,
                          partitions=_partition_info(train=split.train, gap=split.gap,
@@ -134,10 +141,11 @@ def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
                               f"{config.min_train_pairs}), {len(data.eval)} eval (need "
                               f"{config.min_eval_pairs})")
     else:
-        _train_and_audit(data_dir, config, s, data, result, should_stop)
+        _train_and_audit(data_dir, config, s, data, result, control)
     result.wall_s = _since(started)
     if result.trained:
-        _save(data_dir, config, s, result, manifest, data)
+        control.check("save")
+        _save(data_dir, config, s, result, manifest, data, control)
     return result
 
 
@@ -150,7 +158,7 @@ def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]]) -> list[PairDict]
     for row in rows:
         listed = {f for f in row["files"] if f.startswith("pairs/")}
         present = {str(f.relative_to(data_dir))
-                   for f in (data_dir / "pairs" / row["partition"]).glob("*.parquet")}
+                   for f in live_files(data_dir / "pairs" / row["partition"])}
         if present != listed:
             log.warning("sealed partition %s: pairs files differ from its manifest row (%d "
                         "listed, %d present)", row["partition"], len(listed), len(present))
@@ -187,10 +195,11 @@ def _partition_info(**roles: list[dict[str, Any]]) -> dict[str, list[dict[str, A
 
 
 def _train_and_audit(data_dir: Path, config: TrainConfig, s: Setup, data: Prepared,
-                     result: CycleResult, should_stop: Callable[[], bool]) -> None:
-    fitted = fit(s, data.train, config, should_stop)
+                     result: CycleResult, control: Control) -> None:
+    fitted = fit(s, data.train, config, control.before_step)
     result.trained = True
     held_out = evaluate(s.model, s.tokenizer, data.eval, device=s.device, config=config)
+    control.check("audit")
     result.metrics = {"train": fitted.summary(), "eval": held_out,
                       "probes": reward_hacking_probes(s.model, s.tokenizer, data.eval, config,
                                                       device=s.device)}
@@ -221,7 +230,7 @@ def _no_regression(data_dir: Path, config: TrainConfig, eval_pairs: list[PairDic
 
 
 def _save(data_dir: Path, config: TrainConfig, s: Setup, result: CycleResult,
-          manifest: list[dict[str, Any]], data: Prepared) -> None:
+          manifest: list[dict[str, Any]], data: Prepared, control: Control) -> None:
     result.version = next_version(data_dir)
     metadata = {
         **result.summary(), "created_at": datetime.now(timezone.utc),
@@ -230,45 +239,39 @@ def _save(data_dir: Path, config: TrainConfig, s: Setup, result: CycleResult,
         "seen_through": manifest[-1]["partition"], "n_sealed": len(manifest),
     }
     save_version(data_dir, result.version, model=s.model, tokenizer=s.tokenizer,
-                 metadata=metadata)
-    if result.promoted:
-        promote(data_dir, result.version)
+                 metadata=metadata, promote=result.promoted, pause=control.pause)
 
 
-def serve(data_dir: Path, config: TrainConfig) -> None:
+def serve(data_dir: Path, config: TrainConfig, *, pause_at: Collection[str] = ()) -> None:
     """Poll the manifest every ``poll_interval_s`` and run a cycle when it changed. SIGTERM or
-    SIGINT stops cleanly: between polls at once, during training before the next step (the
-    half-written version is never renamed into place)."""
-    stop = threading.Event()
-    handlers = {sig: signal.signal(sig, lambda *_: stop.set())
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+    SIGINT stops cleanly: between polls at once, during a cycle at its next stage boundary or
+    training step (no version is written after a stop request)."""
     stats = Metrics()
-    server = (serve_metrics(stats.render, host=config.metrics_host, port=config.metrics_port)
-              if config.metrics_port else None)
-    try:
-        seen: tuple[str, int] | None = None
-        while not stop.is_set():
-            manifest = sealed_partitions(data_dir)
-            stats.set("prefstream_trainer_sealed_partitions", len(manifest))
-            state = (manifest[-1]["partition"], len(manifest)) if manifest else None
-            if state != seen and not _poll(data_dir, config, stop, stats):
-                break
-            seen = state
-            stop.wait(config.poll_interval_s)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if server is not None:
-            server.shutdown()
+    with stop_on_signals() as stop:
+        server = (serve_metrics(stats.render, host=config.metrics_host, port=config.metrics_port)
+                  if config.metrics_port else None)
+        try:
+            seen: tuple[str, int] | None = None
+            while not stop.is_set():
+                manifest = sealed_partitions(data_dir)
+                stats.set("prefstream_trainer_sealed_partitions", len(manifest))
+                state = (manifest[-1]["partition"], len(manifest)) if manifest else None
+                if state != seen and not _poll(data_dir, config, stop, stats, pause_at):
+                    break
+                seen = state
+                stop.wait(config.poll_interval_s)
+        finally:
+            if server is not None:
+                server.shutdown()
     log.info("trainer service stopped")
 
 
 def _poll(data_dir: Path, config: TrainConfig, stop: threading.Event,
-          stats: Metrics | None = None) -> bool:
+          stats: Metrics | None = None, pause_at: Collection[str] = ()) -> bool:
     """One cycle inside the service; False when it was interrupted."""
     stats = stats or Metrics()
     try:
-        result = run_once(data_dir, config, should_stop=stop.is_set)
+        result = run_once(data_dir, config, should_stop=stop.is_set, pause_at=pause_at)
     except Interrupted as exc:
         log.warning("%s", exc)
         stats.inc("prefstream_trainer_runs_total", outcome="interrupted")
