@@ -2,36 +2,46 @@
 
 Layout under a data dir::
 
-    <table>/<partition>/part-*.parquet   rows, one file per flushed batch and partition
-    <table>/_schema/empty.parquet        zero-row file so views work before the first write
-    watermarks/p<N>.json                 per Kafka partition: watermark, offset, open sessions
-    manifest/<partition>.parquet         one row per sealed partition (files, row counts, sha256)
+    <table>/<partition>/current -> g<N>          the generation readers use (a symlink)
+    <table>/<partition>/g<N>/part-*.parquet      rows, one file per flushed batch and partition
+    <table>/<partition>/g<N>/compact-*.parquet   generation N-1 merged (``storage.compact``)
+    <table>/_schema/[g000000/]empty.parquet      zero-row files so views work before any write
+    watermarks/p<N>.json                         per Kafka partition: watermark, offset, sessions
+    manifest/<partition>[.v<N>].parquet          a sealed partition's row (files, counts, sha256);
+                                                 each reseal adds a version, the newest counts
+    compaction/<table>@<partition>.{todo,gc}     a compaction to retry, old generations to delete
 
 Files are written under a hidden temporary name, fsynced, then renamed: readers globbing
-``*.parquet`` see whole files or nothing. Rows are never rewritten; rows replayed by
+``*.parquet`` see whole files or nothing. Readers use the *live* files of a partition: those of
+the generation ``current`` points to (:func:`live_files`), or, in a folder without ``current``
+(written before generations existed, never compacted), the folder's own files. Rows replayed by
 at-least-once redelivery share an id with a stored row and are skipped by the writer
-(:class:`IdIndex`), so every id is stored once and the views are plain scans.
+(:class:`IdIndex`), so every id is stored once among the live files.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from storage.partitions import partition_bounds
+from storage.partitions import CURRENT, file_name, generation_dir, partition_bounds
 from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
 
 log = logging.getLogger(__name__)
@@ -75,12 +85,16 @@ def _mkdir_private(path: Path) -> None:
 
 
 def init_data_dir(data_dir: Path) -> None:
-    """Create the layout with owner-only permissions and a zero-row schema file per table."""
+    """Create the layout with owner-only permissions and zero-row schema files per table (one
+    for each glob of the views: partitions with and without generations)."""
     _mkdir_private(data_dir)
     for table, (model, _) in TABLES.items():
-        path = data_dir / table / SCHEMA_DIR / "empty.parquet"
-        if not path.exists():
-            _write_atomic(arrow_schema(model).empty_table(), path)
+        folder = data_dir / table / SCHEMA_DIR
+        for path in (folder / "empty.parquet", folder / generation_dir(0) / "empty.parquet"):
+            if not path.exists():
+                _write_atomic(arrow_schema(model).empty_table(), path)
+        if not (folder / CURRENT).is_symlink():
+            os.symlink(generation_dir(0), folder / CURRENT)
     if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
         empty = data_dir / "manifest" / f"{SCHEMA_DIR}.parquet"
         _write_atomic(MANIFEST_SCHEMA.empty_table(), empty)
@@ -96,16 +110,59 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    _mkdir_private(path.parent)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    write_atomic(table, path.parent, lambda: path.name)
+
+
+def write_atomic(table: pa.Table, folder: Path, name: Callable[[], str], *,
+                 exclusive: bool = False) -> Path:
+    """Write ``table`` to a hidden temporary file in ``folder``, fsync it, then rename it to
+    ``name()`` (asked for once the file is complete). ``exclusive``: ``FileExistsError`` rather
+    than replacing a file of that name."""
+    _mkdir_private(folder)
+    tmp = folder / f".{uuid.uuid4().hex[:8]}.parquet.tmp"
     try:
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # owner-only whatever the umask
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        path = folder / name()
+        if exclusive:
+            os.link(tmp, path)  # fails when the name exists: a file is never rewritten
+        else:
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    _fsync_dir(folder)
+    return path
+
+
+@contextmanager
+def partition_lock(folder: Path) -> Iterator[None]:
+    """Exclusive between writers (``flock`` on the folder itself, so no lock file): a write adds
+    its file to the current generation and a compaction swaps ``current`` under it. Readers never
+    lock."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def live_files(folder: Path) -> list[Path]:
+    """The files readers use in a partition folder, by their real paths, merged rows first and
+    then in write order: those of the generation ``current`` points to (read once, so a swap
+    meanwhile changes nothing: the old generation outlives the compaction grace), or the folder's
+    own files when it has no ``current``. Empty when the folder is missing."""
+    try:
+        folder = folder / os.readlink(folder / CURRENT)
+    except FileNotFoundError:
+        pass
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return [folder / n for n in sorted(names) if n.endswith(".parquet")]
 
 
 class IdIndex:
@@ -131,7 +188,7 @@ class IdIndex:
 def _stored_ids(data_dir: Path, table: str, partition: str) -> set[Any]:
     id_col = TABLES[table][1]
     ids: set[Any] = set()
-    for f in sorted((data_dir / table / partition).glob("*.parquet")):
+    for f in live_files(data_dir / table / partition):
         ids.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
     return ids
 
@@ -142,8 +199,8 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
 
     Redelivery after a crash or a rebalance replays rows that are already stored: they are
     skipped by id (``index`` remembers stored ids between calls; without it they are read from
-    the partition's files). New rows for a sealed partition are still written, never lost, and
-    its manifest entry is refreshed.
+    the partition's files). New rows for a sealed or compacted partition are still written (in
+    its committed generation), never lost, and a sealed partition's manifest entry is refreshed.
     """
     model, id_col = TABLES[table]
     index = index or IdIndex(data_dir, capacity=1)
@@ -159,14 +216,36 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
         sealed = table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition)
         if sealed:
             log.warning("%d new %s rows for sealed partition %s", len(fresh), table, partition)
-        name = f"part-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}-{uuid.uuid4().hex[:8]}.parquet"
-        path = data_dir / table / partition / name
-        _write_atomic(to_arrow(model, fresh), path)
+        path = _write_part(data_dir / table / partition, to_arrow(model, fresh))
         stored.update(getattr(r, id_col) for r in fresh)
         written.append(path)
         if sealed:  # keep the manifest true to the files: new hash, counts and file list
-            _reseal(data_dir, partition)
+            reseal(data_dir=data_dir, partition=partition)
     return written
+
+
+def _write_part(folder: Path, rows: pa.Table) -> Path:
+    _mkdir_private(folder)
+    with partition_lock(folder):
+        target = _generation_for_writes(folder)
+        token = uuid.uuid4().hex[:8]
+        return write_atomic(rows, target, lambda: file_name(
+            compacted=False, at=datetime.now(timezone.utc), token=token))
+
+
+def _generation_for_writes(folder: Path) -> Path:
+    """The current generation; a new partition starts generation 0 (``current`` first, so a
+    reader sees it empty, then filling); a folder of files from before generations stays so."""
+    try:
+        return folder / os.readlink(folder / CURRENT)
+    except FileNotFoundError:
+        pass
+    if any(name.endswith(".parquet") for name in os.listdir(folder)):
+        return folder
+    first = folder / generation_dir(0)
+    _mkdir_private(first)
+    os.symlink(first.name, folder / CURRENT)
+    return first
 
 
 def _first_of_each_id(rows: list[BaseModel], id_col: str, stored: set[Any]) -> list[BaseModel]:
@@ -203,7 +282,26 @@ def read_watermarks(data_dir: Path) -> dict[int, Watermark]:
 
 
 def is_sealed(*, data_dir: Path, partition: str) -> bool:
-    return (data_dir / "manifest" / f"{partition}.parquet").exists()
+    return (data_dir / "manifest" / f"{partition}.parquet").exists()  # version 0 is never deleted
+
+
+_MANIFEST_NAME = re.compile(r"^(?P<partition>[0-9][^.]*)(?:\.v(?P<version>[0-9]+))?\.parquet$")
+
+
+def manifest_version(name: str) -> int:
+    """Version of a manifest file: ``<partition>.parquet`` is 0, ``<partition>.v<N>.parquet`` N."""
+    match = _MANIFEST_NAME.match(name)
+    return int(match["version"] or 0) if match else -1
+
+
+def manifest_versions(data_dir: Path) -> dict[str, list[Path]]:
+    """The manifest files of each sealed partition, oldest version first."""
+    found: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for name in os.listdir(data_dir / "manifest"):
+        match = _MANIFEST_NAME.match(name)
+        if match:
+            found[match["partition"]].append((manifest_version(name), name))
+    return {p: [data_dir / "manifest" / n for _, n in sorted(v)] for p, v in found.items()}
 
 
 def sealable(
@@ -230,62 +328,92 @@ def seal_ready(
     todo = [p for p in sealable(partitions=present, watermark=low, after=gap, hours=hours)
             if not is_sealed(data_dir=data_dir, partition=p)]
     for partition in todo:
-        _seal(data_dir, partition, low, partition_bounds(partition, hours=hours))
+        try:
+            _seal(data_dir, partition, low, partition_bounds(partition, hours=hours))
+        except FileExistsError:
+            log.info("partition %s was sealed meanwhile by another writer", partition)
     return todo
 
 
-def _reseal(data_dir: Path, partition: str) -> None:
-    old = pq.read_table(data_dir / "manifest" / f"{partition}.parquet").to_pylist()[0]
-    _seal(data_dir, partition, old["watermark"], (old["start"], old["end"]))
+def reseal(*, data_dir: Path, partition: str, keep_sealed_at: bool = False) -> None:
+    """Add a version of a sealed partition's manifest row made from its live files (after late
+    rows; with ``keep_sealed_at`` after a compaction, which changes the file list, not the hash).
+    A new file, never a rewrite: a reader may be reading the previous version."""
+    with partition_lock(data_dir / "manifest"):
+        versions = manifest_versions(data_dir)[partition]
+        old = pq.read_table(versions[-1], schema=MANIFEST_SCHEMA).to_pylist()[0]
+        _seal(data_dir, partition, old["watermark"], (old["start"], old["end"]),
+              sealed_at=old["sealed_at"] if keep_sealed_at else None,
+              version=manifest_version(versions[-1].name) + 1)
 
 
 def _seal(data_dir: Path, partition: str, watermark: datetime,
-          bounds: tuple[datetime, datetime]) -> None:
-    files = sorted(
-        str(f.relative_to(data_dir))
-        for t in SEALED_TABLES
-        for f in (data_dir / t / partition).glob("*.parquet")
-    )
-    digest = hashlib.sha256()
-    for rel in files:
-        digest.update(rel.encode())
-        digest.update(hashlib.sha256((data_dir / rel).read_bytes()).digest())
-    counts = {
-        t: len(read_table(data_dir=data_dir, table=t, partitions=[partition]))
-        for t in SEALED_TABLES
-    }
+          bounds: tuple[datetime, datetime], sealed_at: datetime | None = None,
+          version: int = 0) -> None:
+    listed = {t: live_files(data_dir / t / partition) for t in SEALED_TABLES}
+    tables = {t: _read_files(t, paths) for t, paths in listed.items()}
+    files = sorted(str(f.relative_to(data_dir)) for paths in listed.values() for f in paths)
     start, end = bounds
     row = {
         "partition": partition, "start": start, "end": end,
-        "sealed_at": datetime.now(timezone.utc), "watermark": watermark, "files": files,
-        **{f"n_{t}": n for t, n in counts.items()}, "sha256": digest.hexdigest(),
+        "sealed_at": sealed_at or datetime.now(timezone.utc), "watermark": watermark,
+        "files": files, **{f"n_{t}": rows.num_rows for t, rows in tables.items()},
+        "sha256": content_sha256(tables),
     }
-    _write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA),
-                  data_dir / "manifest" / f"{partition}.parquet")
-    log.info("sealed partition %s (%d pairs, %d files)", partition, counts["pairs"], len(files))
+    name = f"{partition}.parquet" if version == 0 else f"{partition}.v{version:06d}.parquet"
+    write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), data_dir / "manifest",
+                 lambda: name, exclusive=True)
+    log.info("sealed partition %s (%d pairs, %d files, version %d)", partition, row["n_pairs"],
+             len(files), version)
+
+
+def content_sha256(tables: Mapping[str, pa.Table]) -> str:
+    """Hash of the rows, not of the files holding them (so a compaction keeps it): per table, in
+    the given order, its name and then every row as canonical JSON in id order."""
+    digest = hashlib.sha256()
+    for table, rows in tables.items():
+        id_col = TABLES[table][1]
+        digest.update(f"table {table}\n".encode())
+        ordered = rows.take(pc.sort_indices(rows, sort_keys=[(id_col, "ascending")]))
+        for batch in ordered.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                line = json.dumps(row, sort_keys=True, default=_json_value)
+                digest.update(line.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"no canonical JSON for {type(value).__name__}")
 
 
 def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
-    """Manifest rows of sealed partitions, oldest first: the trainer's only view of the data."""
-    paths = sorted((data_dir / "manifest").glob("[0-9]*.parquet"))
-    rows = [r for p in paths for r in pq.read_table(p, schema=MANIFEST_SCHEMA).to_pylist()]
-    return sorted(rows, key=lambda r: r["partition"])
+    """Manifest rows of sealed partitions (each its newest version), oldest partition first: the
+    trainer's only view of the data."""
+    versions = manifest_versions(data_dir)
+    rows = [pq.read_table(versions[p][-1], schema=MANIFEST_SCHEMA).to_pylist()[0]
+            for p in sorted(versions)]
+    return rows
 
 
 def read_table(
     *, data_dir: Path, table: str, partitions: Sequence[str] | None = None
 ) -> pa.Table:
-    """Rows of a table (one per id), from all partitions or the named ones."""
-    model, id_col = TABLES[table]
+    """Rows of a table (one per id, live files only), from all partitions or the named ones."""
     root = data_dir / table
     names = partitions if partitions is not None else sorted(
         p.name for p in root.iterdir() if p.is_dir() and p.name != SCHEMA_DIR
     )
-    files = [f for name in names for f in sorted((root / name).glob("*.parquet"))]
-    schema = arrow_schema(model)
+    return _read_files(table, [f for name in names for f in live_files(root / name)])
+
+
+def _read_files(table: str, files: Sequence[Path]) -> pa.Table:
+    """Rows of the given files of a table with its schema, the first of each id, in order."""
+    model, id_col = TABLES[table]
     if not files:
-        return schema.empty_table()
-    merged = pa.concat_tables(pq.read_table(f, schema=schema) for f in files)
+        return arrow_schema(model).empty_table()
+    merged = pa.concat_tables(pq.read_table(f, schema=arrow_schema(model)) for f in files)
     return merged.take(_first_of_each(merged.column(id_col).to_pylist()))
 
 

@@ -1,7 +1,8 @@
-"""Partition naming: a pure function of event time."""
+"""Partition naming: a pure function of event time; names inside a partition folder."""
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta, timezone
 
 PARTITION_FORMAT = "%Y-%m-%dT%H"
@@ -20,3 +21,45 @@ def partition_bounds(name: str, *, hours: int = 1) -> tuple[datetime, datetime]:
     """``[start, end)`` of a partition name made by :func:`partition_for`."""
     start = datetime.strptime(name, PARTITION_FORMAT).replace(tzinfo=timezone.utc)
     return start, start + timedelta(hours=hours)
+
+
+
+# --- inside a partition folder: generations -----------------------------------------------------
+#
+# ``<table>/<partition>/current`` is a symlink to the generation folder readers use,
+# ``g<NNNNNN>/``, holding ``part-<stamp>-<token>.parquet`` (rows of one flush) and at most one
+# ``compact-<stamp>-<token>.parquet`` (the rows of the previous generation, merged). A partition
+# folder without ``current`` holds its files itself (written before generations existed).
+
+CURRENT = "current"
+PART_PREFIX = "part-"
+COMPACT_PREFIX = "compact-"
+_GENERATION = re.compile(r"^g([0-9]{6})$")
+
+
+def generation_dir(number: int) -> str:
+    return f"g{number:06d}"
+
+
+def generation_number(name: str) -> int | None:
+    """``g000003`` -> 3; None for any other name."""
+    match = _GENERATION.match(name)
+    return int(match.group(1)) if match else None
+
+
+_STAMP_FORMAT = "%Y%m%dT%H%M%S%f"
+_STAMP = re.compile(r"^(?:part|compact)-([0-9]{8}T[0-9]{12})-")
+
+
+def file_name(*, compacted: bool, at: datetime, token: str) -> str:
+    """Name of a data file: its kind, UTC time (so names sort in write order) and a token."""
+    prefix = COMPACT_PREFIX if compacted else PART_PREFIX
+    return f"{prefix}{at.astimezone(timezone.utc):{_STAMP_FORMAT}}-{token}.parquet"
+
+
+def stamp_of(name: str) -> datetime | None:
+    """The time in a name made by :func:`file_name`; None for other names."""
+    match = _STAMP.match(name)
+    if match is None:
+        return None
+    return datetime.strptime(match.group(1), _STAMP_FORMAT).replace(tzinfo=timezone.utc)

@@ -6,7 +6,6 @@ process while this one writes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat
@@ -28,8 +27,10 @@ from storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
 from storage.files import (
     IdIndex,
     Watermark,
+    content_sha256,
     init_data_dir,
     is_sealed,
+    live_files,
     read_table,
     read_watermarks,
     seal_ready,
@@ -62,8 +63,8 @@ def query(data_dir: Path, sql: str) -> list[tuple]:
 
 
 def parquet_files(table_dir: Path) -> list[Path]:
-    """Data files of a table (not its zero-row schema file)."""
-    return sorted(p for p in table_dir.glob("*/*.parquet") if p.parent.name != "_schema")
+    """Data files of a table readers use (not its zero-row schema files)."""
+    return sorted(f for p in table_dir.iterdir() if p.name != "_schema" for f in live_files(p))
 
 
 # --- partition names -------------------------------------------------------------------------
@@ -109,10 +110,12 @@ def test_partition_for_rejects_naive_datetimes():
 def test_write_rows_writes_one_complete_file_per_partition(data_dir):
     rows = [pair("p1", minute=0), pair("p2", minute=59), pair("p3", minute=60)]
     written = write_rows(data_dir=data_dir, table="pairs", rows=rows)
-    assert [p.parent.name for p in written] == [H12, H13]
+    assert [p.parent.parent.name for p in written] == [H12, H13]
     for path in written:
         assert path.name.startswith("part-") and path.suffix == ".parquet"
-        assert path.parent.parent == data_dir / "pairs"
+        assert path.parent.parent.parent == data_dir / "pairs"
+        assert path.parent.name == "g000000"  # the first generation, where ``current`` points
+        assert (path.parent.parent / "current").resolve() == path.parent
         pq.ParquetFile(path)  # a whole file with its footer
     assert sorted(pq.read_table(written[0]).column("pair_id").to_pylist()) == ["p1", "p2"]
     leftovers = [p for p in data_dir.rglob("*") if p.is_file() and p.suffix != ".parquet"]
@@ -163,14 +166,14 @@ def test_write_rows_stores_each_id_once_within_a_call_and_across_calls(data_dir)
     mixed = [pair("p2", minute=1), pair("p4", minute=2), pair("p1", minute=0),
              pair("p5", minute=61), pair("p5", minute=61)]
     new_files = write_rows(data_dir=data_dir, table="pairs", rows=mixed)
-    assert [p.parent.name for p in new_files] == [H12, H13]
+    assert [p.parent.parent.name for p in new_files] == [H12, H13]
     assert [pq.read_table(p).column("pair_id").to_pylist() for p in new_files] == [
         ["p4"], ["p5"]]
     assert query(data_dir, "SELECT pair_id, rule FROM pairs ORDER BY 1") == [
         ("p1", "first"), ("p2", "copy_vs_skip"), ("p4", "copy_vs_skip"), ("p5", "copy_vs_skip")]
     # ids are per (table, partition): the same id in another table is a different row
     [other] = write_rows(data_dir=data_dir, table="sessions", rows=[session_row("p1")])
-    assert other.parent.parent.name == "sessions"
+    assert other.parent.parent.parent.name == "sessions"
 
 
 def test_an_id_index_shared_across_calls_reads_each_partition_once(data_dir, monkeypatch):
@@ -292,12 +295,10 @@ def test_sealable_needs_end_plus_gap():
     assert sealable(partitions=[H12], watermark=at(90), after=GAP) == [H12]
 
 
-def _sha256(data_dir: Path, files: list[str]) -> str:
-    digest = hashlib.sha256()
-    for rel in files:
-        digest.update(rel.encode())
-        digest.update(hashlib.sha256((data_dir / rel).read_bytes()).digest())
-    return digest.hexdigest()
+def _sha256(data_dir: Path, partition: str) -> str:
+    """The content hash of a partition's rows as stored now (the manifest must match it)."""
+    return content_sha256({t: read_table(data_dir=data_dir, table=t, partitions=[partition])
+                           for t in SEALED_TABLES})
 
 
 def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_dir):
@@ -320,14 +321,14 @@ def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_d
 
     [row] = sealed_partitions(data_dir)
     files = sorted(str(p.relative_to(data_dir))
-                   for t in SEALED_TABLES for p in (data_dir / t / H12).glob("*.parquet"))
+                   for t in SEALED_TABLES for p in live_files(data_dir / t / H12))
     assert len(files) == 2  # one pairs and one sessions file: the redelivery wrote none
     assert row["files"] == files
     assert (row["partition"], row["start"], row["end"]) == (H12, at(0), at(60))
     assert row["watermark"] == at(90)
     assert (row["n_pairs"], row["n_sessions"], row["n_ties"], row["n_unpaired"],
             row["n_refusals"]) == (2, 1, 0, 0, 0)
-    assert row["sha256"] == _sha256(data_dir, files)
+    assert row["sha256"] == _sha256(data_dir, H12)
     assert row["sealed_at"] <= datetime.now(timezone.utc)
 
     assert query(data_dir, "SELECT partition, sealed, n_pairs, n_sessions, sha256 IS NOT NULL "
@@ -357,9 +358,33 @@ def test_sealed_partition_skips_known_ids_but_keeps_new_ones(data_dir):
     rel = sorted(str(p.relative_to(data_dir)) for p in before + [path])
     assert row["files"] == rel
     assert (row["n_pairs"], row["n_sessions"]) == (3, 1)
-    assert row["sha256"] == _sha256(data_dir, rel) != old["sha256"]
+    assert row["sha256"] == _sha256(data_dir, H12) != old["sha256"]
     assert (row["start"], row["end"], row["watermark"]) == (old["start"], old["end"],
                                                             old["watermark"])
+
+
+def _seal_all(data_dir: Path) -> list[dict]:
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 1, 0))
+    seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP)
+    return sealed_partitions(data_dir)
+
+
+def test_the_manifest_hash_is_of_the_rows_not_of_the_files_holding_them(tmp_path):
+    rows = [pair(f"p{i}", minute=i) for i in range(6)]
+    dirs = {name: tmp_path / name for name in ("one", "three", "edited", "elsewhere")}
+    for path in dirs.values():
+        init_data_dir(path)
+    write_rows(data_dir=dirs["one"], table="pairs", rows=rows)
+    for chunk in (rows[4:], rows[:2], rows[2:4]):  # other files, other write order
+        write_rows(data_dir=dirs["three"], table="pairs", rows=chunk)
+    write_rows(data_dir=dirs["edited"], table="pairs",
+               rows=[*rows[:5], pair("p5", minute=5, rule="thumbs")])
+    write_rows(data_dir=dirs["elsewhere"], table="pairs", rows=rows[:5])
+    write_rows(data_dir=dirs["elsewhere"], table="sessions", rows=[session_row("p5", minute=5)])
+    hashes = {name: _seal_all(path)[0]["sha256"] for name, path in dirs.items()}
+    assert len(_seal_all(dirs["three"])[0]["files"]) == 3
+    assert hashes["one"] == hashes["three"]
+    assert len({hashes["one"], hashes["edited"], hashes["elsewhere"]}) == 3
 
 
 # --- readers never blocked by the writer -----------------------------------------------------
