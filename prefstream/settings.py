@@ -1,29 +1,193 @@
 """The worker's settings: validated once in ``main()`` and passed down.
 
 Every field reads ``PREFSTREAM_<FIELD>`` from the environment; pair-rule thresholds are nested
-(``PREFSTREAM_RULES__MIN_CONFIDENCE=0.6``). CLI flags override the environment.
+(``PREFSTREAM_RULES__MIN_CONFIDENCE=0.6``). CLI flags override the environment. Secrets (the
+SASL password, the TLS key password, the pseudonym key) are ``SecretStr``: masked in ``repr``,
+and validation errors never echo their inputs.
 """
 
 from __future__ import annotations
 
+import logging
+import ssl
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from prefstream.errors import ConfigError
 from streams.pairing import RuleConfig
 from streams.sessionize import SessionRules
+
+log = logging.getLogger(__name__)
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+TextStorage = Literal["full", "redact", "drop"]
+#: kafka-python keywords that :meth:`KafkaSecurity.kafka_python_config` sets
+KAFKA_PYTHON_SECURITY_KEYS = frozenset({
+    "security_protocol", "sasl_mechanism", "sasl_plain_username", "sasl_plain_password",
+    "ssl_context", "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password",
+    "ssl_check_hostname",
+})
+
+
+class KafkaSecurity(BaseModel):
+    """How a Kafka client connects: protocol, SASL login, TLS files. One object configures
+    kafka-python (:meth:`kafka_python_config`) and Faust (:meth:`faust_credentials`) alike."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: SaslMechanism = "PLAIN"
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: FilePath | None = None
+    ssl_certfile: FilePath | None = None
+    ssl_keyfile: FilePath | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_check_hostname: bool = True
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> KafkaSecurity:
+        if self.uses_sasl and not (self.sasl_username and self.sasl_password):
+            raise ValueError(
+                f"security protocol {self.protocol} needs a SASL username and password "
+                "(PREFSTREAM_KAFKA_SASL_USERNAME, PREFSTREAM_KAFKA_SASL_PASSWORD)")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ValueError("a TLS client key needs its certificate "
+                             "(PREFSTREAM_KAFKA_SSL_CERTFILE)")
+        if self.ssl_key_password and not self.ssl_certfile:
+            raise ValueError("a TLS key password needs a client certificate and key "
+                             "(PREFSTREAM_KAFKA_SSL_CERTFILE, PREFSTREAM_KAFKA_SSL_KEYFILE)")
+        return self
+
+    def unused(self) -> list[str]:
+        """Names of settings given that this protocol does not use (worth a warning)."""
+        names = []
+        if not self.uses_sasl:
+            names += [n for n in ("sasl_username", "sasl_password") if getattr(self, n)]
+        if not self.uses_tls:
+            names += [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile",
+                                  "ssl_key_password") if getattr(self, n)]
+        return names
+
+    def describe(self) -> str:
+        """For error messages and logs: the protocol, mechanism and user, never a secret."""
+        if not self.uses_sasl:
+            return f"security_protocol={self.protocol}"
+        return (f"security_protocol={self.protocol}, sasl_mechanism={self.sasl_mechanism}, "
+                f"user {self.sasl_username!r}")
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context both libraries use (None without TLS); :class:`ConfigError` when a
+        file cannot be loaded (not PEM, wrong key password, key not matching the cert)."""
+        if not self.uses_tls:
+            return None
+        cafile = str(self.ssl_cafile) if self.ssl_cafile else None
+        try:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"Kafka TLS: cannot load the CA file {cafile}: {exc}") from exc
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile:
+            password = self.ssl_key_password.get_secret_value() if self.ssl_key_password else None
+            try:
+                context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile, password=password)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    f"Kafka TLS: cannot load the client certificate {self.ssl_certfile} with "
+                    f"key {self.ssl_keyfile or '(in the certificate file)'}: {exc}") from exc
+        return context
+
+    def kafka_python_config(self) -> dict[str, Any]:
+        """Keyword arguments for every kafka-python client (producer, consumer, admin)."""
+        return kafka_python_config(self, self.ssl_context())
+
+    def faust_credentials(self) -> Any:
+        """``broker_credentials`` for ``faust.App`` (None for PLAINTEXT)."""
+        return faust_credentials(self, self.ssl_context())
+
+
+def kafka_python_config(security: KafkaSecurity,
+                        context: ssl.SSLContext | None) -> dict[str, Any]:
+    """kafka-python's keywords for ``security`` with an already built TLS ``context``."""
+    config: dict[str, Any] = {"security_protocol": security.protocol}
+    if security.uses_tls:
+        config["ssl_context"] = context
+    if security.uses_sasl:
+        assert security.sasl_password is not None  # checked by the validator
+        config.update(sasl_mechanism=security.sasl_mechanism,
+                      sasl_plain_username=security.sasl_username,
+                      sasl_plain_password=security.sasl_password.get_secret_value())
+    return config
+
+
+def faust_credentials(security: KafkaSecurity, context: ssl.SSLContext | None) -> Any:
+    """Faust's credentials object for ``security`` (protocol follows from its type)."""
+    import faust
+
+    if security.uses_sasl:
+        assert security.sasl_password is not None
+        return faust.SASLCredentials(
+            username=security.sasl_username, password=security.sasl_password.get_secret_value(),
+            mechanism=security.sasl_mechanism, ssl_context=context)
+    if security.uses_tls:
+        return faust.SSLCredentials(context)
+    return None
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="PREFSTREAM_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="PREFSTREAM_", env_nested_delimiter="__", extra="ignore",
+        hide_input_in_errors=True,  # an error must never echo a password or key
     )
 
     kafka_bootstrap: str | None = Field(
-        None, description="Kafka bootstrap servers; unset = start the embedded Tansu broker."
-    )
+        None, description="Kafka bootstrap servers; unset = start the embedded Tansu broker.")
+    kafka_security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="How every Kafka client connects: PLAINTEXT, SSL, "
+        "SASL_PLAINTEXT or SASL_SSL (the embedded broker speaks PLAINTEXT only).")
+    kafka_sasl_mechanism: SaslMechanism = Field(
+        "PLAIN", description="SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512.")
+    kafka_sasl_username: str | None = Field(None, description="SASL user (SASL_* protocols).")
+    kafka_sasl_password: SecretStr | None = Field(
+        None, description="SASL password; never logged or printed.")
+    kafka_ssl_cafile: FilePath | None = Field(
+        None, description="PEM file of the CA(s) that signed the brokers' certificates; unset = "
+        "the system's trusted CAs.")
+    kafka_ssl_certfile: FilePath | None = Field(
+        None, description="PEM client certificate (TLS client authentication).")
+    kafka_ssl_keyfile: FilePath | None = Field(
+        None, description="PEM key of the client certificate; unset = inside the certificate file.")
+    kafka_ssl_key_password: SecretStr | None = Field(
+        None, description="Password of an encrypted client key; never logged or printed.")
+    kafka_ssl_check_hostname: bool = Field(
+        True, description="Check that the broker certificate names the host connected to.")
+    pseudonym_key: SecretStr | None = Field(
+        None, description="Key of the HMAC-SHA256 that replaces every user id before anything "
+        "is stored; unset = user ids stored as sent. Never logged or printed.")
+    text_storage: TextStorage = Field(
+        "full", description="Prompts and answers in stored rows, dead letters and late events: "
+        "full, redact (hash and length) or drop. The trainer needs full.")
     data_dir: Path = Field(Path("prefstream-data"), description="Parquet files + DuckDB catalog.")
     app_id: str = Field("prefstream", description="Faust app id = Kafka consumer group.")
     events_topic: str = "prefstream-events"
@@ -43,6 +207,13 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(2.0, gt=0, description="Longest a closed session waits for "
                                     "its rows to be written.")
     flush_max_events: int = Field(5000, ge=1, description="Flush after this many events.")
+    compaction_max_files: int = Field(32, ge=2, description="A partition written to that holds "
+                                      "more files than this is merged into one after the flush "
+                                      "(sealed partitions always are); merges wait while a "
+                                      "reader holds the catalog open.")
+    compaction_grace_s: float = Field(600.0, ge=0, description="How long the files a merge "
+                                      "replaced are kept for readers that listed them; longer "
+                                      "than any read.")
     rebalance_timeout_s: float = Field(60.0, gt=0, description="Faust broker_rebalance_timeout.")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint "
                               "(0.0.0.0 to let other hosts scrape).")
@@ -56,11 +227,49 @@ class Settings(BaseSettings):
             raise ValueError("rules.partition_hours must divide 24")
         return self
 
+    @model_validator(mode="after")
+    def _security_consistent(self) -> Settings:
+        try:
+            security = self.kafka_security()
+        except ValidationError as exc:
+            raise ValueError("; ".join(e["msg"].removeprefix("Value error, ")
+                                       for e in exc.errors())) from None
+        if security.protocol != "PLAINTEXT" and not self.kafka_bootstrap:
+            raise ValueError(f"kafka_security_protocol={security.protocol} needs "
+                             "PREFSTREAM_KAFKA_BOOTSTRAP: the embedded broker speaks PLAINTEXT "
+                             "only")
+        unused = security.unused()
+        if unused:
+            log.warning("kafka_security_protocol=%s does not use %s: ignored", security.protocol,
+                        ", ".join(f"kafka_{n}" for n in unused))
+        return self
+
+    def kafka_security(self) -> KafkaSecurity:
+        """The Kafka connection settings as one object for every client."""
+        return KafkaSecurity(
+            protocol=self.kafka_security_protocol, sasl_mechanism=self.kafka_sasl_mechanism,
+            sasl_username=self.kafka_sasl_username, sasl_password=self.kafka_sasl_password,
+            ssl_cafile=self.kafka_ssl_cafile, ssl_certfile=self.kafka_ssl_certfile,
+            ssl_keyfile=self.kafka_ssl_keyfile, ssl_key_password=self.kafka_ssl_key_password,
+            ssl_check_hostname=self.kafka_ssl_check_hostname)
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """Security keywords for a kafka-python client (:class:`ConfigError` on bad TLS files)."""
+        return self.kafka_security().kafka_python_config()
+
     def as_env(self) -> dict[str, str]:
-        """These settings as ``PREFSTREAM_*`` variables, for starting a worker process."""
-        return {f"PREFSTREAM_{name.upper()}": str(value)
-                for name, value in self.model_dump(exclude={"rules"}).items()
-                if value is not None}
+        """These settings as ``PREFSTREAM_*`` variables, for starting a worker process.
+
+        Secrets are in clear here (the child needs them): pass the result to a child's
+        environment, never print or log it.
+        """
+        env = {}
+        for name, value in self.model_dump(exclude={"rules"}).items():
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            if value is not None:
+                env[f"PREFSTREAM_{name.upper()}"] = str(value)
+        return env
 
     def session_rules(self) -> SessionRules:
         return SessionRules(

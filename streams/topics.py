@@ -22,9 +22,10 @@ def ensure_topics(settings: Settings, *, timeout_s: float = 30.0) -> None:
         settings.late_topic: 1,
     }
     deadline = time.monotonic() + timeout_s
+    security = settings.kafka_client_config()
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+            admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, **security)
             break
         except KafkaError as exc:
             if time.monotonic() > deadline:

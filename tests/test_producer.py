@@ -1,15 +1,20 @@
-"""The producer client on a real broker: typed helpers, call-site validation, bounded blocking."""
+"""The producer client on a real broker: typed helpers, call-site validation, bounded blocking,
+and connection security (TLS through a TLS listener in front of the broker, SASL settings)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from pydantic import ValidationError
+from tls_broker import Pki, TlsBroker, make_pki
 
-from prefstream.errors import ProducerError
+from prefstream.errors import ConfigError, ProducerError
+from prefstream.settings import KafkaSecurity
 from schemas.events import EVENT_ADAPTER
 from streams.broker import EmbeddedBroker, free_port
 from streams.producer import FeedbackProducer
@@ -70,3 +75,74 @@ def test_an_unreachable_broker_never_blocks_past_the_bound() -> None:
         producer = FeedbackProducer(dead, max_block_ms=300)
         producer.log_copy(session_id="s", user_id="u", request_id="r", response_id="a")
     assert time.monotonic() - started < 5
+
+
+# --- connection security ---------------------------------------------------------------------
+
+KEY_PASSWORD = "producer-key-pw-8Hc"
+SASL_PASSWORD = "producer-sasl-pw-3Nd"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"), KEY_PASSWORD)
+
+
+def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000, **config)
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    values = [r.value for r in consumer]
+    consumer.close()
+    return values
+
+
+def test_events_reach_a_tls_listener_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:
+    security = KafkaSecurity(protocol="SSL", ssl_cafile=pki.ca, ssl_certfile=pki.client_cert,
+                             ssl_keyfile=pki.client_key, ssl_key_password=KEY_PASSWORD)
+    with TlsBroker(pki, log_path=tmp_path / "broker.log") as broker:
+        producer = FeedbackProducer(broker.bootstrap, topic="tls-test", security=security,
+                                    max_block_ms=10_000)
+        producer.log_copy(session_id="s-1", user_id="u", request_id="r", response_id="a")
+        producer.flush()
+        producer.close()
+        values = read_all(broker.bootstrap, "tls-test", **security.kafka_python_config())
+        assert broker.handshakes >= 2
+    assert (producer.sent, producer.failed) == (1, 0)
+    assert [EVENT_ADAPTER.validate_json(v).type for v in values] == ["copy"]
+
+
+def test_an_untrusted_broker_certificate_fails_with_a_hint(pki: Pki, tmp_path: Path) -> None:
+    stranger = KafkaSecurity(protocol="SSL", ssl_cafile=pki.other_ca)
+    with TlsBroker(pki, log_path=tmp_path / "broker.log") as broker:
+        producer = FeedbackProducer(broker.bootstrap, topic="tls-test", security=stranger,
+                                    max_block_ms=1000)
+        with pytest.raises(ProducerError, match=r"security_protocol=SSL: check that") as err:
+            producer.log_copy(session_id="s", user_id="u", request_id="r", response_id="a")
+        producer.close(timeout_s=1)
+    assert "trusts" in str(err.value)
+
+
+def test_a_sasl_client_on_a_plaintext_listener_fails_clearly_without_its_password(
+        broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture) -> None:
+    security = KafkaSecurity(protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-512",
+                             sasl_username="svc", sasl_password=SASL_PASSWORD)
+    caplog.set_level(logging.DEBUG)
+    producer = FeedbackProducer(broker.bootstrap, topic="sasl-test", security=security,
+                                max_block_ms=1000)
+    with pytest.raises(ProducerError) as err:
+        producer.log_copy(session_id="s", user_id="u", request_id="r", response_id="a")
+    producer.close(timeout_s=1)
+    message = str(err.value)
+    assert "security_protocol=SASL_PLAINTEXT, sasl_mechanism=SCRAM-SHA-512, user 'svc'" in message
+    assert SASL_PASSWORD not in message
+    assert caplog.records and SASL_PASSWORD not in caplog.text
+
+
+def test_security_is_given_once(broker: EmbeddedBroker) -> None:
+    with pytest.raises(ConfigError, match="security given twice"):
+        FeedbackProducer(broker.bootstrap, security=KafkaSecurity(),
+                         security_protocol="PLAINTEXT")
+    plain = FeedbackProducer(broker.bootstrap, security_protocol="PLAINTEXT")  # kafka-python's
+    plain.close()
