@@ -14,17 +14,20 @@ from datetime import datetime
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.types import TP, EventT
 
 from prefstream.settings import Settings
 from schemas.events import Tick
 from streams import metrics
+from streams.logwatch import LogWatch, TopicIds
 from streams.pipeline import Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
 
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "__clock__:{}"
+MARK_KEY = "__mark__:{}"  # ends a checkpoint in its changelog partition
 COMMIT_ATTEMPTS = 50
 
 
@@ -38,16 +41,26 @@ class TableStore:
     def __init__(self, table: Any) -> None:
         self.table = table
         self.in_flight: list[Any] = []  # changelog sends not yet acknowledged by the broker
+        self.touched: set[int] = set()  # changelog partitions written since the last marker
 
     async def wait_sent(self) -> None:
-        """Until every changelog record of the checkpoint is acknowledged by the broker.
+        """Until every changelog record of the checkpoint is acknowledged, then end it with a
+        marker record per changelog partition written.
 
         ``producer.flush()`` alone is not enough: Faust's buffer flush returns after 0.1 s
-        without progress, possibly with records still queued.
+        without progress, possibly with records still queued. The marker goes out alone, in its
+        own record batch, once the checkpoint is acknowledged: some brokers (Tansu) report a
+        partition's end offset as the first offset of its last batch plus one, and Faust's
+        recovery reads a changelog only up to that end, so without the marker a restarted
+        worker could miss the tail of the last checkpoint (the clock is written last).
         """
         sends, self.in_flight = self.in_flight, []
         if sends:
             await asyncio.gather(*sends)
+        touched, self.touched = sorted(self.touched), set()
+        if touched:
+            await asyncio.gather(*(self.table.send_changelog(p, MARK_KEY.format(p), "1")
+                                   for p in touched))
 
     def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
         clock = None
@@ -78,6 +91,7 @@ class TableStore:
             self.table.data[key] = value
             sent = self.table.send_changelog(partition, key, value)
         self.in_flight.append(sent)
+        self.touched.add(partition)
 
 
 def _slot_partition(slot: SessionSlot) -> int:
@@ -101,6 +115,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=settings.kafka_security().faust_credentials(),  # None = PLAINTEXT
         store="memory://",
         datadir=str(settings.data_dir / "faust"),  # Faust's own files, not in the cwd
         topic_partitions=settings.partitions,
@@ -188,6 +203,37 @@ def create_app(settings: Settings) -> faust.App:
         value = Tick(wall_ms=pipeline.wall_ms()).model_dump_json().encode()
         for p in range(settings.partitions):
             await events.send(partition=p, value=value)
+
+    watch = LogWatch(settings.partitions)
+    topic_ids = TopicIds(str(settings.kafka_bootstrap), **settings.kafka_client_config())
+
+    @app.on_rebalance_complete.connect
+    async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
+        """Read partitions whose topic was re-created again from the start (see ``logwatch``).
+
+        Runs after every assignment, before Faust seeks to the committed offsets; a broker that
+        lost its data always brings a rebalance (the consumer group is gone with it). The start
+        is committed, then sought: aiokafka never seeks to a committed 0, so a later seek to the
+        committed offsets leaves the position alone, and an earlier one is undone.
+        """
+        topic_id = await asyncio.to_thread(topic_ids.topic_id, settings.events_topic)
+        tps = {tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic}
+        due = watch.observe(topic_id, {tp.partition for tp in tps})
+        if not due:
+            return
+        try:
+            starts = await app.consumer.earliest_offsets(*(tp for tp in tps
+                                                           if tp.partition in due))
+            if not await app.consumer._commit(starts):
+                return  # rebalanced meanwhile: the next assignment tries again
+            for tp, offset in starts.items():
+                await app.consumer.seek(tp, offset)
+        except KafkaError as exc:  # the broker went away again: the next assignment retries
+            log.warning("cannot read %s from the start yet: %r", sorted(due), exc)
+            return
+        log.warning("%s: reading from offsets %s", settings.events_topic,
+                    {tp.partition: offset for tp, offset in starts.items()})
+        watch.done({tp.partition for tp in starts})
 
     @app.on_partitions_revoked.connect
     async def on_revoked(sender: Any, revoked: set[TP], **kwargs: Any) -> None:

@@ -59,7 +59,12 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
 
 
 class EmbeddedBroker:
-    """``with EmbeddedBroker() as broker: broker.bootstrap`` -- a private broker on loopback."""
+    """``with EmbeddedBroker() as broker: broker.bootstrap`` -- a private broker on loopback.
+
+    With a fixed ``port``, :meth:`start` after :meth:`stop` or :meth:`kill` is a broker restart
+    on the same address. Storage is in memory: the restarted broker is empty (no topics, no
+    consumer groups, offsets from 0).
+    """
 
     def __init__(self, *, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
@@ -83,6 +88,7 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
+        """SIGTERM; Tansu then waits about 5 s for connected clients before it exits."""
         if self._proc is None:
             return
         self._proc.terminate()
@@ -91,6 +97,14 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: the broker is gone at once, as in a crash."""
+        if self._proc is None:
+            return
+        self._proc.kill()
+        self._proc.wait()
         self._proc = None
 
     def __enter__(self) -> EmbeddedBroker:

@@ -21,10 +21,11 @@ from pydantic import BaseModel, ValidationError
 from prefstream.settings import Settings
 from schemas.events import EVENT_ADAPTER, FeedbackEvent, Tick
 from schemas.records import DeadLetter, LateEvent
+from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
 from streams.metrics import Metrics
-from streams.outputs import session_rows
+from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from streams.pairing import session_to_pairs
 from streams.sessionize import Clock, SessionSlot
 from streams.state import PartitionSessions
@@ -154,6 +155,9 @@ class Pipeline:
             return None, f"ts: {event.ts.isoformat()} is in the future of arrival {arrival}"
         if key is not None and key != event.session_id.encode():
             return None, "key: message key differs from session_id (breaks co-partitioning)"
+        if self.settings.pseudonym_key is not None:  # before state: no raw user id is kept
+            event = event.model_copy(
+                update={"user_id": pseudonym(event.user_id, self.settings.pseudonym_key)})
         return event, ""
 
     def _dead_letter(self, topic: str, partition: int, offset: int, key: bytes | None,
@@ -161,7 +165,8 @@ class Pipeline:
         coords = f"{topic}[{partition}]@{offset}"
         log.warning("dead letter %s: %s", coords, reason)
         received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
-        preview = raw.decode("utf-8", errors="replace")[:RAW_PREVIEW_CHARS]
+        preview = scrub_raw(raw, pseudonym_key=self.settings.pseudonym_key,
+                            text_storage=self.settings.text_storage, limit=RAW_PREVIEW_CHARS)
         row = DeadLetter(dead_letter_id=coords, topic=topic, kafka_partition=partition,
                          offset=offset, reason=reason, raw=preview, received_at=received,
                          partition=self._arrival_partition(received))
@@ -173,6 +178,8 @@ class Pipeline:
 
     def _late(self, event: FeedbackEvent, clock: Clock, partition: int, offset: int, raw: bytes,
               timestamp_ms: int) -> SideMessage:
+        if self.settings.pseudonym_key is not None or self.settings.text_storage != "full":
+            raw = scrub_event(event, self.settings.text_storage)  # user id: pseudonym already
         received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
         row = LateEvent(late_id=f"{self.settings.events_topic}[{partition}]@{offset}",
                         event_id=event.event_id, session_id=event.session_id,
@@ -212,6 +219,9 @@ class Pipeline:
                     p, state.clock.watermark, offset, state.open_sessions))
         sealed = seal_ready(data_dir=data_dir, n_kafka_partitions=self.settings.partitions,
                             gap=self.rules.gap, hours=self.settings.rules.partition_hours)
+        compact_after_flush(data_dir=data_dir, sealed=sealed, written=batch.rows,
+                            max_files=self.settings.compaction_max_files,
+                            grace=timedelta(seconds=self.settings.compaction_grace_s))
         batch.counts["sealed"] += len(sealed)
         self._count_flush(batch, len(sealed))
         return batch
@@ -238,7 +248,8 @@ class Pipeline:
         for state in self.partitions.values():
             for closed in state.take_closed():
                 result = session_to_pairs(closed, self.settings.rules)
-                for table, rows in session_rows(closed, result, self.settings.rules).items():
+                for table, rows in session_rows(closed, result, self.settings.rules,
+                                                text_storage=self.settings.text_storage).items():
                     batch.rows[table].extend(rows)
 
     def checkpoint(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,10 @@ from streams.broker import EmbeddedBroker
 from streams.topics import ensure_topics
 
 log = logging.getLogger(__name__)
+
+#: files and folders a worker or demo process creates are owner-only (Faust's files, the
+#: watermarks, the catalog, logs): the data dir holds user content
+OWNER_ONLY_UMASK = 0o077
 
 
 @contextlib.contextmanager
@@ -39,6 +44,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
 
     from streams.app import create_app
 
+    os.umask(OWNER_ONLY_UMASK)
     with broker_for(settings) as settings:
         prepare(settings)
         log.info("worker on Kafka %s, data in %s", settings.kafka_bootstrap, settings.data_dir)
