@@ -3,7 +3,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean bench
 
 $(BIN)/prefstream: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,29 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# Every benchmark, then docs/benchmarks.md from benchmarks/results/*.json. Skip some with
+# BENCH_SKIP="trainer queries" (or comma-separated): their last JSON is reused and marked so.
+# The trainer benchmark needs the optional extra: pip install -e '.[bench]'.
+BENCH_SKIP ?=
+BENCH_DATA ?= ../shared/data/hh-rlhf-harmless-dev.jsonl.gz
+BENCH_QUALITY_EVENTS ?= 5000
+BENCH_EVENTS ?= 100000
+BENCH_OPEN_SESSIONS ?= 100000
+BENCH_PAIRS ?= 10000000
+comma := ,
+bench_skipped = $(filter $(1),$(subst $(comma), ,$(BENCH_SKIP)))
+
+bench: install
+	$(if $(call bench_skipped,quality),,$(BIN)/python benchmarks/bench_quality.py \
+		--source $(BENCH_DATA) --events $(BENCH_QUALITY_EVENTS))
+	$(if $(call bench_skipped,pipeline),,$(BIN)/python benchmarks/bench_pipeline.py \
+		--events $(BENCH_EVENTS) --open-sessions $(BENCH_OPEN_SESSIONS))
+	$(if $(call bench_skipped,trainer),,$(BIN)/python benchmarks/bench_trainer.py \
+		--data $(BENCH_DATA))
+	$(if $(call bench_skipped,queries),,$(BIN)/python benchmarks/bench_queries.py \
+		--pairs $(BENCH_PAIRS))
+	$(BIN)/python benchmarks/report.py --reused "$(subst $(comma), ,$(BENCH_SKIP))"
 
 clean:
 	rm -rf $(VENV) .pytest_cache demo-data

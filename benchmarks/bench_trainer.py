@@ -59,6 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -537,6 +538,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("trl is not installed: pip install 'trl==1.16.0' (see "
                          "benchmarks/README.md) or run with --only prefstream")
     started, load_before = time.perf_counter(), _loadavg()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     data = prepare_data(args)
     info = data["info"]
     print(f"data: {info['pairs']} usable pairs of {info['rows']} rows; {info['train_pairs']} "
@@ -554,6 +556,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     comparison = compare(runs)
     result = {
         "benchmark": "trainer_vs_trl",
+        "started": started_at,
         "command": shlex.join(["python", "benchmarks/bench_trainer.py",
                                *(sys.argv[1:] if argv is None else argv)]),
         "settings": {"pairs": args.pairs, "eval_pairs": args.eval_pairs,

@@ -28,7 +28,7 @@ from storage.catalog import connect_readonly, ensure_catalog
 from storage.files import Watermark, read_watermarks
 from streams.broker import free_port
 from streams.producer import FeedbackProducer
-from streams.run import broker_for, prepare
+from streams.run import OWNER_ONLY_UMASK, broker_for, prepare
 from streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
 
 #: demo timing: seconds instead of production minutes so the run ends quickly
@@ -58,7 +58,7 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
 
 def produce(settings: Settings, traffic: Traffic) -> None:
     producer = FeedbackProducer(str(settings.kafka_bootstrap), topic=settings.events_topic,
-                                max_block_ms=10_000)
+                                max_block_ms=10_000, security=settings.kafka_security())
     for key, value in tqdm(traffic.messages, desc="producing", unit="ev", file=sys.stderr,
                            leave=False):
         producer.send_raw(key, value)
@@ -71,7 +71,8 @@ def produce(settings: Settings, traffic: Traffic) -> None:
 def end_offsets(settings: Settings) -> dict[int, int]:
     from kafka import KafkaConsumer, TopicPartition
 
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             **settings.kafka_client_config())
     try:
         tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
         return {tp.partition: off for tp, off in consumer.end_offsets(tps).items()}
@@ -185,6 +186,7 @@ def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    os.umask(OWNER_ONLY_UMASK)  # logs, catalog and models in the data dir: owner-only
     data_dir = Path(args.data_dir)
     settings = Settings(**{"data_dir": data_dir, "metrics_port": free_port(),
                            **_demo_overrides()})

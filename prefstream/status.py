@@ -1,7 +1,7 @@
 """``prefstream status --data-dir D [--json]``: what a data dir holds, read without locking anyone.
 
 Partitions, the manifest and the watermark files are read through ``storage.files``; row counts
-through an in-memory DuckDB over the Parquet files (the SQL of the catalog's views), so
+through an in-memory DuckDB over the live Parquet files (``storage.catalog.live_scan_sql``), so
 ``prefstream.duckdb`` is never opened: the worker can always rewrite its views and readers are
 never blocked. Model versions come from the registry's ``metadata.json`` files.
 
@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 
 from prefstream.errors import StorageError
-from storage.catalog import CATALOG_NAME, table_view_sql
+from storage.catalog import CATALOG_NAME, live_scan_sql
 from storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
 from storage.partitions import partition_bounds
 from storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
@@ -91,10 +91,12 @@ def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
 
 def _query(con: duckdb.DuckDBPyConnection, data_dir: Path, table: str, select: str,
            group: str) -> list[tuple[Any, ...]]:
-    """``SELECT {select} FROM <table, one row per id> GROUP BY {group}``; no files: no rows."""
-    if not any((data_dir / table).glob("*/*.parquet")):
+    """``SELECT {select} FROM <table, one row per id> GROUP BY {group}``; no files: no rows.
+    The live files are listed first (no glob): the worker may compact while this runs."""
+    scan = live_scan_sql(data_dir, table)
+    if scan is None:
         return []
-    sql = f"SELECT {select} FROM ({table_view_sql(data_dir, table)}) GROUP BY {group} ORDER BY 1"
+    sql = f"SELECT {select} FROM ({scan}) GROUP BY {group} ORDER BY 1"
     return con.execute(sql).fetchall()
 
 

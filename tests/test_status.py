@@ -19,7 +19,14 @@ from prefstream.cli import main
 from prefstream.status import collect, format_text
 from schemas.records import DeadLetter, LateEvent
 from storage.catalog import CATALOG_NAME, ensure_catalog
-from storage.files import Watermark, init_data_dir, seal_ready, write_rows, write_watermark
+from storage.files import (
+    Watermark,
+    init_data_dir,
+    live_files,
+    seal_ready,
+    write_rows,
+    write_watermark,
+)
 from storage.partitions import partition_for
 from trainer.registry import promote, save_version
 
@@ -174,7 +181,7 @@ def test_status_never_opens_the_catalog(data_dir: Path) -> None:
 
 
 def test_a_half_written_file_and_model_are_not_counted(data_dir: Path) -> None:
-    [good, *_] = sorted((data_dir / "pairs" / H13).glob("*.parquet"))
+    [good, *_] = live_files(data_dir / "pairs" / H13)
     (good.parent / ".part-dead.parquet.0badc0de.tmp").write_bytes(good.read_bytes()[:50])
     (data_dir / "models" / ".v0003.0badc0de.tmp").mkdir()
     r = collect(data_dir, now=NOW)

@@ -1,0 +1,112 @@
+"""Worker processes for the pipeline benchmark: start, wait with a deadline, measure, stop.
+
+Every wait in a stage goes through a :class:`Deadline`, which raises :class:`StageError` with
+what was awaited and the tail of the worker's log once the stage's time is up or the worker
+exited, so a broken stage fails with a reason instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from prefstream.demo import scrape
+from prefstream.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+PROBE = b"bench-probe: not an event"
+
+
+class StageError(RuntimeError):
+    """A benchmark stage failed or ran past its time limit."""
+
+
+class Deadline:
+    """A stage's time limit; :meth:`check` also fails as soon as the watched worker exited."""
+
+    def __init__(self, stage: str, seconds: float) -> None:
+        self.stage, self.seconds = stage, seconds
+        self.at = time.monotonic() + seconds
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.log: Path | None = None
+
+    def watch(self, worker: subprocess.Popen[bytes], log: Path) -> None:
+        self.worker, self.log = worker, log
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - time.monotonic())
+
+    def check(self, waiting_for: str) -> None:
+        if self.worker is not None and self.worker.poll() is not None:
+            raise StageError(f"{self.stage}: the worker exited with {self.worker.returncode} "
+                             f"while waiting for {waiting_for}{self._log_tail()}")
+        if time.monotonic() > self.at:
+            raise StageError(f"{self.stage}: no result after the stage's limit of "
+                             f"{self.seconds:.0f} s (--stage-timeout), still waiting for "
+                             f"{waiting_for}{self._log_tail()}")
+
+    def _log_tail(self, lines: int = 5) -> str:
+        if self.log is None or not self.log.exists():
+            return ""
+        text = TERMINAL_CODES.sub("", self.log.read_text(errors="replace"))
+        tail = [line for line in text.splitlines() if line.strip()][-lines:]
+        return f"; worker log {self.log}:\n  " + "\n  ".join(tail) if tail else ""
+
+
+def start_worker(settings: Settings, log: Path, deadline: Deadline) -> subprocess.Popen[bytes]:
+    """A ``prefstream worker`` process with these settings, watched by ``deadline``."""
+    with open(log, "ab") as fh:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", "warning"],
+            env={**os.environ, **settings.as_env()}, stdout=fh, stderr=subprocess.STDOUT,
+            cwd=ROOT)
+    deadline.watch(worker, log)
+    return worker
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.terminate()
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait(timeout=30)
+
+
+def metric_sum(settings: Settings, prefix: str) -> float:
+    """Sum of every sample of a metric family on the worker's endpoint (0 when not serving)."""
+    return sum(v for k, v in scrape(settings).items() if k.startswith(prefix))
+
+
+def wait_consuming(settings: Settings, deadline: Deadline) -> None:
+    """Until the worker consumes every partition: one malformed probe message per partition,
+    each dead-lettered, proves it (a fixed sleep would be too short on a busy machine)."""
+    from kafka import KafkaProducer
+
+    before = metric_sum(settings, "prefstream_events_total")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, api_version=(2, 8))
+    try:
+        for p in range(settings.partitions):
+            producer.send(settings.events_topic, key=b"bench-probe", value=PROBE, partition=p)
+        producer.flush(timeout=30)
+    finally:
+        producer.close()
+    while metric_sum(settings, "prefstream_events_total") < before + settings.partitions:
+        deadline.check("the worker to consume a probe message on every partition")
+        time.sleep(0.2)
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident set now (``VmRSS``) and its peak (``VmHWM``) of a process, in MiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = round(int(value.split()[0]) / 1024, 1)
+    return {"rss_mb": found.get("VmRSS", float("nan")), "peak_mb": found.get("VmHWM", float("nan"))}

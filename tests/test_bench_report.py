@@ -1,0 +1,153 @@
+"""benchmarks/report.py on real benchmark output, and the benchmarks' own moving parts.
+
+The queries benchmark and the memory stage of the pipeline benchmark run for real at tiny sizes
+(real files, real DuckDB, a real broker and worker); the other stages and the quality and trainer
+benchmarks take minutes, so their checked-in JSON stands in for them (the freshness replay's
+schedule is tested directly).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+CHECKED_IN = BENCH / "results"
+sys.path.insert(0, str(BENCH))  # the scripts import their sibling modules by name
+
+import bench_pipeline  # noqa: E402
+import bench_queries  # noqa: E402
+import freshness_memory  # noqa: E402
+import report  # noqa: E402
+from workers import Deadline, StageError  # noqa: E402
+
+from streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+
+
+def checked_in(name: str) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads((CHECKED_IN / f"{name}.json").read_text())
+    return result
+
+
+def section(markdown: str, title: str) -> str:
+    """The text of one ``## title`` section."""
+    start = markdown.index(f"## {title}")
+    end = markdown.find("\n## ", start + 1)
+    return markdown[start:end if end > 0 else None]
+
+
+def test_table_aligns_numbers_and_formats_cells() -> None:
+    lines = report.table(("name", "n", "share"), [("a|b", 12345, 0.12345), ("c", 7, None)])
+    assert lines == ["| name | n | share |", "| --- | ---: | --- |",
+                     "| a\\|b | 12,345 | 0.123 |", "| c | 7 | n/a |"]
+
+
+def test_queries_benchmark_runs_and_renders(tmp_path: Path) -> None:
+    out = tmp_path / "queries.json"
+    assert bench_queries.main(["--pairs", "4801", "--days", "1", "--repeat", "1",
+                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["pairs"], result["sessions"], result["partitions"]) == (4801, 2400, 24)
+    queries = result["queries"]
+    assert queries["pairs_by_rule"]["rows"] == len(bench_queries.RULES)
+    assert queries["funnel_by_hour"]["rows"] == 24
+    assert queries["pairs_one_day_by_hour_and_rule"]["rows"] == 24 * len(bench_queries.RULES)
+    assert result["machine"]["cpu_count"] and result["started"]
+
+    text = section(report.render({"queries": result}), "Analyst queries")
+    assert "4,801 pairs and 2,400 sessions in 24 hour partitions" in text
+    for name, q in queries.items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert report._cell(q["view_s"]) in row and report.ratio(q["view_over_raw"]) in row
+
+
+@pytest.mark.broker
+def test_pipeline_memory_stage_runs_and_renders(tmp_path: Path) -> None:
+    out = tmp_path / "pipeline.json"
+    code = bench_pipeline.main(["--stages", "memory", "--open-sessions", "300",
+                                "--stage-timeout", "90", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and result["errors"] == {}
+    memory = result["memory"]
+    assert memory["open_sessions"] == 300 and memory["rss_mb"] > memory["rss_idle_mb"] > 0
+    assert memory["peak_mb"] >= memory["rss_mb"]
+
+    text = section(report.render({"pipeline": result}),
+                   "Stream worker: throughput, freshness, memory")
+    row = next(line for line in text.splitlines() if line.startswith("| 300 |"))
+    assert f"| {report._cell(memory['rss_mb'])} |" in row
+    assert "Throughput" not in text and "Freshness" not in text  # stages that did not run
+    assert "--stages memory --open-sessions 300" in text  # the command is on record
+
+
+def test_checked_in_results_render_with_reused_and_missing_sections() -> None:
+    trainer, quality, pipeline = checked_in("trainer"), checked_in("quality"), checked_in(
+        "pipeline")
+    text = report.render({"trainer": trainer, "quality": quality, "pipeline": pipeline},
+                         reused=["trainer"], generated="2030-01-01T00:00:00+00:00")
+    assert text.startswith("# Benchmarks\n\nGenerated 2030-01-01T00:00:00+00:00")
+    trl = section(text, "Trainer against TRL's RewardTrainer")
+    assert "**Reused**" in trl and "| trl | 820 |" in trl
+    assert "**Reused**" not in section(text, "Pair quality and held-out agreement")
+    assert "No `queries.json` yet" in section(text, "Analyst queries")
+    evaluate = quality["evaluate"]
+    pairs = section(text, "Pair quality and held-out agreement")
+    assert f"| precision at confidence >= {evaluate['default_threshold']} | " \
+           f"{report._cell(evaluate['precision'])} |" in pairs
+    agreement = evaluate["training"]["heldout_agreement"]
+    assert f"held-out explicit labels | {report._cell(agreement)} |" in pairs
+    stream = section(text, "Stream worker: throughput, freshness, memory")
+    throughput, fresh = pipeline["throughput"], pipeline["freshness"]
+    assert f"| {report._cell(throughput['prefstream_events_per_s'])} | x1 |" in stream
+    assert f"| {report.ratio(throughput['ratios']['aiokafka'])} |" in stream
+    assert f"| all with pairs | {fresh['n']} | {report._cell(fresh['p50_s'])} |" in stream
+
+
+def test_a_failed_stage_is_shown_with_its_reason() -> None:
+    failed = {"errors": {"freshness": "freshness: no result after the stage's limit of 5 s\n"
+                         "worker log ..."}, "command": "python benchmarks/bench_pipeline.py"}
+    text = report.render({"pipeline": failed})
+    assert "**Stage `freshness` failed**: freshness: no result after the stage's limit of 5 s" \
+        in text
+
+
+def test_replay_plan_keeps_malformed_and_late_messages_in_place() -> None:
+    """Regression: messages were scheduled at their own timestamps, and the generator's
+    far-future bad events put the end of the replay an hour away."""
+    end, seconds = datetime(2030, 1, 1, 2, tzinfo=timezone.utc), 10.0
+    traffic = generate_traffic(TrafficConfig(n_events=600, seed=3, end=end, hours=2,
+                                             bad_share=0.2, late_share=0.05))
+    factor = 7200 / seconds
+    plan = freshness_memory.replay_plan(traffic, end - timedelta(hours=2), factor)
+    assert len(plan) == len(traffic.messages) and "bad:future_ts" in traffic.labels
+    times = [s.at for s in plan]
+    assert times == sorted(times) and 0 <= times[0] and times[-1] <= seconds
+    for send, label in zip(plan, traffic.labels, strict=True):
+        if label.startswith("bad:"):
+            assert send.event_at is None and freshness_memory.retimed(send, 1e9) == send.value
+        elif label == "late":  # hours before its session: still late after compression
+            assert send.event_at < send.at and not send.session_id
+        else:
+            stamped = json.loads(freshness_memory.retimed(send, 1e9))["ts"]
+            assert datetime.fromisoformat(stamped).timestamp() == pytest.approx(
+                1e9 + send.event_at, abs=1e-3)
+
+
+def test_deadline_fails_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="limit of 0 s .* still waiting for the pairs"):
+        Deadline("freshness", 0).check("the pairs")
+    log = tmp_path / "worker.log"
+    log.write_text("starting\nboom: cannot bind\n")
+    worker = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    worker.wait(timeout=30)
+    deadline = Deadline("memory", 60)
+    deadline.watch(worker, log)
+    with pytest.raises(StageError, match="(?s)worker exited with 3 .*boom: cannot bind"):
+        deadline.check("open sessions")
