@@ -207,6 +207,10 @@ class Settings(BaseSettings):
     flush_interval_s: float = Field(2.0, gt=0, description="Longest a closed session waits for "
                                     "its rows to be written.")
     flush_max_events: int = Field(5000, ge=1, description="Flush after this many events.")
+    take_max_events: int = Field(1000, ge=1, description="The worker handles events in batches "
+                                 "of at most this many.")
+    take_within_s: float = Field(0.2, gt=0, description="Longest the worker waits to fill a "
+                                 "batch before it handles what it has.")
     compaction_max_files: int = Field(32, ge=2, description="A partition written to that holds "
                                       "more files than this is merged into one after the flush "
                                       "(sealed partitions always are); merges wait while a "

@@ -65,6 +65,14 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
     )
 
 
+def warm_up() -> None:
+    """Pay pyarrow's first conversion from Python objects now: it imports pandas (when
+    installed), which takes about a second; a worker calls this before it consumes, so its
+    first flush does not stall the stream."""
+    for model, _ in TABLES.values():
+        to_arrow(model, [])
+
+
 def to_arrow(model: type[BaseModel], rows: list[BaseModel]) -> pa.Table:
     """Rows to an Arrow table with the model's schema (timestamps normalised to UTC)."""
     dumped = [r.model_dump() for r in rows]

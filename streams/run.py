@@ -42,8 +42,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
     import faust
 
+    from storage.tables import warm_up
     from streams.app import create_app
 
+    warm_up()
     os.umask(OWNER_ONLY_UMASK)
     with broker_for(settings) as settings:
         prepare(settings)

@@ -101,7 +101,14 @@ def _start(event: FeedbackEvent, offset: int, kafka_partition: int) -> Session:
 
 
 def _append(session: Session, event: FeedbackEvent, offset: int) -> Session:
-    return _with_events(session, (*session.events, SessionEvent(offset=offset, event=event)))
+    """``_with_events`` with one more event, updated in place of recomputed (the hot path)."""
+    ts, ended = event.ts, session.ended_at
+    if event.type == "session_end":
+        ended = ts if ended is None else max(ended, ts)
+    return session.model_copy(update={
+        "start": min(session.start, ts), "last": max(session.last, ts), "ended_at": ended,
+        "events": (*session.events, SessionEvent(offset=offset, event=event)),
+    })
 
 
 def _with_events(template: Session, items: tuple[SessionEvent, ...]) -> Session:
@@ -199,15 +206,20 @@ def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSl
 
 
 def _group_deadline(group: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
+    return _deadline_of(group.start, group.last, group.ended_at, rules)
+
+
+def _deadline_of(start: datetime, last: datetime, ended_at: datetime | None,
+                 rules: SessionRules) -> tuple[datetime, CloseReason]:
     """A group closes only once the watermark is past its last event, so any later copy of one
     of its events is late: what happens to it never depends on when the group was flushed."""
-    after_last = group.last + TICK
+    after_last = last + TICK
     candidates: list[tuple[datetime, CloseReason]] = [
-        (group.last + rules.gap, "gap"),
-        (max(group.start + rules.max_duration, after_last), "max_duration"),
+        (last + rules.gap, "gap"),
+        (max(start + rules.max_duration, after_last), "max_duration"),
     ]
-    if group.ended_at is not None:
-        candidates.append((max(group.ended_at, after_last), "session_end"))
+    if ended_at is not None:
+        candidates.append((max(ended_at, after_last), "session_end"))
     return min(candidates)
 
 
@@ -215,8 +227,19 @@ def deadline(session: Session, rules: SessionRules) -> tuple[datetime, CloseReas
     """Watermark at which the first group of an open session closes, and why.
 
     The earliest group always closes first: later groups start at least a gap after it ends.
+    Computed from the event times alone (the first group of :func:`clusters`, without building
+    it): this runs for every accepted event.
     """
-    return _group_deadline(clusters(session, rules.gap)[0], rules)
+    times = sorted((i.event.ts, i.event.type == "session_end") for i in session.events)
+    start = last = times[0][0]
+    ended_at = None
+    for ts, is_end in times:
+        if ts - last >= rules.gap:
+            break
+        last = ts
+        if is_end:
+            ended_at = ts  # ascending: the group's latest end so far
+    return _deadline_of(start, last, ended_at, rules)
 
 
 def expire(slot: SessionSlot, watermark: datetime, rules: SessionRules) -> SessionSlot:

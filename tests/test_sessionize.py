@@ -20,6 +20,7 @@ from streams.sessionize import (
     Clock,
     SessionRules,
     SessionSlot,
+    _group_deadline,
     add_event,
     clusters,
     deadline,
@@ -429,6 +430,29 @@ def test_deadline_is_the_first_groups():
     # was at(20): the first group [0, 25] outlasts max_duration; it waits until past 25
     assert deadline(_session(0, 25, 60), short) == (at(25) + TICK, "max_duration")
     assert deadline(_session(0, 15, 60), short) == (at(20), "max_duration")
+
+
+_minutes = st.lists(st.integers(0, 400), min_size=1, max_size=12)
+
+
+@given(_minutes, st.one_of(st.none(), st.integers(0, 400)), st.integers(10, 400))
+def test_deadline_equals_the_deadline_of_the_first_cluster(minutes, ended, duration):
+    """``deadline`` skips building the groups; it must agree with the groups it skips."""
+    rules = SessionRules(max_duration=timedelta(minutes=duration))
+    session = _session(*minutes, ended=ended)
+    first = clusters(session, rules.gap)[0]
+    assert deadline(session, rules) == _group_deadline(first, rules)  # as ``expire`` sees it
+
+
+@given(st.lists(st.tuples(st.sampled_from(["copy", "session_end", "click"]),
+                          st.integers(0, 400)), min_size=1, max_size=10))
+def test_appending_keeps_the_bounds_that_recomputing_gives(kinds):
+    """``add_event`` updates start, last and ended_at per event; recomputing from all events
+    (as ``clusters`` does) must give the same session."""
+    slot, _ = feed(*((event(kind, minute=m, event_id=f"e{i}"), i)
+                     for i, (kind, m) in enumerate(kinds)))
+    session = slot.open
+    assert clusters(session, timedelta(days=365))[0] == session
 
 
 def test_clusters_split_at_event_time_gaps_and_keep_arrival_order():
