@@ -25,8 +25,8 @@ COMMAND_MODULES = (
 SETTINGS_FLAGS = (
     "kafka_bootstrap", "data_dir", "app_id", "events_topic", "partitions", "gap_s", "grace_s",
     "idle_s", "tick_interval_s", "flush_interval_s", "flush_max_events", "rebalance_timeout_s",
-    "max_events_per_session", "max_future_s", "max_message_bytes", "metrics_host",
-    "metrics_port",
+    "max_events_per_session", "max_open_sessions", "max_future_s", "max_message_bytes",
+    "metrics_host", "metrics_port",
 )
 
 

@@ -201,6 +201,11 @@ class Settings(BaseSettings):
                           "follows the wall clock.")
     tick_interval_s: float = Field(5.0, gt=0, description="How often the worker ticks partitions.")
     max_events_per_session: int = Field(500, ge=2)
+    max_open_sessions: int = Field(
+        100_000, ge=1, description="Open sessions one Kafka partition holds at most; one more "
+        "closes the open session with the oldest last event early (close reason evicted, "
+        "counted in prefstream_sessions_evicted_total). Per Kafka partition, not per worker, so "
+        "the output does not depend on how partitions are assigned to workers.")
     max_session_duration_s: float = Field(6 * 3600.0, gt=0)
     max_future_s: float = Field(300.0, ge=0, description="Tolerated clock skew into the future.")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Larger messages dead-letter.")
@@ -219,6 +224,9 @@ class Settings(BaseSettings):
                                       "replaced are kept for readers that listed them; longer "
                                       "than any read.")
     rebalance_timeout_s: float = Field(60.0, gt=0, description="Faust broker_rebalance_timeout.")
+    session_timeout_s: float = Field(45.0, gt=1, description="A worker that stops heartbeating "
+                                     "(killed, hung) loses its partitions to the others after "
+                                     "this long; heartbeats go every second.")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint "
                               "(0.0.0.0 to let other hosts scrape).")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of GET /metrics "

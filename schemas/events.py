@@ -7,14 +7,18 @@ to and a timezone-aware event time ``ts``. The ``type`` field selects the model.
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 SCHEMA_VERSION = 1
 MAX_ID_CHARS = 128
 MAX_TEXT_CHARS = 32_768
 MAX_POSITION = 100
+#: wall-clock and Kafka record times (ms since the epoch) from here on are bogus: anyone can set
+#: them, and times near datetime's limit (year 9999) overflow gap and partition arithmetic
+MAX_WALL_MS = int(datetime(9000, 1, 1, tzinfo=timezone.utc).timestamp() * 1000)
 
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[\w.:@/+=-]+$")]
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
@@ -29,6 +33,14 @@ class _Event(BaseModel):
     user_id: Id
     request_id: Id
     ts: AwareDatetime = Field(description="Event time, timezone-aware (ISO 8601 with offset).")
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _version_is_an_integer(cls, value: object) -> object:
+        """``Literal[1]`` matches by equality, so on its own it takes ``true`` and ``1.0``."""
+        if type(value) is not int:
+            raise ValueError(f"schema_version must be the integer {SCHEMA_VERSION}")
+        return value
 
 
 class _OnResponse(_Event):
@@ -111,7 +123,7 @@ class Tick(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     type: Literal["_tick"] = "_tick"
-    wall_ms: int
+    wall_ms: int = Field(ge=0, lt=MAX_WALL_MS)
 
 
 def event_json_schema() -> dict[str, object]:

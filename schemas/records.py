@@ -14,7 +14,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import FeedbackEvent
 
-CloseReason = Literal["gap", "session_end", "max_events", "max_duration"]
+CloseReason = Literal["gap", "session_end", "max_events", "max_duration", "evicted"]
 TieKind = Literal["both_accepted", "both_rejected"]
 
 

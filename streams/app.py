@@ -20,6 +20,7 @@ from faust.types import TP
 from prefstream.settings import Settings
 from schemas.events import Tick
 from streams import metrics
+from streams.crashpoints import CrashPoints
 from streams.logwatch import LogWatch, TopicIds
 from streams.pipeline import Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
@@ -121,7 +122,7 @@ def create_app(settings: Settings) -> faust.App:
         topic_partitions=settings.partitions,
         topic_replication_factor=1,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
-        broker_session_timeout=max(10.0, 3 * settings.rebalance_timeout_s),
+        broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=1.0,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
@@ -134,7 +135,8 @@ def create_app(settings: Settings) -> faust.App:
     table = app.Table("sessions", default=None, partitions=settings.partitions,
                       key_type=str, value_type=str)
     store = TableStore(table)
-    pipeline = Pipeline(settings, store)
+    crash = CrashPoints.from_env()  # empty unless a crash test asks
+    pipeline = Pipeline(settings, store, crash=crash)
     lock = asyncio.Lock()
     uncommitted: dict[TP, int] = {}  # next offset to commit, per partition handled since
 
@@ -151,9 +153,11 @@ def create_app(settings: Settings) -> faust.App:
         pipeline.checkpoint()
         await app.producer.flush()
         await store.wait_sent()
+        crash.reach("checkpoint")
         targets = dict(uncommitted)
         uncommitted.clear()
         await commit_through(targets)
+        crash.reach("commit")
         pipeline.forget_flushed()
         for tp, next_offset in targets.items():
             end = app.consumer.highwater(tp)
@@ -200,6 +204,7 @@ def create_app(settings: Settings) -> faust.App:
                         topic=msg.topic, partition=msg.partition, offset=msg.offset,
                         key=msg.key, value=msg.value, timestamp_ms=int(msg.timestamp * 1000))
                     uncommitted[msg.tp] = msg.offset + 1
+                crash.reach("handle", len(batch))
                 await send_side(side_messages)
                 if pipeline.due():
                     await flush()
@@ -256,10 +261,13 @@ def create_app(settings: Settings) -> faust.App:
         Faust does not redeliver events a worker already received when a partition comes back
         to it, so their offsets must be committed now or they would be skipped.
         """
+        ours = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+        if ours:
+            crash.reach("revoke")
         async with lock:
             if uncommitted:
                 await flush()
-            pipeline.revoke({tp.partition for tp in revoked if tp.topic == settings.events_topic})
+            pipeline.revoke(ours)
 
     if settings.metrics_port:
         @app.task

@@ -24,6 +24,8 @@ HELP = {
     "prefstream_flushes_total": ("counter", "Batches made durable and committed."),
     "prefstream_partitions_sealed_total": ("counter", "Storage partitions sealed."),
     "prefstream_sessions_open": ("gauge", "Open sessions, by Kafka partition."),
+    "prefstream_sessions_evicted_total": ("counter", "Open sessions closed early by "
+                                          "max_open_sessions, by Kafka partition."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
     "prefstream_trainer_runs_total": ("counter", "Training cycles, by outcome."),

@@ -71,21 +71,25 @@ def scrub_raw(raw: bytes, *, pseudonym_key: SecretStr | None, text_storage: str,
               limit: int | None = None) -> str:
     """A raw message as it may be stored: the user id pseudonymized and free texts scrubbed.
 
-    Without either option the message is kept as sent (decoded leniently). A message that is
-    not a JSON object cannot be scrubbed field by field: it is kept only as its hash and length
-    (``redact``, and whenever a pseudonym key is set) or not at all (``drop``).
+    Without either option the message is kept as sent (decoded leniently). A message that
+    cannot be scrubbed field by field is kept only as its hash and length (``redact``, and
+    whenever a pseudonym key is set) or not at all (``drop``): one that is not a JSON object,
+    nested too deep for Python's parser, or holding a lone surrogate (a ``\\ud800`` escape is
+    valid JSON but no UTF-8 string: it could be neither hashed nor stored).
     """
     if pseudonym_key is None and text_storage == "full":
         return raw.decode("utf-8", errors="replace")[:limit]
     try:
         message = json.loads(raw)
-    except ValueError:
-        message = None
-    if not isinstance(message, dict):
-        text = raw.decode("utf-8", errors="replace")
-        return scrub_text(text, "drop" if text_storage == "drop" else "redact")
-    return json.dumps(scrub_message(message, pseudonym_key=pseudonym_key,
-                                    text_storage=text_storage), ensure_ascii=False)[:limit]
+        if isinstance(message, dict):
+            text = json.dumps(scrub_message(message, pseudonym_key=pseudonym_key,
+                                            text_storage=text_storage), ensure_ascii=False)
+            text.encode()  # a lone surrogate in a field kept as sent raises here
+            return text[:limit]
+    except (ValueError, RecursionError):  # UnicodeError is a ValueError
+        pass
+    text = raw.decode("utf-8", errors="replace")
+    return scrub_text(text, "drop" if text_storage == "drop" else "redact")
 
 
 def scrub_message(message: dict[str, Any], *, pseudonym_key: SecretStr | None,

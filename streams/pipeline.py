@@ -19,21 +19,23 @@ from typing import Protocol
 from pydantic import BaseModel, ValidationError
 
 from prefstream.settings import Settings
-from schemas.events import EVENT_ADAPTER, FeedbackEvent, Tick
+from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent, Tick
 from schemas.records import DeadLetter, LateEvent
 from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
+from streams.crashpoints import CrashPoints
 from streams.metrics import Metrics
 from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from streams.pairing import session_to_pairs
-from streams.sessionize import Clock, SessionSlot
+from streams.sessionize import EPOCH, Clock, SessionSlot
 from streams.state import PartitionSessions
 
 log = logging.getLogger(__name__)
 
 TICK_PREFIX = b'{"type":"_tick"'
 RAW_PREVIEW_CHARS = 4096
+MAX_REASON_CHARS = 500
 
 
 @dataclass
@@ -64,17 +66,27 @@ class StateStore(Protocol):
 
 
 def describe_error(exc: ValidationError) -> str:
-    """One line naming each failing field, short enough for a dead-letter record."""
+    """One line naming each failing field, short enough for a dead-letter record (pydantic echoes
+    an unknown type tag and names unknown fields: a hostile message controls their length)."""
     parts = []
     for err in exc.errors(include_url=False)[:5]:
         loc = ".".join(str(p) for p in err["loc"]) or "<root>"
         parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return "; ".join(parts)[:MAX_REASON_CHARS]
+
+
+def arrival_time(timestamp_ms: int) -> datetime | None:
+    """A Kafka record timestamp as a time; None when bogus: before the epoch or from
+    ``MAX_WALL_MS`` on (a producer may set any 64-bit value)."""
+    if not 0 <= timestamp_ms < MAX_WALL_MS:
+        return None
+    return datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
 
 
 class Pipeline:
     def __init__(self, settings: Settings, store: StateStore,
-                 clock_ms: Callable[[], int] | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None,
+                 crash: CrashPoints | None = None) -> None:
         self.settings = settings
         self.rules = settings.session_rules()
         self.store = store
@@ -85,13 +97,15 @@ class Pipeline:
         self._wall_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.metrics = Metrics()
         self.stored = IdIndex(settings.data_dir)
+        self.crash = crash or CrashPoints({})
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int) -> PartitionSessions:
         if kafka_partition not in self.partitions:
             clock, slots = self.store.load(kafka_partition)
             clock = clock or Clock(kafka_partition=kafka_partition)
-            self.partitions[kafka_partition] = PartitionSessions(clock, self.rules, slots)
+            self.partitions[kafka_partition] = PartitionSessions(
+                clock, self.rules, slots, max_open=self.settings.max_open_sessions)
             log.info("partition %d: recovered %d session slots, watermark %s",
                      kafka_partition, len(slots), clock.watermark.isoformat())
         return self.partitions[kafka_partition]
@@ -116,7 +130,8 @@ class Pipeline:
         except Exception as exc:
             log.exception("internal error on %s[%d]@%d", topic, partition, offset)
             return [self._dead_letter(topic, partition, offset, key, value or b"",
-                                      f"internal error: {exc!r}"[:500], timestamp_ms)]
+                                      f"internal error: {exc!r}"[:MAX_REASON_CHARS],
+                                      timestamp_ms)]
 
     def _handle(self, topic: str, partition: int, offset: int, key: bytes | None,
                 value: bytes | None, timestamp_ms: int) -> list[SideMessage]:
@@ -150,10 +165,14 @@ class Pipeline:
             event = EVENT_ADAPTER.validate_json(raw)
         except ValidationError as exc:
             return None, describe_error(exc)
-        arrival = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        arrival = arrival_time(timestamp_ms)
+        if arrival is None:
+            return None, f"timestamp: Kafka record timestamp {timestamp_ms} ms is out of range"
         if event.ts > arrival + timedelta(seconds=self.settings.max_future_s):
             return None, f"ts: {event.ts.isoformat()} is in the future of arrival {arrival}"
-        if key is not None and key != event.session_id.encode():
+        if key is None:  # Kafka spreads unkeyed messages: the session would be split
+            return None, "key: message has no key; it must be keyed by session_id"
+        if key != event.session_id.encode():
             return None, "key: message key differs from session_id (breaks co-partitioning)"
         if self.settings.pseudonym_key is not None:  # before state: no raw user id is kept
             event = event.model_copy(
@@ -164,7 +183,7 @@ class Pipeline:
                      raw: bytes, reason: str, timestamp_ms: int) -> SideMessage:
         coords = f"{topic}[{partition}]@{offset}"
         log.warning("dead letter %s: %s", coords, reason)
-        received = datetime.fromtimestamp(timestamp_ms / 1000, tz=timezone.utc)
+        received = arrival_time(timestamp_ms) or EPOCH  # a bogus record timestamp: unknown
         preview = scrub_raw(raw, pseudonym_key=self.settings.pseudonym_key,
                             text_storage=self.settings.text_storage, limit=RAW_PREVIEW_CHARS)
         row = DeadLetter(dead_letter_id=coords, topic=topic, kafka_partition=partition,
@@ -211,6 +230,7 @@ class Pipeline:
         for table, rows in batch.rows.items():
             if rows:
                 write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
+                self.crash.reach("write")
         self._count_rows(batch)  # before the watermark files: they tell readers we are done
         for p, offset in batch.applied.items():
             state = self.partitions.get(p)
@@ -239,10 +259,19 @@ class Pipeline:
         m = self.metrics
         m.inc("prefstream_flushes_total")
         m.inc("prefstream_partitions_sealed_total", n_sealed)
+        evicted: dict[int, int] = {}
         for p, state in list(self.partitions.items()):
             m.set("prefstream_sessions_open", state.open_sessions, partition=str(p))
             m.set("prefstream_watermark_seconds", state.clock.watermark.timestamp(),
                   partition=str(p))
+            if n := state.take_evicted():
+                evicted[p] = n
+                m.inc("prefstream_sessions_evicted_total", n, partition=str(p))
+        if evicted:  # one line per flush, not one per session: a flood must not flood the log
+            batch.counts["evicted"] += sum(evicted.values())
+            log.warning("%d open sessions closed early (evicted) since the last flush, by Kafka "
+                        "partition %s: over max_open_sessions=%d", sum(evicted.values()),
+                        evicted, self.settings.max_open_sessions)
 
     def _collect_closed(self, batch: Batch) -> None:
         for state in self.partitions.values():
@@ -289,13 +318,17 @@ class MemoryStore:
 
 
 def replay(settings: Settings, records: Iterable[tuple[int, int, bytes | None, bytes, int]],
-           *, final_tick_ms: int) -> None:
+           *, final_tick_ms: int) -> list[SideMessage]:
     """Run ``(partition, offset, key, value, timestamp_ms)`` records through a fresh pipeline
-    into ``settings.data_dir``, then tick every partition at ``final_tick_ms`` and flush."""
+    into ``settings.data_dir``, then tick every partition at ``final_tick_ms`` and flush.
+
+    Returns the dead-letter and late-event messages the worker would have sent.
+    """
     pipeline = Pipeline(settings, MemoryStore())
+    side: list[SideMessage] = []
     for partition, offset, key, value, ts_ms in records:
-        pipeline.handle(topic=settings.events_topic, partition=partition, offset=offset, key=key,
-                        value=value, timestamp_ms=ts_ms)
+        side += pipeline.handle(topic=settings.events_topic, partition=partition, offset=offset,
+                                key=key, value=value, timestamp_ms=ts_ms)
     tick = Tick(wall_ms=final_tick_ms).model_dump_json().encode()
     for p in range(settings.partitions):
         pipeline.handle(topic=settings.events_topic, partition=p, offset=1 << 40, key=None,
@@ -303,3 +336,4 @@ def replay(settings: Settings, records: Iterable[tuple[int, int, bytes | None, b
     pipeline.flush_rows()
     pipeline.checkpoint()
     pipeline.forget_flushed()
+    return side

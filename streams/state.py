@@ -4,6 +4,12 @@ The worker owns one :class:`PartitionSessions` per assigned partition. It keeps 
 dict and a heap of close deadlines so a watermark step only touches sessions that are due, and it
 remembers which slots changed since the last checkpoint so only those are written to the
 changelog.
+
+With ``max_open`` set, a partition holds at most that many open sessions: a new session beyond it
+closes the open session whose last event is the oldest early (reason ``evicted``), so a flood of
+one-event sessions (hostile or buggy producers) cannot grow the state without bound. A second heap,
+keyed by last event time, finds that session in O(log n); the limit is per Kafka partition, not
+per worker, so which sessions are evicted never depends on how partitions are assigned.
 """
 
 from __future__ import annotations
@@ -20,10 +26,27 @@ from streams.sessionize import (
     SessionRules,
     SessionSlot,
     add_event,
+    clusters,
     deadline,
     expire,
     flushed,
 )
+
+#: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
+EVICTION_HEAP_SLACK = 1024
+
+
+def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
+    """Close the open session of ``slot`` now, before its deadline (reason ``evicted``).
+
+    Each gap-separated group closes on its own, as the watermark would have closed it: pairs
+    never join events a gap apart, whichever way a session closed.
+    """
+    if slot.open is None:
+        return slot
+    closed = tuple(ClosedSession(session=group, reason="evicted")
+                   for group in clusters(slot.open, rules.gap))
+    return SessionSlot(pending=(*slot.pending, *closed))
 
 
 class PartitionSessions:
@@ -32,26 +55,64 @@ class PartitionSessions:
         clock: Clock,
         rules: SessionRules,
         slots: Iterable[tuple[str, SessionSlot]] = (),
+        *,
+        max_open: int | None = None,
     ) -> None:
+        if max_open is not None and max_open < 1:
+            raise ValueError("max_open must be at least 1 (None: no limit)")
         self.clock = clock
         self.rules = rules
+        self.max_open = max_open
         self.slots: dict[str, SessionSlot] = dict(slots)
         self._heap: list[tuple[datetime, str]] = []
+        # (last event time, session id) of open sessions, oldest first; an entry is stale once
+        # its session closed or moved on, and is skipped when popped (lazy invalidation)
+        self._by_last: list[tuple[datetime, str]] = []
+        self._n_open = 0
+        self._evicted = 0
         self._dirty: set[str] = set()
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
         for session_id, slot in self.slots.items():
             self._schedule(session_id, slot)
+            self._n_open += slot.open is not None
+        self._rebuild_by_last()
 
     @property
     def open_sessions(self) -> int:
-        return sum(1 for s in self.slots.values() if s.open is not None)
+        return self._n_open
 
     def _schedule(self, session_id: str, slot: SessionSlot) -> None:
         if slot.open is not None:
             heapq.heappush(self._heap, (deadline(slot.open, self.rules)[0], session_id))
 
+    def _rebuild_by_last(self) -> None:
+        """The eviction heap from the open sessions alone (drops every stale entry)."""
+        if self.max_open is None:
+            return
+        self._by_last = [(slot.open.last, sid) for sid, slot in self.slots.items()
+                         if slot.open is not None]
+        heapq.heapify(self._by_last)
+
+    def _track_last(self, session_id: str, before: SessionSlot | None,
+                    after: SessionSlot | None) -> None:
+        """Keep the open count, and an eviction heap entry for every open session's last event.
+
+        An entry is added only when a session opens or its last event moves; the heap is
+        rebuilt once stale entries outnumber live ones, so it stays O(open sessions) in size
+        at an amortized O(log n) per event.
+        """
+        was = before.open if before is not None else None
+        now = after.open if after is not None else None
+        self._n_open += (now is not None) - (was is not None)
+        if self.max_open is None or now is None or (was is not None and was.last == now.last):
+            return  # no limit, nothing open, or the session's entry is still live
+        heapq.heappush(self._by_last, (now.last, session_id))
+        if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
+            self._rebuild_by_last()
+
     def _put(self, session_id: str, slot: SessionSlot | None) -> None:
+        self._track_last(session_id, self.slots.get(session_id), slot)
         if slot is None:
             self.slots.pop(session_id, None)
         else:
@@ -74,6 +135,8 @@ class PartitionSessions:
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             self.clock = self.clock.observe(event.ts, self.rules.grace)
             self._expire()
+        if outcome == "accepted":  # after expiring: sessions the watermark closed make room
+            self._evict_over_limit(keep=event.session_id)
         return outcome
 
     def on_tick(self, wall_ms: int) -> None:
@@ -89,6 +152,34 @@ class PartitionSessions:
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)
+
+    def _evict_over_limit(self, keep: str) -> None:
+        """Close the open sessions with the oldest last event (ties: the smaller session id)
+        until at most ``max_open`` are open; never ``keep``, the session just added to.
+
+        Only a new session can exceed the limit, so this evicts one session per new session
+        (more only after a restart with a lower limit).
+        """
+        if self.max_open is None:
+            return
+        held = []
+        while self._n_open > self.max_open:
+            last, session_id = heapq.heappop(self._by_last)
+            slot = self.slots.get(session_id)
+            if slot is None or slot.open is None or slot.open.last != last:
+                continue  # stale entry: the session closed or moved on
+            if session_id == keep:
+                held.append((last, session_id))
+                continue
+            self._put(session_id, evict(slot, self.rules))
+            self._evicted += 1
+        for entry in held:
+            heapq.heappush(self._by_last, entry)
+
+    def take_evicted(self) -> int:
+        """Sessions evicted since the last call (for the metric and the warning of a flush)."""
+        n, self._evicted = self._evicted, 0
+        return n
 
     def take_closed(self) -> list[ClosedSession]:
         """Closed sessions whose rows are to be written, in their latest state; returned again

@@ -5,9 +5,12 @@ Times are given in minutes after ``T0`` so session gaps read naturally (``event(
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from itertools import count
 from typing import Any
+
+from kafka.partitioner.default import murmur2
 
 from schemas.events import EVENT_ADAPTER, FeedbackEvent
 from schemas.records import Pair, SessionSummary
@@ -76,3 +79,21 @@ def session_row(session_key: str = "s1@0", *, minute: float = 0.0, **fields: Any
         partition=partition_for(ts),
     )
     return SessionSummary(**(data | fields))
+
+
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives a keyed message."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def kafka_records(messages: Iterable[tuple[bytes, bytes]], partitions: int, timestamp_ms: int
+                  ) -> list[tuple[int, int, bytes, bytes, int]]:
+    """``(partition, offset, key, value, timestamp_ms)`` records for ``streams.pipeline.replay``:
+    keyed messages partitioned as the producer does, offsets counted per partition."""
+    offsets = [0] * partitions
+    records = []
+    for key, value in messages:
+        p = kafka_partition(key, partitions)
+        records.append((p, offsets[p], key, value, timestamp_ms))
+        offsets[p] += 1
+    return records

@@ -16,8 +16,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from factories import kafka_records
 from kafka import KafkaConsumer, TopicPartition
-from kafka.partitioner.default import murmur2
 
 from prefstream.demo import end_offsets, wait_until_drained
 from prefstream.settings import Settings
@@ -32,7 +32,7 @@ from streams.traffic import TrafficConfig, generate_traffic
 pytestmark = pytest.mark.broker
 
 FAST = {"idle_s": 1.5, "tick_interval_s": 0.5, "flush_interval_s": 0.5, "rebalance_timeout_s": 2.0,
-        "metrics_port": 0}
+        "session_timeout_s": 4.0, "metrics_port": 0}
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
 
 
@@ -155,32 +155,13 @@ def snapshot(data_dir: Path) -> dict[str, set[str]]:
 
 def reference(settings: Settings, messages: list[tuple[bytes, bytes]], data_dir: Path) -> None:
     """The same messages through the pure pipeline, partitioned as the producer does."""
-    offsets = [0] * settings.partitions
-    records = []
-    for key, value in messages:
-        p = (murmur2(key) & 0x7FFFFFFF) % settings.partitions  # Kafka's default partitioner
-        records.append((p, offsets[p], key, value, int(time.time() * 1000)))
-        offsets[p] += 1
+    records = kafka_records(messages, settings.partitions, int(time.time() * 1000))
     ref = settings.model_copy(update={"data_dir": data_dir})
     init_data_dir(ref.data_dir)
     replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
 
 
-KILL_9_REASON = (
-    "BUG (open): after kill -9 mid-stream, about 1 run in 5 under load stores an extra partial "
-    "copy of a session (starting at an out-of-order event, same end) next to the full one: "
-    "the restarted worker's recovered state lacked the open session when that event was "
-    "replayed. Nothing is lost; the extra rows have their own session key.")
-SIGTERM_REASON = (
-    "BUG (open): a SIGTERM that lands during a flush lets Faust stop the table store and the "
-    "producer while the flush checkpoints and commits; the restarted worker's output then "
-    "differs from the reference (sessions missing and extra). Seen in 3 of 3 runs.")
-
-
-@pytest.mark.parametrize("sig", [
-    pytest.param(signal.SIGTERM, marks=pytest.mark.xfail(strict=False, reason=SIGTERM_REASON)),
-    pytest.param(signal.SIGKILL, marks=pytest.mark.xfail(strict=False, reason=KILL_9_REASON)),
-], ids=["sigterm", "kill-9"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
 def test_worker_restarted_mid_stream_loses_and_duplicates_nothing(
     broker: EmbeddedBroker, tmp_path: Path, sig: int
 ) -> None:

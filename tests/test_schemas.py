@@ -47,6 +47,8 @@ def test_impression_round_trips_through_json(event_id: str, session_id: str, pro
     (base(type="like", response_id="a"), "type"),
     (base(type="copy", response_id="a", event_id=""), "event_id"),
     (base(type="copy", response_id="a", schema_version=2), "schema_version"),
+    (base(type="copy", response_id="a", schema_version=True), "schema_version"),  # == 1
+    (base(type="copy", response_id="a", schema_version=1.0), "schema_version"),
 ])
 def test_bad_events_are_rejected_with_the_field_named(bad: dict, where: str) -> None:
     with pytest.raises(ValidationError) as info:

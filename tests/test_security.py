@@ -270,6 +270,23 @@ def test_raw_messages_are_scrubbed_field_by_field_or_withheld() -> None:
     assert len(scrub_raw(raw, pseudonym_key=key, text_storage="full", limit=20)) == 20
 
 
+@pytest.mark.parametrize("raw", [
+    b"[" * 100_000,  # deeper than Python's JSON parser goes
+    b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+    b'{"user_id": "\\ud800"}',  # a lone surrogate: valid JSON, no UTF-8 string to hash
+    b'{"event_id": "\\udc00", "user_id": "u-secret-7"}',  # ...in a field kept as sent
+    b'{"prompt": "\\ud83d"}',
+], ids=["deep-array", "deep-object", "surrogate-user", "surrogate-id", "surrogate-text"])
+def test_raw_messages_that_cannot_be_scrubbed_are_withheld_not_raised(raw: bytes) -> None:
+    """Hostile JSON that Python parses differently from the worker's validator (or not at
+    all) is kept as its hash and length, or dropped; the dead letter is still written."""
+    key = SecretStr(PSEUDONYM_KEY)
+    whole = scrub_text(raw.decode(), "redact")
+    assert scrub_raw(raw, pseudonym_key=key, text_storage="full") == whole
+    assert scrub_raw(raw, pseudonym_key=key, text_storage="redact") == whole
+    scrub_raw(raw, pseudonym_key=None, text_storage="drop").encode()  # storable as UTF-8
+
+
 # --- the pipeline stores no raw user id, and texts as configured -----------------------------
 
 RAW_USER = "u-secret-7"

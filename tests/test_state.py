@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from schemas.records import ClosedSession
 from streams.sessionize import Clock, SessionRules, add_event
-from streams.state import PartitionSessions
+from streams.state import EVICTION_HEAP_SLACK, PartitionSessions
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
 T0_MS = int(T0.timestamp() * 1000)
@@ -26,8 +26,8 @@ def ms(minute: float) -> int:
     return T0_MS + int(minute * 60_000)
 
 
-def fresh(rules: SessionRules = RULES) -> PartitionSessions:
-    return PartitionSessions(Clock(kafka_partition=0), rules)
+def fresh(rules: SessionRules = RULES, max_open: int | None = None) -> PartitionSessions:
+    return PartitionSessions(Clock(kafka_partition=0), rules, max_open=max_open)
 
 
 def ids(closed: ClosedSession) -> list[str]:
@@ -335,8 +335,8 @@ def play(ps: PartitionSessions, messages) -> list[str]:
     return outcomes
 
 
-def run(messages, rules: SessionRules = RULES):
-    ps = fresh(rules)
+def run(messages, rules: SessionRules = RULES, max_open: int | None = None):
+    ps = fresh(rules, max_open)
     outcomes = play(ps, messages)
     ps.on_tick(FAR_MS)
     return ps, outcomes, ps.take_closed()
@@ -350,6 +350,14 @@ def canon(closed: list[ClosedSession]) -> set[tuple]:
 @given(message_streams(), rules_st)
 def test_every_accepted_event_lands_in_exactly_one_closed_session(messages, rules):
     ps, outcomes, closed = run(messages, rules)
+    assert_every_accepted_event_lands_once(ps, messages, outcomes, closed, rules)
+
+
+def assert_every_accepted_event_lands_once(ps: PartitionSessions, messages, outcomes,
+                                           closed: list[ClosedSession],
+                                           rules: SessionRules) -> None:
+    """What a run ended by a final tick must give, before ``forget_flushed``: each accepted event
+    in exactly one well-formed closed session, duplicates counted where their original is."""
     events = [m for m in messages if m[0] == "msg"]
     assert len(outcomes) == len(events)
     assert set(outcomes) <= {"accepted", "duplicate", "late", "redelivered"}
@@ -534,6 +542,123 @@ def test_restart_and_replay_gives_the_same_sessions(messages, rules, data):
     emitted = ps.take_closed()
     slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
     back = PartitionSessions(ps.clock, rules, slots.items())
+    play(back, messages[j:])
+    back.on_tick(FAR_MS)
+    emitted += back.take_closed()
+    assert canon(emitted) == canon(reference)
+
+
+# --- the open-session limit ------------------------------------------------------------------
+
+def test_a_session_over_the_limit_evicts_the_one_with_the_oldest_last_event():
+    ps = fresh(max_open=2)
+    send(ps, event(minute=0, session_id="s1"), 0)
+    send(ps, event(minute=5, session_id="s2"), 1)
+    send(ps, event(minute=10, session_id="s1"), 2)  # s1 now ends last: s2 is the oldest
+    assert ps.take_closed() == [] and ps.take_evicted() == 0
+    send(ps, event(minute=12, session_id="s3"), 3)
+    [closed] = ps.take_closed()
+    assert (closed.session.session_id, closed.reason) == ("s2", "evicted")
+    assert ps.open_sessions == 2
+    assert sorted(sid for sid, slot in ps.slots.items() if slot.open) == ["s1", "s3"]
+    assert ps.take_evicted() == 1
+    assert ps.take_evicted() == 0  # counted once, for one flush
+
+
+def test_eviction_spares_the_session_just_opened_even_when_it_is_the_oldest():
+    ps = fresh(max_open=2)
+    send(ps, event(minute=10, session_id="s1"), 0)
+    send(ps, event(minute=8, session_id="s2"), 1)
+    send(ps, event(minute=6, session_id="s3"), 2)  # in time (watermark 5), and the oldest
+    [closed] = ps.take_closed()
+    assert (closed.session.session_id, closed.reason) == ("s2", "evicted")
+    assert ps.slots["s3"].open is not None
+
+
+def test_eviction_ties_go_to_the_smaller_session_id_whatever_the_arrival_order():
+    """The choice depends on the state alone, so a replay into recovered state repeats it."""
+    for order in (("s2", "s1"), ("s1", "s2")):
+        ps = fresh(max_open=2)
+        for offset, sid in enumerate(order):
+            send(ps, event(minute=3, session_id=sid), offset)
+        send(ps, event(minute=4, session_id="s3"), 2)
+        assert [c.session.session_id for c in ps.take_closed()] == ["s1"]
+
+
+def test_an_evicted_session_closes_each_group_alone_and_later_events_start_a_new_one():
+    ps = fresh(max_open=1)
+    a, b = event(minute=0, event_id="a"), event(minute=31, event_id="b")
+    send(ps, a, 0)
+    send(ps, b, 1)  # watermark 26: a and b are open groups of one session
+    send(ps, event(minute=32, session_id="s2"), 2)
+    closed = ps.take_closed()
+    assert [(ids(c), c.reason) for c in closed] == [(["a"], "evicted"), (["b"], "evicted")]
+    assert send(ps, event(minute=31, event_id="b"), 3) == "duplicate"  # still pending: known
+    assert send(ps, event(minute=33, event_id="c"), 4) == "accepted"  # a new session of s1...
+    assert ps.slots["s1"].open.start == at(33)
+    assert [c.session.session_id for c in ps.take_closed()[2:]] == ["s2"]  # ...evicting s2
+    assert ps.open_sessions == 1
+
+
+def test_recovered_state_over_a_lowered_limit_shrinks_at_the_next_new_session():
+    roomy = fresh()
+    for offset, minute in enumerate((0, 1, 2)):
+        send(roomy, event(minute=minute, session_id=f"s{offset}"), offset)
+    slots = {sid: slot for sid, slot in roomy.take_dirty().items() if slot is not None}
+    back = PartitionSessions(roomy.clock, RULES, slots.items(), max_open=1)
+    assert back.open_sessions == 3  # nothing is closed on load: recovery emits nothing new
+    send(back, event(minute=3, session_id="s9"), 3)
+    assert sorted(c.session.session_id for c in back.take_closed()) == ["s0", "s1", "s2"]
+    assert back.open_sessions == 1 and back.take_evicted() == 3
+
+
+def test_the_eviction_heap_stays_proportional_to_the_open_sessions():
+    """Every event moving a session's last event adds a heap entry; stale ones are dropped by
+    rebuilding, so a long stream over few sessions keeps the heap small (memory is bounded)."""
+    ps = fresh(max_open=50)
+    for offset in range(3 * EVICTION_HEAP_SLACK // 2):
+        send(ps, event(minute=offset / 100, session_id=f"s{offset % 30}"), offset)
+    assert ps.open_sessions == 30
+    assert len(ps._by_last) <= 2 * 30 + EVICTION_HEAP_SLACK + 1
+
+
+def test_a_limit_below_one_is_refused():
+    with pytest.raises(ValueError, match="at least 1"):
+        fresh(max_open=0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(message_streams(), rules_st, st.integers(1, 3))
+def test_open_sessions_never_exceed_the_limit_and_no_accepted_event_is_lost(
+    messages, rules, max_open
+):
+    ps = fresh(rules, max_open)
+    outcomes = []
+    for msg in messages:
+        outcomes += play(ps, [msg])
+        assert ps.open_sessions <= max_open
+        assert ps.open_sessions == sum(1 for slot in ps.slots.values() if slot.open)
+    ps.on_tick(FAR_MS)
+    closed = ps.take_closed()
+    n_evicted = ps.take_evicted()
+    assert (n_evicted > 0) == any(c.reason == "evicted" for c in closed)
+    assert_every_accepted_event_lands_once(ps, messages, outcomes, closed, rules)
+
+
+@settings(max_examples=150, deadline=None)
+@given(message_streams(), rules_st, st.integers(1, 3), st.data())
+def test_restart_and_replay_gives_the_same_sessions_under_the_limit(messages, rules, max_open,
+                                                                    data):
+    """Evictions depend on the recovered state alone (oldest last event, then session id), so a
+    crash and replay evict the same sessions as an uninterrupted run."""
+    _, _, reference = run(messages, rules, max_open)
+    k = data.draw(st.integers(0, len(messages)), label="crash after")
+    j = data.draw(st.integers(0, k), label="replay from")
+    ps = fresh(rules, max_open)
+    play(ps, messages[:k])
+    emitted = ps.take_closed()
+    slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
+    back = PartitionSessions(ps.clock, rules, slots.items(), max_open=max_open)
     play(back, messages[j:])
     back.on_tick(FAR_MS)
     emitted += back.take_closed()

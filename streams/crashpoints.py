@@ -1,0 +1,67 @@
+"""Where a worker kills itself for crash tests: a test hook, not a setting.
+
+``PREFSTREAM_WORKER_CRASH_AT=write:3`` (read once, when the worker starts) makes the worker
+SIGKILL itself the third time it reaches ``write``, exactly as ``kill -9`` would at that moment:
+no handler, no flush, no commit. Several points may be given (``handle:700,commit:2``); the
+first one reached its count wins. Points, in the order a batch passes them:
+
+* ``handle``: one event handled (the count is in events), its batch not flushed;
+* ``write``: one table's rows of a flush written, the other tables not yet;
+* ``checkpoint``: the batch's files and its state changelog durable, offsets not committed;
+* ``commit``: offsets committed, the flushed sessions not yet dropped from state;
+* ``revoke``: partitions being taken away in a rebalance, before anything is flushed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections import Counter
+
+from prefstream.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CRASH_ENV = "PREFSTREAM_WORKER_CRASH_AT"
+CRASH_POINTS = ("handle", "write", "checkpoint", "commit", "revoke")
+
+
+def parse(text: str) -> dict[str, int]:
+    """``"write:3,commit"`` -> ``{"write": 3, "commit": 1}``; ``ConfigError`` naming the
+    valid points otherwise."""
+    points: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, count = item.partition(":")
+        if name not in CRASH_POINTS:
+            raise ConfigError(f"{CRASH_ENV}: unknown crash point {name!r} "
+                             f"(known: {', '.join(CRASH_POINTS)})")
+        if count and (not count.isdigit() or int(count) < 1):
+            raise ConfigError(f"{CRASH_ENV}: {item!r}: the count must be a positive integer")
+        points[name] = int(count or 1)
+    return points
+
+
+class CrashPoints:
+    """Counts the points reached; kills the process when one reaches its count."""
+
+    def __init__(self, points: dict[str, int]) -> None:
+        self.points = points
+        self.reached: Counter[str] = Counter()
+
+    @classmethod
+    def from_env(cls) -> CrashPoints:
+        return cls(parse(os.environ.get(CRASH_ENV, "")))
+
+    def __bool__(self) -> bool:
+        return bool(self.points)
+
+    def reach(self, point: str, n: int = 1) -> None:
+        if point not in self.points:
+            return
+        self.reached[point] += n
+        if self.reached[point] >= self.points[point]:
+            log.warning("crash point %s reached %d times: killing this worker (%s)", point,
+                        self.reached[point], CRASH_ENV)
+            logging.shutdown()
+            os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,234 @@
+"""Crash safety of the worker on the real broker: kill -9 at chosen and at random points, over
+one stream, with one worker and with two sharing the partitions; the stored rows must equal
+those of an uninterrupted run (the pure pipeline over the same messages), row for row.
+
+The chosen points come from ``streams.crashpoints`` (the worker kills itself there, as kill -9
+would): mid-batch before a flush, between two tables' files of a flush, after the files and the
+state changelog but before the offset commit, right after the commit, and while a rebalance
+takes partitions away. The random ones are plain SIGKILLs from outside at a random moment.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from test_e2e import T0, TABLE_IDS, make_settings, query
+
+from prefstream.demo import end_offsets
+from prefstream.settings import Settings
+from storage.files import Watermark, init_data_dir, read_watermarks
+from streams.broker import EmbeddedBroker
+from streams.crashpoints import CRASH_ENV, CrashPoints, parse
+from streams.pipeline import TICK_PREFIX, replay
+from streams.producer import FeedbackProducer
+from streams.run import prepare
+from streams.traffic import TrafficConfig, generate_traffic
+
+pytestmark = pytest.mark.broker
+
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as running:
+        yield running
+
+
+# -- the crash points themselves (pure) ---------------------------------------------------------
+def test_crash_points_parse_counts_and_reject_unknown_names() -> None:
+    assert parse("") == {}
+    assert parse("write:3, commit") == {"write": 3, "commit": 1}
+    with pytest.raises(Exception, match="unknown crash point 'flush'.*known: handle"):
+        parse("flush:2")
+    with pytest.raises(Exception, match="positive integer"):
+        parse("write:0")
+    assert not CrashPoints({})
+    points = CrashPoints({"write": 5})
+    points.reach("handle", 100)  # not asked for: nothing counted, nothing killed
+    points.reach("write", 4)
+    assert points.reached["write"] == 4 and points.reached["handle"] == 0
+
+
+def test_a_crash_point_kills_the_process_like_kill_9(tmp_path: Path) -> None:
+    code = ("from streams.crashpoints import CrashPoints\n"
+            "p = CrashPoints.from_env()\n"
+            "for _ in range(3):\n    p.reach('write')\n    print('alive', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, CRASH_ENV: "write:2"}, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+    assert done.stdout.split() == ["alive"]
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def rows(data_dir: Path) -> dict[str, list[tuple]]:
+    """Every stored row of every table, all columns, in id order."""
+    out = {}
+    for table, id_col in TABLE_IDS.items():
+        cols = [c[0] for c in query(data_dir, f"DESCRIBE {table}")]
+        listed = ", ".join(f'"{c}"' for c in cols)
+        out[table] = query(data_dir, f"SELECT {listed} FROM {table} ORDER BY {id_col}")
+    return out
+
+
+def produce_stream(settings: Settings, n_events: int, seed: int) -> list[tuple[bytes, bytes]]:
+    prepare(settings)
+    traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=seed, end=T0))
+    producer = FeedbackProducer(settings.kafka_bootstrap, topic=settings.events_topic)
+    for key, value in traffic.messages:
+        producer.send_raw(key, value)
+    producer.flush()
+    producer.close()
+    return traffic.messages
+
+
+def start(settings: Settings, log: Path, crash_at: str = "") -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.as_env(), CRASH_ENV: crash_at}
+    with open(log, "ab") as fh:
+        return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker"], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+
+
+def applied(settings: Settings) -> int:
+    """Messages the stored batches cover, over all partitions."""
+    return sum(m.applied_offset + 1 for m in read_watermarks(settings.data_dir).values())
+
+
+def drained(settings: Settings, targets: dict[int, int], since: float) -> bool:
+    """Every partition flushed past ``targets``, no session open, and its watermark idle past
+    ``since`` (all events handled: the ticks that move it come after them in the log)."""
+    marks: dict[int, Watermark] = read_watermarks(settings.data_dir)
+    return all(p in marks and marks[p].applied_offset + 1 >= end
+               and marks[p].open_sessions == 0
+               and marks[p].watermark.timestamp() >= since - settings.grace_s
+               for p, end in targets.items())
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float,
+             workers: list[subprocess.Popen[bytes]] = ()) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for w in workers:
+            assert w.poll() is None, f"a worker exited with {w.returncode} waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.1)
+
+
+def kill(worker: subprocess.Popen[bytes]) -> None:
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait(timeout=30)
+
+
+def recorded(settings: Settings) -> list[tuple[int, int, bytes | None, bytes, int]]:
+    """The stream as the broker holds it (offsets and arrival times), without the ticks the
+    workers added."""
+    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, consumer_timeout_ms=3000,
+                             auto_offset_reset="earliest", enable_auto_commit=False)
+    tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    records = [(m.partition, m.offset, m.key, m.value, m.timestamp) for m in consumer
+               if not (m.value or b"").startswith(TICK_PREFIX)]
+    consumer.close()
+    return records
+
+
+def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Path) -> int:
+    """The stored rows equal the pure pipeline's over the same records; returns rows compared."""
+    records = recorded(settings)
+    assert len(records) == n_messages
+    ref = settings.model_copy(update={"data_dir": ref_dir})
+    init_data_dir(ref_dir)
+    replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
+    got, want = rows(settings.data_dir), rows(ref_dir)
+    for table in TABLE_IDS:
+        assert got[table] == want[table], table
+    assert len(want["pairs"]) > 100
+    return sum(len(r) for r in want.values())
+
+
+# -- one worker, killed again and again ------------------------------------------------------
+#: each run of the worker dies at one of these (None: kill -9 from outside at a random moment)
+CRASHES = ["handle:300", "write:2", "checkpoint:1", None, "commit:2", "write:7"]
+
+
+def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    settings = make_settings(broker, tmp_path / "data", "crash-loop", flush_max_events=150,
+                             take_max_events=100)
+    messages = produce_stream(settings, n_events=3000, seed=11)
+    targets = end_offsets(settings)
+    total = len(messages)
+    rng = random.Random(3)
+    crashed = 0
+    for i, crash_at in enumerate(CRASHES):
+        before = applied(settings)
+        worker = start(settings, tmp_path / f"worker-{i}.log", crash_at or "")
+        if crash_at is None:  # from outside, once this run has stored something
+            wait_for(lambda: applied(settings) > before, "progress", 60, [worker])  # noqa: B023
+            time.sleep(rng.uniform(0.0, 1.0))
+            kill(worker)
+        else:
+            try:
+                worker.wait(timeout=60)
+            finally:
+                kill(worker)
+            assert worker.returncode == -signal.SIGKILL, f"{crash_at} was never reached"
+        crashed += 1
+        assert applied(settings) < total, f"run {i} ({crash_at}) finished the stream"
+
+    final = start(settings, tmp_path / "worker-final.log")
+    since = time.time()
+    try:
+        wait_for(lambda: drained(settings, targets, since), "drained stream", 120, [final])
+    finally:
+        final.send_signal(signal.SIGTERM)
+        final.wait(timeout=30)
+    n_rows = assert_equals_uninterrupted(settings, len(messages), tmp_path / "ref")
+    print(f"{crashed} crashes survived, {n_rows} rows compared")
+
+
+# -- two workers sharing the partitions ------------------------------------------------------
+def test_two_workers_one_killed_during_a_rebalance_and_one_at_random(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A runs alone, B joins and A dies while the rebalance takes partitions from it; B takes
+    everything over (state from the changelog), A comes back and they share again; then B is
+    killed at a random moment and restarted. The output equals the uninterrupted run."""
+    settings = make_settings(broker, tmp_path / "data", "two-workers", flush_max_events=150,
+                             take_max_events=100).model_copy(update={"partitions": 4})
+    messages = produce_stream(settings, n_events=6000, seed=12)
+    targets = end_offsets(settings)
+    logs = tmp_path
+
+    a = start(settings, logs / "a-1.log", crash_at="revoke:1")
+    wait_for(lambda: applied(settings) > 0, "A's first batch", 60, [a])
+    b = start(settings, logs / "b-1.log")
+    a.wait(timeout=90)
+    assert a.returncode == -signal.SIGKILL, "A was not killed by the rebalance"
+    a = start(settings, logs / "a-2.log")
+    before = applied(settings)
+    wait_for(lambda: applied(settings) > before, "progress with A back", 90, [a, b])
+    time.sleep(random.Random(5).uniform(0.0, 0.3))
+    kill(b)
+    assert applied(settings) < len(messages), "the stream finished before B was killed"
+    b = start(settings, logs / "b-2.log")
+    since = time.time()
+    try:
+        wait_for(lambda: drained(settings, targets, since), "drained stream", 150, [a, b])
+    finally:
+        for w in (a, b):
+            w.send_signal(signal.SIGTERM)
+        for w in (a, b):
+            w.wait(timeout=30)
+    assert_equals_uninterrupted(settings, len(messages), tmp_path / "ref")
