@@ -101,7 +101,8 @@ def init_data_dir(data_dir: Path) -> None:
     _mkdir_private(data_dir / "watermarks")
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Flush a file or a folder (its entries: a rename or a new file in it) to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -132,7 +133,7 @@ def write_atomic(table: pa.Table, folder: Path, name: Callable[[], str], *,
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(folder)
+    fsync_path(folder)
     return path
 
 

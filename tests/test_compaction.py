@@ -25,13 +25,13 @@ from factories import at, pair, session_row
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.partitioner.default import murmur2
+from test_storage import query
 
 from prefstream.settings import Settings
 from schemas.events import Tick
 from schemas.records import DeadLetter, Pair
 from storage.catalog import (
     catalog_in_use,
-    connect_readonly,
     ensure_catalog,
     live_scan_sql,
     table_view_sql,
@@ -102,13 +102,7 @@ def canonical(rows: Iterable[dict]) -> list[tuple]:
                   for r in rows)
 
 
-def view(data_dir: Path, sql: str) -> list[tuple]:
-    assert ensure_catalog(data_dir)
-    con = connect_readonly(data_dir)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
+view = query  # a SQL query through the catalog's views
 
 
 def current(data_dir: Path, table: str, partition: str) -> str:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from storage.catalog import EXTRA_VIEWS, ensure_catalog
+from storage.files import fsync_path
 from trainer import TrainerError
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def save_version(data_dir: Path, version: str, *, model: Saveable, tokenizer: Sa
         if promote:
             _write_durably(root / NEXT, version + "\n")
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     finally:
         if tmp.exists():  # failed before the rename: nothing was published or staged
             shutil.rmtree(tmp)
@@ -236,7 +237,7 @@ def promote(data_dir: Path, version: str) -> None:
 
 def _switch_current(root: Path) -> None:
     os.replace(root / NEXT, root / CURRENT)
-    _fsync(root)
+    fsync_path(root)
 
 
 def _write_durably(path: Path, text: str) -> None:
@@ -249,16 +250,10 @@ def _write_durably(path: Path, text: str) -> None:
 def _fsync_tree(folder: Path) -> None:
     """Flush every file of a folder, then the folder, to disk (before it is renamed)."""
     for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync(path)
-    _fsync(folder)
+        fsync_path(path)
+    fsync_path(folder)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def json_default(value: Any) -> Any:
