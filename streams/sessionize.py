@@ -52,13 +52,19 @@ class Clock:
     last_arrival_ms: int = 0
 
     def observe(self, ts: datetime, grace: timedelta) -> Clock:
-        """An accepted event at ``ts`` moves event time forward."""
+        """An accepted event at ``ts`` moves event time forward (the same clock when it does
+        not: this runs for every event, and most arrive behind the newest)."""
         top = max(self.max_event_ts, ts)
-        return replace(self, max_event_ts=top, watermark=max(self.watermark, top - grace))
+        watermark = max(self.watermark, top - grace)
+        if top == self.max_event_ts and watermark == self.watermark:
+            return self
+        return Clock(self.kafka_partition, top, watermark, self.last_arrival_ms)
 
     def arrived(self, arrival_ms: int) -> Clock:
         """Any valid message (late and duplicate ones too) shows the partition is not idle."""
-        return replace(self, last_arrival_ms=max(self.last_arrival_ms, arrival_ms))
+        if arrival_ms <= self.last_arrival_ms:
+            return self
+        return Clock(self.kafka_partition, self.max_event_ts, self.watermark, arrival_ms)
 
     def tick(self, wall_ms: int, rules: SessionRules) -> Clock:
         """With no event for ``idle`` wall time, event time is assumed to follow the wall clock."""
