@@ -94,7 +94,7 @@ def wait_until_drained(settings: Settings, targets: dict[int, int], worker: subp
             done = {p: min(targets[p], marks[p].applied_offset + 1) if p in marks else 0
                     for p in targets}
             bar.update(sum(done.values()) - bar.n)
-            if _drained(marks, targets, idle_mark):
+            if drained(marks, targets, idle_mark):
                 return
             if worker.poll() is not None:
                 raise PrefstreamError(f"worker exited with {worker.returncode}; see its log")
@@ -103,7 +103,9 @@ def wait_until_drained(settings: Settings, targets: dict[int, int], worker: subp
             time.sleep(0.5)
 
 
-def _drained(marks: dict[int, Watermark], targets: dict[int, int], idle_mark: datetime) -> bool:
+def drained(marks: dict[int, Watermark], targets: dict[int, int], idle_mark: datetime) -> bool:
+    """Every partition's flushes cover ``targets``, no session is open, and its watermark is
+    idle past ``idle_mark`` (the ticks that move it come after every event in the log)."""
     return all(
         p in marks and marks[p].applied_offset + 1 >= targets[p]
         and marks[p].open_sessions == 0 and marks[p].watermark >= idle_mark

@@ -17,15 +17,16 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
-from test_e2e import T0, TABLE_IDS, make_settings, query
+from test_e2e import T0, TABLE_IDS, make_settings, query, start_worker, stop, wait_for
 
-from prefstream.demo import end_offsets
+from prefstream.demo import drained, end_offsets
 from prefstream.settings import Settings
-from storage.files import Watermark, init_data_dir, read_watermarks
+from storage.files import init_data_dir, read_watermarks
 from streams.broker import EmbeddedBroker
 from streams.crashpoints import CRASH_ENV, CrashPoints, parse
 from streams.pipeline import TICK_PREFIX, replay
@@ -90,42 +91,14 @@ def produce_stream(settings: Settings, n_events: int, seed: int) -> list[tuple[b
     return traffic.messages
 
 
-def start(settings: Settings, log: Path, crash_at: str = "") -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.as_env(), CRASH_ENV: crash_at}
-    with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker"], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
-
-
 def applied(settings: Settings) -> int:
     """Messages the stored batches cover, over all partitions."""
     return sum(m.applied_offset + 1 for m in read_watermarks(settings.data_dir).values())
 
 
-def drained(settings: Settings, targets: dict[int, int], since: float) -> bool:
-    """Every partition flushed past ``targets``, no session open, and its watermark idle past
-    ``since`` (all events handled: the ticks that move it come after them in the log)."""
-    marks: dict[int, Watermark] = read_watermarks(settings.data_dir)
-    return all(p in marks and marks[p].applied_offset + 1 >= end
-               and marks[p].open_sessions == 0
-               and marks[p].watermark.timestamp() >= since - settings.grace_s
-               for p, end in targets.items())
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float,
-             workers: list[subprocess.Popen[bytes]] = ()) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        for w in workers:
-            assert w.poll() is None, f"a worker exited with {w.returncode} waiting for {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
-        time.sleep(0.1)
-
-
-def kill(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        worker.kill()
-    worker.wait(timeout=30)
+def is_drained(settings: Settings, targets: dict[int, int], since: datetime) -> Callable[[], bool]:
+    idle_mark = since - timedelta(seconds=settings.grace_s)
+    return lambda: drained(read_watermarks(settings.data_dir), targets, idle_mark)
 
 
 def recorded(settings: Settings) -> list[tuple[int, int, bytes | None, bytes, int]]:
@@ -173,27 +146,27 @@ def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
     crashed = 0
     for i, crash_at in enumerate(CRASHES):
         before = applied(settings)
-        worker = start(settings, tmp_path / f"worker-{i}.log", crash_at or "")
+        worker = start_worker(settings, tmp_path / f"worker-{i}.log",
+                              **{CRASH_ENV: crash_at or ""})
         if crash_at is None:  # from outside, once this run has stored something
             wait_for(lambda: applied(settings) > before, "progress", 60, [worker])  # noqa: B023
             time.sleep(rng.uniform(0.0, 1.0))
-            kill(worker)
+            stop(worker, signal.SIGKILL)
         else:
             try:
                 worker.wait(timeout=60)
             finally:
-                kill(worker)
+                stop(worker, signal.SIGKILL)
             assert worker.returncode == -signal.SIGKILL, f"{crash_at} was never reached"
         crashed += 1
         assert applied(settings) < total, f"run {i} ({crash_at}) finished the stream"
 
-    final = start(settings, tmp_path / "worker-final.log")
-    since = time.time()
+    final = start_worker(settings, tmp_path / "worker-final.log")
     try:
-        wait_for(lambda: drained(settings, targets, since), "drained stream", 120, [final])
+        wait_for(is_drained(settings, targets, datetime.now(timezone.utc)), "drained stream",
+                 120, [final])
     finally:
-        final.send_signal(signal.SIGTERM)
-        final.wait(timeout=30)
+        stop(final)
     n_rows = assert_equals_uninterrupted(settings, len(messages), tmp_path / "ref")
     print(f"{crashed} crashes survived, {n_rows} rows compared")
 
@@ -211,21 +184,21 @@ def test_two_workers_one_killed_during_a_rebalance_and_one_at_random(
     targets = end_offsets(settings)
     logs = tmp_path
 
-    a = start(settings, logs / "a-1.log", crash_at="revoke:1")
+    a = start_worker(settings, logs / "a-1.log", **{CRASH_ENV: "revoke:1"})
     wait_for(lambda: applied(settings) > 0, "A's first batch", 60, [a])
-    b = start(settings, logs / "b-1.log")
+    b = start_worker(settings, logs / "b-1.log")
     a.wait(timeout=90)
     assert a.returncode == -signal.SIGKILL, "A was not killed by the rebalance"
-    a = start(settings, logs / "a-2.log")
+    a = start_worker(settings, logs / "a-2.log")
     before = applied(settings)
     wait_for(lambda: applied(settings) > before, "progress with A back", 90, [a, b])
     time.sleep(random.Random(5).uniform(0.0, 0.3))
-    kill(b)
+    stop(b, signal.SIGKILL)
     assert applied(settings) < len(messages), "the stream finished before B was killed"
-    b = start(settings, logs / "b-2.log")
-    since = time.time()
+    b = start_worker(settings, logs / "b-2.log")
     try:
-        wait_for(lambda: drained(settings, targets, since), "drained stream", 150, [a, b])
+        wait_for(is_drained(settings, targets, datetime.now(timezone.utc)), "drained stream",
+                 150, [a, b])
     finally:
         for w in (a, b):
             w.send_signal(signal.SIGTERM)

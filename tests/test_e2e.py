@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -48,8 +48,9 @@ def make_settings(broker: EmbeddedBroker, data_dir: Path, name: str, **extra: ob
                     late_topic=f"{name}-late", partitions=2, **FAST, **extra)
 
 
-def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.as_env()}
+def start_worker(settings: Settings, log_path: Path,
+                 **extra_env: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.as_env(), **extra_env}
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker"], env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -59,6 +60,17 @@ def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
         proc.wait(timeout=30)
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout_s: float,
+             workers: Iterable[subprocess.Popen[bytes]] = ()) -> None:
+    """Until ``condition()``; fails once ``timeout_s`` passed or any of ``workers`` exited."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        for w in workers:
+            assert w.poll() is None, f"a worker exited with {w.returncode} waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
+        time.sleep(0.1)
 
 
 def run_until_drained(settings: Settings, log_path: Path) -> None:

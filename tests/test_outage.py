@@ -10,18 +10,17 @@ Kafka adds is in the README ("Broker outages").
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
-from test_e2e import FAST, query, start_worker, stop
+from test_e2e import FAST, query, start_worker, stop, wait_for
+from test_producer import read_all
 
 from prefstream.demo import end_offsets
 from prefstream.errors import ProducerError
@@ -70,16 +69,6 @@ def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         pass
     finally:
         admin.close()
-
-
-def read_values(bootstrap: str, topic: str) -> list[bytes]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    values = [m.value for m in consumer]
-    consumer.close()
-    return values
 
 
 @pytest.mark.broker
@@ -132,7 +121,7 @@ def test_producer_stays_within_its_bound_and_reports_what_it_could_not_send() ->
         producer.close()
         assert producer.sent == sent_before_outage + len(undelivered)
         assert producer.take_undelivered() == []
-        assert sorted(read_values(broker.bootstrap, topic)) == sorted(
+        assert sorted(read_all(broker.bootstrap, topic)) == sorted(
             u.value for u in undelivered)
     finally:
         broker.stop()
@@ -176,14 +165,6 @@ def applied(settings: Settings) -> dict[int, int]:
     return {p: m.applied_offset + 1 for p, m in read_watermarks(settings.data_dir).items()}
 
 
-def wait_until(done: Callable[[], bool], worker: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not done():
-        assert worker.poll() is None, f"the worker exited while waiting for {what}"
-        assert time.monotonic() < deadline, f"no {what} in 60 s"
-        time.sleep(0.5)
-
-
 @pytest.mark.broker
 def test_worker_reconnects_to_a_fresh_broker_and_goes_on(tmp_path: Path) -> None:
     """The broker is stopped under a running worker and a fresh one started on its port.
@@ -206,9 +187,9 @@ def test_worker_reconnects_to_a_fresh_broker_and_goes_on(tmp_path: Path) -> None
         worker = start_worker(settings, log_path)
         produce(settings, traffic.messages, "before")
         targets = end_offsets(settings)
-        wait_until(lambda: n_pairs(settings, "before") == 1, worker, "pair before the outage")
-        wait_until(lambda: all(applied(settings).get(p, 0) >= end for p, end in targets.items()),
-                   worker, "traffic applied")
+        wait_for(lambda: n_pairs(settings, "before") == 1, "pair before the outage", 60, [worker])
+        wait_for(lambda: all(applied(settings).get(p, 0) >= end for p, end in targets.items()),
+                 "traffic applied", 60, [worker])
         old = applied(settings)
         assert min(old.values()) > 100  # the new log's first offsets lie far below these
 
@@ -222,7 +203,7 @@ def test_worker_reconnects_to_a_fresh_broker_and_goes_on(tmp_path: Path) -> None
         finally:
             worker.send_signal(signal.SIGCONT)
         produce(settings, [], "after")
-        wait_until(lambda: n_pairs(settings, "after") == 1, worker, "pair after the restart")
+        wait_for(lambda: n_pairs(settings, "after") == 1, "pair after the restart", 60, [worker])
 
         text = log_path.read_text(errors="replace")
         assert "topic re-created" in text and "reading from offsets {" in text
