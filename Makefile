@@ -31,6 +31,7 @@ BENCH_QUALITY_EVENTS ?= 5000
 BENCH_EVENTS ?= 100000
 BENCH_OPEN_SESSIONS ?= 100000
 BENCH_PAIRS ?= 10000000
+BENCH_SOAK_MINUTES ?= 30
 comma := ,
 bench_skipped = $(filter $(1),$(subst $(comma), ,$(BENCH_SKIP)))
 
@@ -43,6 +44,8 @@ bench: install
 		--data $(BENCH_DATA))
 	$(if $(call bench_skipped,queries),,$(BIN)/python benchmarks/bench_queries.py \
 		--pairs $(BENCH_PAIRS))
+	$(if $(call bench_skipped,soak),,$(BIN)/python benchmarks/soak.py \
+		--minutes $(BENCH_SOAK_MINUTES))
 	$(BIN)/python benchmarks/report.py --reused "$(subst $(comma), ,$(BENCH_SKIP))"
 
 clean:

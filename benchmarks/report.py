@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("quality", "pipeline", "trainer", "queries")
+BENCHMARKS = ("quality", "pipeline", "trainer", "queries", "soak")
 VERSIONS = ("prefstream", "faust-streaming", "aiokafka", "kafka-python", "duckdb", "pyarrow",
             "torch", "transformers", "trl")
 
@@ -68,8 +68,8 @@ def load_results(folder: Path) -> dict[str, Result]:
 def when(result: Result) -> str | None:
     """When a result was measured (``started``; results written before it was recorded carry
     ``committed``, the date the file was committed, from :func:`load_results`)."""
-    if result.get("started"):
-        return str(result["started"])
+    if result.get("started") or result.get("date"):  # the soak records when it finished
+        return str(result.get("started") or result["date"])
     return f"before {result['committed']} (when it was committed)" \
         if result.get("committed") else None
 
@@ -237,11 +237,44 @@ def queries_section(r: Result) -> list[str]:
     return lines
 
 
+def soak_section(r: Result, window_s: float = 300.0) -> list[str]:
+    """The soak's memory curve in windows of ``window_s``, then its verdict."""
+    config, v, final = r["config"], r["verdict"], r["final"]
+    samples = r["samples"]
+    lines = [f"One worker under {config['rate']:g} messages/s for {config['minutes']:g} minutes "
+             f"(event time compressed x{config['time_compression']:g}, so sessions close and "
+             f"hour partitions seal as in production); a sample every {config['interval']:g} s.",
+             ""]
+    rows = []
+    for start in range(0, int(samples[-1]["t_s"]) + 1, int(window_s)):
+        window = [s for s in samples if start <= s["t_s"] < start + window_s]
+        if window:
+            rss = [s["rss_mb"] for s in window]
+            rows.append((f"{start / 60:g}-{(start + window_s) / 60:g}", min(rss),
+                         round(sum(rss) / len(rss), 1), max(rss), max(s["lag"] for s in window),
+                         window[-1]["dead_letters"], window[-1]["pairs"]))
+    lines += table(("minutes", "RSS min MiB", "RSS mean MiB", "RSS max MiB", "lag max",
+                    "dead letters so far", "pairs so far"), rows)
+    slope = v.get("rss_slope_mb_per_10min")
+    flat = {True: "flat", False: "GROWING", None: "not judged"}[v.get("memory_flat")]
+    lines += ["", f"- memory after the {config['warmup_minutes']:g}-minute warm-up: "
+              f"{flat}, slope {slope} MiB per 10 minutes (limit {config['max_slope_mb']:g}); RSS "
+              f"{' / '.join(str(x) for x in v['rss_mb_min_mean_max'])} MiB min / mean / max",
+              f"- lag: at most {v['lag_max']:,} messages (limit {config['max_lag']:,}), "
+              f"{v['lag_mean']:,} on average",
+              f"- {final['dead_letters']:,} dead letters for {final['bad_sent']:,} malformed "
+              f"messages sent; {final['sent']:,} sent, {final['send_failed']:,} failed; "
+              f"{final['pairs']:,} pairs; drained at the end: {_cell(r.get('drained'))}",
+              f"- verdict: {'OK' if v['ok'] else 'NOT OK'}"]
+    return lines
+
+
 SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "quality": ("Pair quality and held-out agreement", quality_section),
     "pipeline": ("Stream worker: throughput, freshness, memory", pipeline_section),
     "trainer": ("Trainer against TRL's RewardTrainer", trainer_section),
     "queries": ("Analyst queries", queries_section),
+    "soak": ("Soak: 30 minutes at steady load", soak_section),
 }
 
 

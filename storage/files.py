@@ -169,9 +169,12 @@ def live_files(folder: Path) -> list[Path]:
 class IdIndex:
     """Ids already stored, per (table, partition): each loaded from its files on first use, then
     kept up to date by :func:`write_rows`, so every id is written once and the views need no
-    deduplication. Only the ``capacity`` most recently used partitions stay in memory."""
+    deduplication. Only the ``capacity`` most recently used (table, partition) sets stay in
+    memory: the default, 64, holds the seven tables of about nine hourly partitions, more than
+    the hours a worker writes to around its watermark; an older partition's ids are read again
+    from its files when a late row or a replay reaches it."""
 
-    def __init__(self, data_dir: Path, *, capacity: int = 512) -> None:
+    def __init__(self, data_dir: Path, *, capacity: int = 64) -> None:
         self.data_dir = data_dir
         self.capacity = capacity
         self._ids: OrderedDict[tuple[str, str], set[Any]] = OrderedDict()

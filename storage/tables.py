@@ -65,6 +65,12 @@ def arrow_schema(model: type[BaseModel]) -> pa.Schema:
     )
 
 
+def memory_pool() -> str:
+    """pyarrow's memory pool in this process (``prefstream`` makes it jemalloc; see
+    ``prefstream/cli.py``)."""
+    return pa.default_memory_pool().backend_name
+
+
 def warm_up() -> None:
     """Pay pyarrow's first conversion from Python objects now: it imports pandas (when
     installed), which takes about a second; a worker calls this before it consumes, so its

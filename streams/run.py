@@ -42,9 +42,12 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
     import faust
 
-    from storage.tables import warm_up
+    from storage.tables import memory_pool, warm_up
     from streams.app import create_app
 
+    if memory_pool() == "mimalloc" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        log.warning("pyarrow's memory pool is mimalloc: a long-running worker's memory grows "
+                    "with it; start workers with ARROW_DEFAULT_MEMORY_POOL=jemalloc")
     warm_up()
     os.umask(OWNER_ONLY_UMASK)
     with broker_for(settings) as settings:

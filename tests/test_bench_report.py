@@ -9,6 +9,7 @@ schedule is tested directly).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -108,6 +109,18 @@ def test_checked_in_results_render_with_reused_and_missing_sections() -> None:
     assert f"| {report._cell(throughput['prefstream_events_per_s'])} | x1 |" in stream
     assert f"| {report.ratio(throughput['ratios']['aiokafka'])} |" in stream
     assert f"| all with pairs | {fresh['n']} | {report._cell(fresh['p50_s'])} |" in stream
+
+
+def test_soak_renders_its_memory_curve_and_verdict() -> None:
+    soak = checked_in("soak")
+    text = section(report.render({"soak": soak}), "Soak: 30 minutes at steady load")
+    windows = [line for line in text.splitlines() if re.match(r"\| \d+-\d+ \|", line)]
+    last = max(s["t_s"] for s in soak["samples"])
+    assert len(windows) == int(last // 300) + 1  # one row per 5 minutes, none empty
+    first = [s["rss_mb"] for s in soak["samples"] if s["t_s"] < 300]
+    assert windows[0].startswith(f"| 0-5 | {report._cell(min(first))} |")
+    assert f"- verdict: {'OK' if soak['verdict']['ok'] else 'NOT OK'}" in text
+    assert f"{soak['final']['dead_letters']:,} dead letters" in text
 
 
 def test_a_failed_stage_is_shown_with_its_reason() -> None:

@@ -509,3 +509,29 @@ def test_every_dir_under_the_data_dir_is_owner_only(tmp_path, umask_022):
     modes = {str(p.relative_to(data_dir)): oct(_mode(p)) for p in data_dir.rglob("*")
              if p.is_dir()}
     assert modes == dict.fromkeys(modes, oct(0o700))
+
+
+@pytest.mark.parametrize("env, expected", [(None, "jemalloc"), ("system", "system")])
+def test_prefstream_processes_use_jemalloc_for_arrow_unless_the_user_names_a_pool(
+        env, expected, tmp_path):
+    """The pool is chosen once per process, at pyarrow's first use: a fresh interpreter that
+    imports the CLI first, as every ``prefstream`` process does, then reads and writes Parquet;
+    Arrow's own C++ code (Parquet reader and writer) must allocate from that pool too."""
+    code = (
+        "import prefstream.cli, pyarrow as pa, pyarrow.parquet as pq, sys\n"
+        "path = sys.argv[1]\n"
+        "pq.write_table(pa.table({'a': list(range(100000))}), path)\n"
+        "pq.read_table(path)\n"
+        "from storage.tables import memory_pool\n"
+        "others = [p for p in ('mimalloc', 'jemalloc', 'system') if p != memory_pool()]\n"
+        "used = {p: getattr(pa, p + '_memory_pool')().max_memory() for p in others}\n"
+        "assert not any(used.values()), used\n"
+        "print(memory_pool())\n")
+    environ = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    if env is not None:
+        environ["ARROW_DEFAULT_MEMORY_POOL"] = env
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.parquet")],
+                         env=environ, cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
