@@ -10,7 +10,7 @@ import logging
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,17 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def serve(render: Callable[[], str], *, host: str, port: int) -> ThreadingHTTPServer | None:
-    """Serve ``GET /metrics`` on a daemon thread; None (and a warning) if the port is taken."""
+def serve(render: Callable[[], str], *, host: str, port: int) -> HTTPServer | None:
+    """Serve ``GET /metrics`` on one daemon thread; None (and a warning) if the port is taken.
+
+    One request at a time, on the same thread: a scrape takes a millisecond, and a thread per
+    request would start a new thread every scrape for the life of the worker. A client that
+    stops sending or reading is dropped after ``timeout`` seconds.
+    """
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 5.0
+
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)
@@ -96,7 +103,7 @@ def serve(render: Callable[[], str], *, host: str, port: int) -> ThreadingHTTPSe
             return
 
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        server = HTTPServer((host, port), Handler)
     except OSError as exc:
         log.warning("metrics endpoint not started on %s:%d: %s", host, port, exc)
         return None

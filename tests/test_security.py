@@ -494,3 +494,28 @@ def test_the_whole_data_dir_is_owner_only(tls_demo: dict[str, Any]) -> None:
             assert mode == 0o700, path
         else:
             assert mode & 0o077 == 0, (path, oct(mode))
+
+
+def test_metrics_endpoint_outlives_a_silent_client_without_a_thread_per_scrape() -> None:
+    """A client that connects and sends nothing is dropped after the handler's timeout; scrapes
+    are served on the endpoint's one thread, never a new thread each."""
+    import urllib.request
+
+    from streams import metrics
+    from streams.broker import free_port
+
+    port = free_port()
+    server = metrics.serve(lambda: "up 1\n", host="127.0.0.1", port=port)
+    assert server is not None
+    silent = socket.create_connection(("127.0.0.1", port))  # holds the server's one thread
+    try:
+        threads = threading.active_count()
+        url = f"http://127.0.0.1:{port}/metrics"
+        for _ in range(20):
+            with urllib.request.urlopen(url, timeout=30) as response:
+                assert response.read() == b"up 1\n"
+        assert threading.active_count() == threads
+    finally:
+        silent.close()
+        server.shutdown()
+        server.server_close()
