@@ -274,7 +274,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "pipeline": ("Stream worker: throughput, freshness, memory", pipeline_section),
     "trainer": ("Trainer against TRL's RewardTrainer", trainer_section),
     "queries": ("Analyst queries", queries_section),
-    "soak": ("Soak: 30 minutes at steady load", soak_section),
+    "soak": ("Soak: one worker at steady load", soak_section),
 }
 
 

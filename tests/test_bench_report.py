@@ -113,7 +113,7 @@ def test_checked_in_results_render_with_reused_and_missing_sections() -> None:
 
 def test_soak_renders_its_memory_curve_and_verdict() -> None:
     soak = checked_in("soak")
-    text = section(report.render({"soak": soak}), "Soak: 30 minutes at steady load")
+    text = section(report.render({"soak": soak}), "Soak: one worker at steady load")
     windows = [line for line in text.splitlines() if re.match(r"\| \d+-\d+ \|", line)]
     last = max(s["t_s"] for s in soak["samples"])
     assert len(windows) == int(last // 300) + 1  # one row per 5 minutes, none empty
