@@ -25,6 +25,7 @@ lint: install
 # Every benchmark, then docs/benchmarks.md from benchmarks/results/*.json. Skip some with
 # BENCH_SKIP="trainer queries" (or comma-separated): their last JSON is reused and marked so.
 # The trainer benchmark needs the optional extra: pip install -e '.[bench]'.
+# A soak whose verdict fails exits 1; the report is still rendered, verdict included.
 BENCH_SKIP ?=
 BENCH_DATA ?= ../shared/data/hh-rlhf-harmless-dev.jsonl.gz
 BENCH_QUALITY_EVENTS ?= 5000
@@ -44,7 +45,7 @@ bench: install
 		--data $(BENCH_DATA))
 	$(if $(call bench_skipped,queries),,$(BIN)/python benchmarks/bench_queries.py \
 		--pairs $(BENCH_PAIRS))
-	$(if $(call bench_skipped,soak),,$(BIN)/python benchmarks/soak.py \
+	$(if $(call bench_skipped,soak),,-$(BIN)/python benchmarks/soak.py \
 		--minutes $(BENCH_SOAK_MINUTES))
 	$(BIN)/python benchmarks/report.py --reused "$(subst $(comma), ,$(BENCH_SKIP))"
 
