@@ -126,8 +126,10 @@ def remove_superseded(*, data_dir: Path, table: str, partition: str, grace: time
                       now: datetime | None = None) -> list[Path]:
     """Delete the generation folders ``current`` moved away from at least ``grace`` before
     ``now`` (a generation is retired when the next one's merged file is swapped in; its name
-    holds that time, taken just before the swap) and any folder above ``current`` (left by a
-    crash: never read). The partition's marker goes with the last old generation."""
+    holds that time, taken just before the swap) and any folder that never became ``current``:
+    above it, or below it without a merged file (both left by a crash between creating a
+    generation and swapping it in; never read). The partition's marker goes with the last old
+    generation."""
     folder = data_dir / table / partition
     now = now or datetime.now(timezone.utc)
     if not (folder / CURRENT).is_symlink():
@@ -137,8 +139,11 @@ def remove_superseded(*, data_dir: Path, table: str, partition: str, grace: time
         current = generation_number(os.readlink(folder / CURRENT))
         numbers = sorted(n for n in map(generation_number, os.listdir(folder)) if n is not None)
         retired = {n: _merged_at(folder / generation_dir(n)) for n in numbers}
-        due = [n for n in numbers if current is not None and (n > current or (
-            n < current and _retired_at(n, numbers, retired) + grace <= now))]
+        never_current = {n for n in numbers if current is not None and (
+            n > current or (0 < n < current and retired[n] is None))}
+        due = [n for n in numbers if n in never_current or (
+            current is not None and n < current
+            and _retired_at(n, numbers, retired) + grace <= now)]
         for n in due:
             shutil.rmtree(folder / generation_dir(n))
         if len(due) == len(numbers) - 1:
@@ -153,9 +158,9 @@ def _merged_at(generation: Path) -> datetime | None:
 
 
 def _retired_at(number: int, numbers: list[int], merged: dict[int, datetime | None]) -> datetime:
-    """When ``current`` left generation ``number``: the merge time of the next generation (of
-    the next one kept, if it is gone: a later time, so never too early)."""
-    successor = next(n for n in numbers if n > number)
+    """When ``current`` left generation ``number``: the merge time of the next generation that
+    became current (of the next one kept, if it is gone: a later time, so never too early)."""
+    successor = next(n for n in numbers if n > number and merged[n] is not None)
     stamp = merged[successor]
     assert stamp is not None, f"generation {successor} holds no merged file"
     return stamp

@@ -212,6 +212,28 @@ def test_a_reader_that_listed_before_a_compaction_reads_the_old_files_until_the_
     assert view(data_dir, "SELECT pair_id FROM pairs ORDER BY 1") == [("p0",), ("p1",), ("p2",)]
 
 
+def test_a_generation_left_empty_by_a_crash_is_removed_once_a_later_one_is_current(data_dir):
+    """A kill between creating a generation and swapping it in leaves a folder without a merged
+    file; the next compaction goes past it. It was never read: it goes at once, and the older
+    generation waits for the grace after the swap that really retired it."""
+    folder = data_dir / "pairs" / H12
+    for i in range(2):
+        write_rows(data_dir=data_dir, table="pairs", rows=[pair(f"p{i}")])
+    (folder / "g000001").mkdir()  # the crash leftover: created, never swapped in
+    merged = compact_partition(data_dir=data_dir, table="pairs", partition=H12)
+    assert merged is not None and merged.parent.name == "g000002"
+    swap = stamp_of(merged.name)
+    assert swap is not None
+    removed = remove_superseded(data_dir=data_dir, table="pairs", partition=H12, grace=GRACE,
+                                now=swap + GRACE - timedelta(microseconds=1))
+    assert [p.name for p in removed] == ["g000001"]
+    removed = remove_superseded(data_dir=data_dir, table="pairs", partition=H12, grace=GRACE,
+                                now=swap + GRACE)
+    assert [p.name for p in removed] == ["g000000"]
+    assert generations(folder) == ["g000002"] and marked(data_dir, GC) == []
+    assert sorted(r["pair_id"] for r in live_rows(data_dir, "pairs", H12)) == ["p0", "p1"]
+
+
 def test_each_generation_waits_for_the_grace_after_its_own_retirement(data_dir):
     """The hour being written is merged again and again: each old generation goes a grace after
     the swap that retired it, not after the last one; a folder above ``current`` (a crash
