@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
 
@@ -39,8 +41,9 @@ class TableStore:
     every key is the Kafka partition its session lives in, never Faust's "current event".
     """
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, crash: CrashPoints | None = None) -> None:
         self.table = table
+        self.crash = crash or CrashPoints({})
         self.in_flight: list[Any] = []  # changelog sends not yet acknowledged by the broker
         self.touched: set[int] = set()  # changelog partitions written since the last marker
 
@@ -58,6 +61,7 @@ class TableStore:
         sends, self.in_flight = self.in_flight, []
         if sends:
             await asyncio.gather(*sends)
+            self.crash.reach("changelog")
         touched, self.touched = sorted(self.touched), set()
         if touched:
             await asyncio.gather(*(self.table.send_changelog(p, MARK_KEY.format(p), "1")
@@ -124,21 +128,40 @@ def create_app(settings: Settings) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_session_timeout=settings.session_timeout_s,
         broker_heartbeat_interval=1.0,
+        # Faust checks that no changelog offset it already read is past the partition's end.
+        # A worker killed between a checkpoint and its marker leaves a last record batch of
+        # several records; brokers that report the end as that batch's first offset plus one
+        # (Tansu) then fail the check for a standby that read the whole batch, and Faust's
+        # recovery crashes the worker. The check guards RocksDB files left over from deleted
+        # topics; the memory store has none, and reading on from the offset read is right.
+        recovery_consistency_check=False,
         consumer_auto_offset_reset="earliest",
         web_enabled=False,
         stream_wait_empty=False,
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-    events = app.topic(settings.events_topic, partitions=settings.partitions, **raw)
+    # acks=False: Faust keeps no ack bookkeeping for the events topic, so it never commits its
+    # offsets on its own. It would otherwise: the messages its stream skips after a rebalance
+    # (fetched in the previous generation) are acked by Faust and committed by its periodic
+    # commit although nothing handled them; the next owner would start past them.
+    events = app.topic(settings.events_topic, partitions=settings.partitions, acks=False, **raw)
     side = {name: app.topic(name, partitions=1, **raw)
             for name in (settings.dead_letter_topic, settings.late_topic)}
     table = app.Table("sessions", default=None, partitions=settings.partitions,
                       key_type=str, value_type=str)
-    store = TableStore(table)
     crash = CrashPoints.from_env()  # empty unless a crash test asks
+    store = TableStore(table, crash)
     pipeline = Pipeline(settings, store, crash=crash)
     lock = asyncio.Lock()
+    # Flushes run one at a time; one long-lived thread does them all, so the files' buffers are
+    # always allocated by the same thread (asyncio's default pool spreads them over up to six,
+    # each growing its own malloc arena in a long-running worker).
+    flusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefstream-flush")
     uncommitted: dict[TP, int] = {}  # next offset to commit, per partition handled since
+    # Assignments seen so far (bumped by every revoke), and the one each buffered message was
+    # fetched in: only messages of the current one are handled (see ``on_revoked``).
+    epoch = [0]
+    fetched_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
     async def flush() -> None:
         try:
@@ -149,16 +172,16 @@ def create_app(settings: Settings) -> faust.App:
             raise
 
     async def durable_flush() -> None:
-        batch = await asyncio.to_thread(pipeline.flush_rows)
+        batch = await asyncio.get_running_loop().run_in_executor(flusher, pipeline.flush_rows)
         pipeline.checkpoint()
         await app.producer.flush()
         await store.wait_sent()
         crash.reach("checkpoint")
         targets = dict(uncommitted)
         uncommitted.clear()
-        await commit_through(targets)
+        committed = await commit_through(targets)
         crash.reach("commit")
-        pipeline.forget_flushed()
+        pipeline.forget_flushed({tp.partition: offset for tp, offset in committed.items()})
         for tp, next_offset in targets.items():
             end = app.consumer.highwater(tp)
             if end is not None:
@@ -167,19 +190,20 @@ def create_app(settings: Settings) -> faust.App:
         if batch.counts:
             log.info("flushed batch: %s", dict(batch.counts))
 
-    async def commit_through(targets: dict[TP, int]) -> None:
+    async def commit_through(targets: dict[TP, int]) -> dict[TP, int]:
         """Commit exactly these offsets (next offset per partition) for the consumer group.
 
         Faust's own commit follows its ack bookkeeping, which can lose acks around a
         rebalance and then never pass the hole; our batches know exactly what is durable, so
-        they commit it directly. Nothing is acked to Faust, so it never commits on its own.
+        they commit it directly. The events topic has acks off, so Faust never commits it.
+        Returns the offsets committed (none when the partitions were revoked meanwhile).
         """
         for _ in range(COMMIT_ATTEMPTS):
             owned = {tp: off for tp, off in targets.items() if tp in app.consumer.assignment()}
             if not owned:  # revoked meanwhile: the new owner replays, ids keep rows unique
-                return
+                return {}
             if await app.consumer._commit(owned):  # Faust keeps no public per-offset commit
-                return
+                return owned
             await asyncio.sleep(0.1)
         raise RuntimeError(f"offsets {targets} not committed after {COMMIT_ATTEMPTS} attempts")
 
@@ -194,16 +218,32 @@ def create_app(settings: Settings) -> faust.App:
         ``noack_take`` yields the buffered events without acking them, so Faust never commits
         on its own (see ``commit_through``).
         """
-        async for batch in stream.noack().noack_take(settings.take_max_events,
-                                                     within=settings.take_within_s):
+        events_in = stream.noack()
+
+        def note_epoch(value: Any) -> Any:  # runs as each message enters the batch buffer
+            event = events_in.current_event
+            if event is not None:
+                fetched_in[event.message] = epoch[0]
+            return value
+
+        events_in.add_processor(note_epoch)  # before the buffer's own processor
+        async for batch in events_in.noack_take(settings.take_max_events,
+                                                within=settings.take_within_s):
             async with lock:
                 side_messages: list[SideMessage] = []
+                stale = 0
                 for event in batch:
                     msg = event.message
+                    if fetched_in.pop(msg, epoch[0]) != epoch[0]:
+                        stale += 1
+                        continue
                     side_messages += pipeline.handle(
                         topic=msg.topic, partition=msg.partition, offset=msg.offset,
                         key=msg.key, value=msg.value, timestamp_ms=int(msg.timestamp * 1000))
                     uncommitted[msg.tp] = msg.offset + 1
+                if stale:
+                    log.info("dropped %d events fetched before the last rebalance: whoever owns "
+                             "their partitions now reads them from the committed offsets", stale)
                 crash.reach("handle", len(batch))
                 await send_side(side_messages)
                 if pipeline.due():
@@ -226,17 +266,42 @@ def create_app(settings: Settings) -> faust.App:
     watch = LogWatch(settings.partitions)
     topic_ids = TopicIds(str(settings.kafka_bootstrap), **settings.kafka_client_config())
 
+    async def committed(tps: set[TP]) -> dict[TP, int | None]:
+        """The group's committed offset of each partition (None: never committed)."""
+        thread = app.consumer._thread  # Faust has no public per-partition committed lookup
+        client = thread._ensure_consumer()
+        return {tp: await thread.call_thread(client.committed, tp) for tp in tps}
+
+    async def rewind_uncommitted(tps: set[TP]) -> None:
+        """Seek partitions with no committed offset (or 0) to their earliest offset.
+
+        After a rebalance Faust seeks every partition to its committed offset, but aiokafka
+        skips a committed offset of None or 0 and leaves the position where the last fetch
+        left it. Messages fetched before the rebalance and never handled (see ``on_revoked``)
+        would then never be read again by a worker that keeps such a partition.
+        """
+        offsets = await committed(tps)
+        fresh = [tp for tp in tps if not offsets[tp]]
+        if fresh:
+            for tp, offset in (await app.consumer.earliest_offsets(*fresh)).items():
+                await app.consumer.seek(tp, offset)
+
     @app.on_rebalance_complete.connect
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
-        """Read partitions whose topic was re-created again from the start (see ``logwatch``).
+        """Rewind partitions never committed, and read partitions whose topic was re-created
+        again from the start (see ``logwatch``).
 
         Runs after every assignment, before Faust seeks to the committed offsets; a broker that
         lost its data always brings a rebalance (the consumer group is gone with it). The start
         is committed, then sought: aiokafka never seeks to a committed 0, so a later seek to the
         committed offsets leaves the position alone, and an earlier one is undone.
         """
-        topic_id = await asyncio.to_thread(topic_ids.topic_id, settings.events_topic)
         tps = {tp for tp in app.consumer.assignment() if tp.topic == settings.events_topic}
+        try:
+            await rewind_uncommitted(tps)
+        except KafkaError as exc:  # the broker went away: the next assignment retries
+            log.warning("cannot look up committed offsets yet: %r", exc)
+        topic_id = await asyncio.to_thread(topic_ids.topic_id, settings.events_topic)
         due = watch.observe(topic_id, {tp.partition for tp in tps})
         if not due:
             return
@@ -260,7 +325,17 @@ def create_app(settings: Settings) -> faust.App:
 
         Faust does not redeliver events a worker already received when a partition comes back
         to it, so their offsets must be committed now or they would be skipped.
+
+        Events fetched before this point but still waiting in the agent's batch buffer are
+        dropped unhandled (a new epoch): handled after the revoke, they would rebuild their
+        partition's state from this worker's stale table and write it to a changelog partition
+        another worker may own by then, whose next recovery reads it back over its own slots.
+        Not handled, they are not committed, so the partition's next owner reads them again
+        (Faust seeks every assigned partition to its committed offset after a rebalance).
+        Faust's own fence, the consumer generation in each message, does not help here: some
+        brokers (Tansu) report generation 0 for every rebalance.
         """
+        epoch[0] += 1
         ours = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
         if ours:
             crash.reach("revoke")

@@ -7,6 +7,8 @@ first one reached its count wins. Points, in the order a batch passes them:
 
 * ``handle``: one event handled (the count is in events), its batch not flushed;
 * ``write``: one table's rows of a flush written, the other tables not yet;
+* ``changelog``: the batch's files and state changelog records durable, the marker that ends
+  the checkpoint not yet sent;
 * ``checkpoint``: the batch's files and its state changelog durable, offsets not committed;
 * ``commit``: offsets committed, the flushed sessions not yet dropped from state;
 * ``revoke``: partitions being taken away in a rebalance, before anything is flushed.
@@ -24,7 +26,7 @@ from prefstream.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "PREFSTREAM_WORKER_CRASH_AT"
-CRASH_POINTS = ("handle", "write", "checkpoint", "commit", "revoke")
+CRASH_POINTS = ("handle", "write", "changelog", "checkpoint", "commit", "revoke")
 
 
 def parse(text: str) -> dict[str, int]:

@@ -91,6 +91,9 @@ class Pipeline:
         self.rules = settings.session_rules()
         self.store = store
         self.partitions: dict[int, PartitionSessions] = {}
+        # per Kafka partition, the offset a restart would read from: the first one handled
+        # after taking the partition over, then each committed offset
+        self.resume_offsets: dict[int, int] = {}
         self.batch = Batch()
         self._events_since_flush = 0
         self._last_flush = time.monotonic()
@@ -100,20 +103,23 @@ class Pipeline:
         self.crash = crash or CrashPoints({})
 
     # -- state per Kafka partition -------------------------------------------------------
-    def state(self, kafka_partition: int) -> PartitionSessions:
+    def state(self, kafka_partition: int, offset: int | None = None) -> PartitionSessions:
         if kafka_partition not in self.partitions:
             clock, slots = self.store.load(kafka_partition)
             clock = clock or Clock(kafka_partition=kafka_partition)
             self.partitions[kafka_partition] = PartitionSessions(
                 clock, self.rules, slots, max_open=self.settings.max_open_sessions)
-            log.info("partition %d: recovered %d session slots, watermark %s",
-                     kafka_partition, len(slots), clock.watermark.isoformat())
+            if offset is not None:
+                self.resume_offsets[kafka_partition] = offset
+            log.info("partition %d: recovered %d session slots, watermark %s; reading from "
+                     "offset %s", kafka_partition, len(slots), clock.watermark.isoformat(), offset)
         return self.partitions[kafka_partition]
 
     def revoke(self, kafka_partitions: Iterable[int]) -> None:
         """Drop state of partitions this worker no longer owns (their new owner replays)."""
         for p in kafka_partitions:
             self.partitions.pop(p, None)
+            self.resume_offsets.pop(p, None)
         # Another worker may write the same hours while the partition is away: reload ids.
         self.stored = IdIndex(self.settings.data_dir)
 
@@ -135,7 +141,7 @@ class Pipeline:
 
     def _handle(self, topic: str, partition: int, offset: int, key: bytes | None,
                 value: bytes | None, timestamp_ms: int) -> list[SideMessage]:
-        state = self.state(partition)
+        state = self.state(partition, offset)
         self.batch.applied[partition] = offset
         self._events_since_flush += 1
         raw = value or b""
@@ -286,10 +292,15 @@ class Pipeline:
         for p, state in self.partitions.items():
             self.store.save(p, state.clock, state.take_dirty())
 
-    def forget_flushed(self) -> None:
-        """After the commit: pending sessions are durable, drop them from state."""
-        for state in self.partitions.values():
-            state.forget_flushed()
+    def forget_flushed(self, committed: dict[int, int] | None = None) -> None:
+        """After the commit of ``committed`` (next offset per Kafka partition): pending sessions
+        are durable, drop them from state, but those a restart would still replay events of
+        (see :meth:`PartitionSessions.forget_flushed`). ``None``: everything handled so far
+        was committed (a replay without Kafka)."""
+        if committed is not None:
+            self.resume_offsets.update(committed)
+        for p, state in self.partitions.items():
+            state.forget_flushed(None if committed is None else self.resume_offsets.get(p))
         self._events_since_flush = 0
         self._last_flush = time.monotonic()
 

@@ -23,6 +23,7 @@ from schemas.records import ClosedSession
 from streams.sessionize import (
     Clock,
     Outcome,
+    Session,
     SessionRules,
     SessionSlot,
     add_event,
@@ -34,6 +35,11 @@ from streams.sessionize import (
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
 EVICTION_HEAP_SLACK = 1024
+
+
+def last_offset(session: Session) -> int:
+    """The highest Kafka offset among a session's events and its duplicates' copies."""
+    return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
 
 
 def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
@@ -186,10 +192,22 @@ class PartitionSessions:
         until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe)."""
         return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
 
-    def forget_flushed(self) -> None:
-        """After the flush is durable and committed: drop pending sessions from state."""
+    def forget_flushed(self, resume_offset: int | None = None) -> None:
+        """After the flush is durable and committed: drop pending sessions from state.
+
+        ``resume_offset`` is where a restart would read this partition from (the committed
+        offset). A pending session with an event at or past it stays, to be emitted again (ids
+        dedupe) until a commit passes it: a worker that resumed from a checkpoint taken ahead
+        of the committed offset (killed between the two) replays those events, and they must
+        find their session, or they would count as late or start it again from the middle.
+        ``None``: everything was applied, forget them all.
+        """
         for session_id in list(self._pending):
-            self._put(session_id, flushed(self.slots[session_id]))
+            slot = self.slots[session_id]
+            if resume_offset is not None and any(last_offset(c.session) >= resume_offset
+                                                 for c in slot.pending):
+                continue
+            self._put(session_id, flushed(slot))
 
     def take_dirty(self) -> dict[str, SessionSlot | None]:
         """Slots changed since the last checkpoint (``None`` = deleted)."""

@@ -172,13 +172,6 @@ def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
 
 
 # -- two workers sharing the partitions ------------------------------------------------------
-# Known intermittent defect (seen once in about ten runs): after the random kill, a session was
-# also stored a second time from its middle on (8 of its 13 events, its own session key, one
-# extra pair), as if the partition's new owner resumed past the session's first events without
-# its slot from the changelog. Not a pass until the handover is fixed; a run that passes is not
-# reported as a surprise.
-@pytest.mark.xfail(strict=False, reason="intermittent: a session stored again from its middle "
-                   "after a worker is killed during the two-worker handover")
 def test_two_workers_one_killed_during_a_rebalance_and_one_at_random(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:

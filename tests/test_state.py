@@ -276,6 +276,28 @@ def test_recovery_from_dirty_slots_reemits_pending_and_continues_open_sessions()
     assert PartitionSessions(back.clock, RULES, slots.items()).take_closed() == []
 
 
+def test_a_pending_session_with_events_past_the_resume_offset_is_kept_until_a_commit_passes():
+    """A worker resumed at offset 2 from a checkpoint taken at offset 4 (killed between the
+    checkpoint and the commit): the recovered closed session holds events at 1 and 3. Flushing
+    and committing offset 2 must not forget it, or the replay of offset 3 finds no session."""
+    ps = fresh()
+    a, b = event(minute=0, session_id="s1"), event(minute=1, session_id="s1")
+    send(ps, a, 1)
+    send(ps, b, 3)
+    send(ps, event(minute=40, session_id="s2"), 4)  # watermark 35: s1 closes
+    [closed] = ps.take_closed()
+    slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
+
+    back = PartitionSessions(ps.clock, RULES, slots.items())
+    back.forget_flushed(resume_offset=2)  # offset 3 will be read again
+    assert back.take_closed() == [closed]
+    assert send(back, b, 3, minute=40) == "redelivered"  # not late, not a new session
+    back.forget_flushed(resume_offset=4)  # the commit passed every event of s1
+    assert back.take_closed() == []
+    assert "s1" not in back.slots
+    assert back.slots["s2"].open is not None  # open sessions are never forgotten
+
+
 # --- properties ------------------------------------------------------------------------------
 
 SIDS = ("s0", "s1", "s2")
