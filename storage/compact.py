@@ -89,6 +89,8 @@ TODO, GC = "todo", "gc"
 #: merges per flush at most: a backlog (merges held back by an analyst's session) is worked off
 #: over several flushes instead of stalling one
 MAX_PER_PASS = 8
+#: rows per row group of a merged file (and most rows a merge holds in memory at once)
+MERGE_ROW_GROUP = 65_536
 
 
 def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | None:
@@ -103,13 +105,18 @@ def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | N
         if len(files) <= 1 or catalog_in_use(data_dir):
             return None
         schema = arrow_schema(TABLES[table][0])
-        merged = pa.concat_tables(pq.read_table(f, schema=schema) for f in files)
         numbers = [n for n in map(generation_number, os.listdir(folder)) if n is not None]
         nxt = folder / generation_dir(max(numbers) + 1)
         _mark(data_dir, table, partition, GC)  # first: a crash leaves no unmarked folder
         _mkdir_private(nxt)  # nobody reads it before the swap
         token = uuid.uuid4().hex[:8]
-        path = write_atomic(merged.combine_chunks(), nxt, lambda: file_name(
+        n_rows = 0
+
+        def merge(tmp: Path) -> None:
+            nonlocal n_rows
+            n_rows = stream_merge(files, schema, tmp)
+
+        path = write_atomic(merge, nxt, lambda: file_name(
             compacted=True, at=datetime.now(timezone.utc), token=token))
         if catalog_in_use(data_dir):  # connected while we merged: it may be listing current
             shutil.rmtree(nxt)
@@ -118,8 +125,35 @@ def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | N
         os.symlink(nxt.name, link)
         os.replace(link, folder / CURRENT)
     log.info("compacted %s/%s: %d files, %d rows -> %s", table, partition, len(files),
-             merged.num_rows, path.relative_to(data_dir))
+             n_rows, path.relative_to(data_dir))
     return path
+
+
+def stream_merge(files: Sequence[Path], schema: pa.Schema, out: Path) -> int:
+    """Copy the rows of ``files``, in order, into one Parquet file at ``out``; returns the rows.
+
+    Reads record batches and writes row groups of up to :data:`MERGE_ROW_GROUP` rows as it
+    goes, so memory stays bounded by a row group whatever the partition's size (a partition
+    written to all day, like the dead letters of the current hour, is merged again and again
+    as it grows; holding it whole made every merge allocate more than the last).
+    """
+    n_rows = 0
+    pending: list[pa.RecordBatch] = []
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        def spill() -> None:
+            if pending:
+                writer.write_table(pa.Table.from_batches(pending, schema=schema))
+                pending.clear()
+
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_ROW_GROUP):
+                batch = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
+                pending.extend(batch.to_batches())
+                n_rows += batch.num_rows
+                if sum(b.num_rows for b in pending) >= MERGE_ROW_GROUP:
+                    spill()
+        spill()
+    return n_rows
 
 
 def remove_superseded(*, data_dir: Path, table: str, partition: str, grace: timedelta,

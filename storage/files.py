@@ -114,15 +114,19 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     write_atomic(table, path.parent, lambda: path.name)
 
 
-def write_atomic(table: pa.Table, folder: Path, name: Callable[[], str], *,
-                 exclusive: bool = False) -> Path:
+def write_atomic(table: pa.Table | Callable[[Path], None], folder: Path,
+                 name: Callable[[], str], *, exclusive: bool = False) -> Path:
     """Write ``table`` to a hidden temporary file in ``folder``, fsync it, then rename it to
-    ``name()`` (asked for once the file is complete). ``exclusive``: ``FileExistsError`` rather
-    than replacing a file of that name."""
+    ``name()`` (asked for once the file is complete). ``table`` may also be a function writing
+    the Parquet file at the path it is given (a file too large to hold in memory at once).
+    ``exclusive``: ``FileExistsError`` rather than replacing a file of that name."""
     _mkdir_private(folder)
     tmp = folder / f".{uuid.uuid4().hex[:8]}.parquet.tmp"
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        if callable(table):
+            table(tmp)
+        else:
+            pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as fh:
             os.fchmod(fh.fileno(), 0o600)  # owner-only whatever the umask
             os.fsync(fh.fileno())

@@ -30,6 +30,7 @@ from test_storage import query
 from prefstream.settings import Settings
 from schemas.events import Tick
 from schemas.records import DeadLetter, Pair
+from storage import compact
 from storage.catalog import (
     catalog_in_use,
     ensure_catalog,
@@ -191,6 +192,25 @@ def test_compaction_merges_in_write_order_into_the_next_generation(data_dir):
     again = compact_partition(data_dir=data_dir, table="pairs", partition=H12)
     assert again is not None and again.parent.name == "g000002"
     assert stored_rows([again]) == stored_rows([merged, late])
+
+
+def test_a_merge_streams_row_groups_and_never_holds_the_partition_whole(data_dir, monkeypatch):
+    """A partition written to all day is merged again and again as it grows: the merge copies
+    record batches into row groups of bounded size instead of loading every file at once."""
+    monkeypatch.setattr(compact, "MERGE_ROW_GROUP", 4)
+    index = IdIndex(data_dir)
+    for start in range(0, 30, 6):
+        write_rows(data_dir=data_dir, table="pairs", index=index,
+                   rows=[pair(f"p{i:02d}", minute=i % 50) for i in range(start, start + 6)])
+    folder = data_dir / "pairs" / H12
+    before = live_files(folder)
+    merged = compact_partition(data_dir=data_dir, table="pairs", partition=H12)
+    assert merged is not None and stored_rows([merged]) == stored_rows(before)
+    meta = pq.ParquetFile(merged).metadata
+    assert meta.num_rows == 30
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert len(sizes) >= 5 and max(sizes) < 2 * 4  # never more than one batch past the bound
+    assert pq.read_schema(merged) == pq.read_schema(before[0])
 
 
 def test_a_reader_that_listed_before_a_compaction_reads_the_old_files_until_the_grace(data_dir):
