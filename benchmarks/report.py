@@ -68,7 +68,7 @@ def load_results(folder: Path) -> dict[str, Result]:
 def when(result: Result) -> str | None:
     """When a result was measured (``started``; results written before it was recorded carry
     ``committed``, the date the file was committed, from :func:`load_results`)."""
-    if result.get("started") or result.get("date"):  # the soak records when it finished
+    if result.get("started") or result.get("date"):  # soak results before ``started``: the end
         return str(result.get("started") or result["date"])
     return f"before {result['committed']} (when it was committed)" \
         if result.get("committed") else None

@@ -282,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         data_dir = args.data_dir or work / "data"
         with LoadMonitor() as load, EmbeddedBroker(log_path=work / "broker.log") as broker:
+            started = now_iso()
             defaults = Settings()
             settings = Settings(
                 kafka_bootstrap=broker.bootstrap, data_dir=data_dir, app_id="soak",
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 rebalance_timeout_s=10.0)
             samples, final, drained = run(settings, args, work / "worker.log")
         result = {
-            "date": now_iso(), "command": command_line(__file__, argv),
+            "started": started, "date": now_iso(), "command": command_line(__file__, argv),
             "config": {**{k: (str(v) if isinstance(v, Path) else v)
                           for k, v in vars(args).items()},
                        "time_compression": FACTOR, "gap_s": settings.gap_s,

@@ -141,9 +141,9 @@ def create_app(settings: Settings) -> faust.App:
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     # acks=False: Faust keeps no ack bookkeeping for the events topic, so it never commits its
-    # offsets on its own. It would otherwise: the messages its stream skips after a rebalance
-    # (fetched in the previous generation) are acked by Faust and committed by its periodic
-    # commit although nothing handled them; the next owner would start past them.
+    # offsets on its own. Otherwise it could: its stream acks the messages it skips after a
+    # rebalance (fetched in the previous generation), and its periodic commit commits acked
+    # offsets although nothing handled them; the next owner would start past them.
     events = app.topic(settings.events_topic, partitions=settings.partitions, acks=False, **raw)
     side = {name: app.topic(name, partitions=1, **raw)
             for name in (settings.dead_letter_topic, settings.late_topic)}
@@ -332,8 +332,9 @@ def create_app(settings: Settings) -> faust.App:
         another worker may own by then, whose next recovery reads it back over its own slots.
         Not handled, they are not committed, so the partition's next owner reads them again
         (Faust seeks every assigned partition to its committed offset after a rebalance).
-        Faust's own fence, the consumer generation in each message, does not help here: some
-        brokers (Tansu) report generation 0 for every rebalance.
+        Faust's own fence, the consumer generation stamped in each message, changes only at the
+        next assignment, after this point, and cannot tell the first assignment from the time
+        before it (both generation 0 with Tansu); an epoch bumped here can.
         """
         epoch[0] += 1
         ours = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
