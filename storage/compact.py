@@ -138,22 +138,25 @@ def stream_merge(files: Sequence[Path], schema: pa.Schema, out: Path) -> int:
     as it grows; holding it whole made every merge allocate more than the last).
     """
     n_rows = 0
-    pending: list[pa.RecordBatch] = []
+    pending: list[pa.Table] = []  # rows not yet written, fewer than MERGE_ROW_GROUP
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
-        def spill() -> None:
-            if pending:
-                writer.write_table(pa.Table.from_batches(pending, schema=schema))
-                pending.clear()
-
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_ROW_GROUP):
-                batch = pa.Table.from_batches([batch]).select(schema.names).cast(schema)
-                pending.extend(batch.to_batches())
-                n_rows += batch.num_rows
-                if sum(b.num_rows for b in pending) >= MERGE_ROW_GROUP:
-                    spill()
-        spill()
+                pending.append(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
+                if sum(t.num_rows for t in pending) >= MERGE_ROW_GROUP:
+                    n_rows += _write_group(writer, pending)
+        n_rows += _write_group(writer, pending)
     return n_rows
+
+
+def _write_group(writer: pq.ParquetWriter, tables: list[pa.Table]) -> int:
+    """Write ``tables`` as one row group and empty the list; returns the rows written."""
+    if not tables:
+        return 0
+    group = pa.concat_tables(tables)
+    writer.write_table(group, row_group_size=group.num_rows)
+    tables.clear()
+    return group.num_rows
 
 
 def remove_superseded(*, data_dir: Path, table: str, partition: str, grace: timedelta,

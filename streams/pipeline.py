@@ -307,6 +307,22 @@ class Pipeline:
     def wall_ms(self) -> int:
         return self._wall_ms()
 
+    # -- runs without Kafka (replays, references) -----------------------------------------
+    def tick_all(self, wall_ms: int) -> None:
+        """A watermark tick on every partition at ``wall_ms``, as the worker's timer sends."""
+        tick = Tick(wall_ms=wall_ms).model_dump_json().encode()
+        for p in range(self.settings.partitions):
+            self.handle(topic=self.settings.events_topic, partition=p, offset=1 << 40,
+                        key=None, value=tick, timestamp_ms=wall_ms)
+
+    def flush_and_forget(self, committed: dict[int, int] | None = None) -> Batch:
+        """Write the batch, checkpoint, then forget as after a commit of ``committed`` (see
+        :meth:`forget_flushed`): the worker's flush with nothing to wait for."""
+        batch = self.flush_rows()
+        self.checkpoint()
+        self.forget_flushed(committed)
+        return batch
+
 
 class MemoryStore:
     """A StateStore in a dict: for running the pipeline without Kafka (replays, references)."""
@@ -340,11 +356,6 @@ def replay(settings: Settings, records: Iterable[tuple[int, int, bytes | None, b
     for partition, offset, key, value, ts_ms in records:
         side += pipeline.handle(topic=settings.events_topic, partition=partition, offset=offset,
                                 key=key, value=value, timestamp_ms=ts_ms)
-    tick = Tick(wall_ms=final_tick_ms).model_dump_json().encode()
-    for p in range(settings.partitions):
-        pipeline.handle(topic=settings.events_topic, partition=p, offset=1 << 40, key=None,
-                        value=tick, timestamp_ms=final_tick_ms)
-    pipeline.flush_rows()
-    pipeline.checkpoint()
-    pipeline.forget_flushed()
+    pipeline.tick_all(final_tick_ms)
+    pipeline.flush_and_forget()
     return side

@@ -28,7 +28,6 @@ from kafka.partitioner.default import murmur2
 from test_storage import query
 
 from prefstream.settings import Settings
-from schemas.events import Tick
 from schemas.records import DeadLetter, Pair
 from storage import compact
 from storage.catalog import (
@@ -611,13 +610,8 @@ def feed_pipeline(settings: Settings, records: Sequence[tuple[int, int, bytes, b
                         value=value, timestamp_ms=ts_ms)
         if i % flush_every == 0 or i == len(records):
             if i == len(records):
-                tick = Tick(wall_ms=ARRIVAL_MS + 10**9).model_dump_json().encode()
-                for q in range(settings.partitions):
-                    pipeline.handle(topic=settings.events_topic, partition=q, offset=1 << 40,
-                                    key=None, value=tick, timestamp_ms=ARRIVAL_MS + 10**9)
-            pipeline.flush_rows()
-            pipeline.checkpoint()
-            pipeline.forget_flushed()
+                pipeline.tick_all(ARRIVAL_MS + 10**9)
+            pipeline.flush_and_forget()
             flushes += 1
             time.sleep(pause_s)
     return flushes

@@ -17,7 +17,6 @@ import pytest
 from factories import T0
 
 from prefstream.settings import Settings
-from schemas.events import Tick
 from storage.files import init_data_dir, read_table
 from streams.pipeline import MemoryStore, Pipeline, replay
 from streams.traffic import TrafficConfig, generate_traffic
@@ -52,13 +51,6 @@ def handle(pipeline: Pipeline, settings: Settings, records: list[Record]) -> Non
                         value=value, timestamp_ms=ts)
 
 
-def flush(pipeline: Pipeline, committed: dict[int, int]) -> None:
-    """What the worker does: rows, checkpoint, commit ``committed``, then forget."""
-    pipeline.flush_rows()
-    pipeline.checkpoint()
-    pipeline.forget_flushed(committed)
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("behind", [40, 150])
 def test_a_restart_from_a_checkpoint_ahead_of_the_commit_stores_what_one_run_stores(
@@ -77,7 +69,7 @@ def test_a_restart_from_a_checkpoint_ahead_of_the_commit_stores_what_one_run_sto
         chunk = records[start:start + 300]
         handle(first, settings, chunk)
         committed.update({p: o + 1 for p, o, *_ in chunk})
-        flush(first, committed)
+        first.flush_and_forget(committed)
     # ...then checkpoints one more chunk and is killed before committing it
     chunk = records[done:done + behind * PARTITIONS]
     handle(first, settings, chunk)
@@ -93,12 +85,9 @@ def test_a_restart_from_a_checkpoint_ahead_of_the_commit_stores_what_one_run_sto
         chunk = rest[start:start + 70]
         handle(second, settings, chunk)
         committed.update({p: o + 1 for p, o, *_ in chunk})
-        flush(second, committed)
-    tick = Tick(wall_ms=FINAL_TICK_MS).model_dump_json().encode()
-    for p in range(PARTITIONS):
-        second.handle(topic=settings.events_topic, partition=p, offset=1 << 40, key=None,
-                      value=tick, timestamp_ms=FINAL_TICK_MS)
-    flush(second, {})
+        second.flush_and_forget(committed)
+    second.tick_all(FINAL_TICK_MS)
+    second.flush_and_forget({})
 
     reference = settings.model_copy(update={"data_dir": tmp_path / "ref"})
     init_data_dir(reference.data_dir)
