@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +36,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -171,26 +172,102 @@ def live_files(folder: Path) -> list[Path]:
 
 
 class IdIndex:
-    """Ids already stored, per (table, partition): each loaded from its files on first use, then
-    kept up to date by :func:`write_rows`, so every id is written once and the views need no
-    deduplication. Only the ``capacity`` most recently used (table, partition) sets stay in
-    memory: the default, 64, holds the seven tables of about nine hourly partitions, more than
-    the hours a worker writes to around its watermark; an older partition's ids are read again
-    from its files when a late row or a replay reaches it."""
+    """Which ids are stored, per (table, partition), so every id is written once and the views
+    need no deduplication.
 
-    def __init__(self, data_dir: Path, *, capacity: int = 64) -> None:
+    Memory is 8 bytes per stored id, not the id itself: each (table, partition) keeps the
+    fingerprints (Python's 64-bit string hash, stable within the process) of its stored ids,
+    read from its files on first use and kept up to date by :func:`write_rows`, plus the exact
+    ids of its last ``recent_writes`` writes. A fingerprint miss proves an id new. A hit is
+    confirmed by those recent ids (a closed session emitted again until its offsets are
+    committed) or, failing that, by the exact ids read from the partition's files (a replay
+    after a restart or a rebalance, or a fingerprint collision): never a guess either way.
+
+    Only the ``capacity`` most recently used (table, partition) entries stay in memory: the
+    default, 64, holds the seven tables of about nine hourly partitions, more than the hours a
+    worker writes to around its watermark; an older partition is read again from its files
+    when a late row or a replay reaches it.
+    """
+
+    def __init__(self, data_dir: Path, *, capacity: int = 64, recent_writes: int = 16) -> None:
         self.data_dir = data_dir
         self.capacity = capacity
-        self._ids: OrderedDict[tuple[str, str], set[Any]] = OrderedDict()
+        self.recent_writes = recent_writes
+        self._entries: OrderedDict[tuple[str, str], _StoredIds] = OrderedDict()
 
-    def ids(self, table: str, partition: str) -> set[Any]:
+    def fresh(self, table: str, partition: str, ids: Sequence[Any]) -> list[int]:
+        """Positions in ``ids`` of the first occurrence of each id not stored yet."""
+        entry, exact = self._entry(table, partition)
+        first = _first_of_each(list(ids))
+        candidates = [ids[i] for i in first]
+        stored: set[int] = set()
+        unsure: list[int] = []
+        for k in entry.may_contain(candidates):
+            if entry.recently_written(candidates[k]):
+                stored.add(k)
+            else:
+                unsure.append(k)
+        if unsure:
+            if exact is None:  # a replay, or a fingerprint collision: ask the files
+                exact = _stored_ids(self.data_dir, table, partition)
+            confirmed = [k for k in unsure if candidates[k] in exact]
+            if confirmed:  # a redelivery of the same rows finds them without reading again
+                entry.recent.append(frozenset(candidates[k] for k in confirmed))
+            stored.update(confirmed)
+        return [i for k, i in enumerate(first) if k not in stored]
+
+    def add(self, table: str, partition: str, ids: Sequence[Any]) -> None:
+        """Record ids just written to the partition."""
+        self._entry(table, partition)[0].add(ids)
+
+    def _entry(self, table: str, partition: str) -> tuple[_StoredIds, set[Any] | None]:
+        """The partition's entry, and its exact stored ids when they were just read for it."""
         key = (table, partition)
-        if key not in self._ids:
-            self._ids[key] = _stored_ids(self.data_dir, table, partition)
-            while len(self._ids) > self.capacity:
-                self._ids.popitem(last=False)
-        self._ids.move_to_end(key)
-        return self._ids[key]
+        exact = None
+        if key not in self._entries:
+            exact = _stored_ids(self.data_dir, table, partition)
+            self._entries[key] = _StoredIds(_fingerprints(exact), self.recent_writes)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        self._entries.move_to_end(key)
+        return self._entries[key], exact
+
+
+class _StoredIds:
+    """Fingerprints of one partition's stored ids (a sorted array, plus a set of those added
+    since the last merge into it) and the exact ids of its most recent writes."""
+
+    MERGE_EVERY = 1024
+
+    def __init__(self, fingerprints: np.ndarray, recent_writes: int) -> None:
+        self.sorted = np.unique(fingerprints)
+        self.added: set[int] = set()
+        self.recent: deque[frozenset[Any]] = deque(maxlen=recent_writes)
+
+    def may_contain(self, ids: Sequence[Any]) -> list[int]:
+        """Positions of the ids whose fingerprint is known (stored, or a collision)."""
+        fps = _fingerprints(ids)
+        if len(self.sorted):
+            at = np.minimum(np.searchsorted(self.sorted, fps), len(self.sorted) - 1)
+            hit = (self.sorted[at] == fps).tolist()
+        else:
+            hit = [False] * len(fps)
+        return [k for k, fp in enumerate(fps.tolist()) if hit[k] or fp in self.added]
+
+    def recently_written(self, id_: Any) -> bool:
+        return any(id_ in ids for ids in self.recent)
+
+    def add(self, ids: Sequence[Any]) -> None:
+        self.added.update(_fingerprints(ids).tolist())
+        self.recent.append(frozenset(ids))
+        if len(self.added) >= self.MERGE_EVERY:
+            merged = np.fromiter(self.added, dtype=np.int64, count=len(self.added))
+            self.sorted = np.union1d(self.sorted, merged)
+            self.added = set()
+
+
+def _fingerprints(ids: Iterable[Any]) -> np.ndarray:
+    return np.fromiter((hash(i) for i in ids), dtype=np.int64)
 
 
 def _stored_ids(data_dir: Path, table: str, partition: str) -> set[Any]:
@@ -217,15 +294,16 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
         by_partition[row.partition].append(row)  # type: ignore[attr-defined]
     written = []
     for partition, part_rows in sorted(by_partition.items()):
-        stored = index.ids(table, partition)
-        fresh = _first_of_each_id(part_rows, id_col, stored)
-        if not fresh:
+        ids = [getattr(r, id_col) for r in part_rows]
+        keep = index.fresh(table, partition, ids)
+        if not keep:
             continue
+        fresh = [part_rows[i] for i in keep]
         sealed = table in SEALED_TABLES and is_sealed(data_dir=data_dir, partition=partition)
         if sealed:
             log.warning("%d new %s rows for sealed partition %s", len(fresh), table, partition)
         path = _write_part(data_dir / table / partition, to_arrow(model, fresh))
-        stored.update(getattr(r, id_col) for r in fresh)
+        index.add(table, partition, [ids[i] for i in keep])
         written.append(path)
         if sealed:  # keep the manifest true to the files: new hash, counts and file list
             reseal(data_dir=data_dir, partition=partition)
@@ -254,17 +332,6 @@ def _generation_for_writes(folder: Path) -> Path:
     _mkdir_private(first)
     os.symlink(first.name, folder / CURRENT)
     return first
-
-
-def _first_of_each_id(rows: list[BaseModel], id_col: str, stored: set[Any]) -> list[BaseModel]:
-    seen = set(stored)
-    fresh = []
-    for row in rows:
-        key = getattr(row, id_col)
-        if key not in seen:
-            seen.add(key)
-            fresh.append(row)
-    return fresh
 
 
 def write_watermark(*, data_dir: Path, mark: Watermark) -> None:

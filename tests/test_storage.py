@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from factories import at, pair, session_row
@@ -189,7 +190,8 @@ def test_an_id_index_shared_across_calls_reads_each_partition_once(data_dir, mon
     index = IdIndex(data_dir)
     [path] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")], index=index)
     assert len(reads) == 1  # the existing file, once, to load the partition's ids
-    assert index.ids("pairs", H12) == {"p0", "p1"}  # kept up to date with what it wrote
+    assert index.fresh("pairs", H12, ["p2", "p1", "p0", "p2"]) == [0]  # kept up to date
+    assert len(reads) == 3  # p0, loaded as a fingerprint only, confirmed from both files once
     reads.clear()
     for _ in range(3):  # redelivered batches: no new file, and no file read again
         assert write_rows(data_dir=data_dir, table="pairs", rows=[pair("p0"), pair("p1")],
@@ -212,19 +214,54 @@ def test_a_fresh_id_index_reloads_ids_written_by_another_writer(data_dir):
                index=IdIndex(data_dir))  # another writer, e.g. after a rebalance
     before = parquet_files(data_dir / "pairs")
     fresh = IdIndex(data_dir)
-    assert fresh.ids("pairs", H12) == {"p1", "p2"}
-    assert fresh.ids("pairs", H13) == {"p3"}
+    assert fresh.fresh("pairs", H12, ["p1", "p2", "p3"]) == [2]
+    assert fresh.fresh("pairs", H13, ["p1", "p3"]) == [0]
     assert write_rows(data_dir=data_dir, table="pairs",
                       rows=[pair("p1"), pair("p2"), pair("p3", minute=60)], index=fresh) == []
     assert parquet_files(data_dir / "pairs") == before
-    assert mine.ids("pairs", H12) == {"p1"}  # an old index only knows what it loaded or wrote
+    assert mine.fresh("pairs", H12, ["p1", "p2"]) == [1]  # it knows what it loaded or wrote
+
+
+@settings(max_examples=25, deadline=None)
+@given(batches=st.lists(st.lists(st.sampled_from([f"p{i}" for i in range(12)]), max_size=6),
+                        min_size=1, max_size=6),
+       buckets=st.sampled_from([1, 3, 1 << 62]), recent=st.sampled_from([1, 16]))
+def test_id_index_fingerprint_collisions_never_drop_or_duplicate_a_row(
+        tmp_path_factory, batches, buckets, recent):
+    """Fingerprints collide (forced: hash mod ``buckets``); the rows stored are still exactly
+    the distinct ids written, whether the exact answer comes from recent writes or the files."""
+    data_dir = tmp_path_factory.mktemp("data")
+    init_data_dir(data_dir)
+    index = IdIndex(data_dir, recent_writes=recent)
+    written: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "_fingerprints", lambda ids: np.fromiter(
+            (hash(i) % buckets for i in ids), dtype=np.int64))
+        for batch in batches:
+            write_rows(data_dir=data_dir, table="pairs", rows=[pair(i) for i in batch],
+                       index=index)
+            written += batch
+    stored = read_table(data_dir=data_dir, table="pairs").column("pair_id").to_pylist()
+    assert sorted(stored) == sorted(set(written))
+
+
+def test_an_id_index_keeps_8_bytes_per_stored_id(data_dir):
+    """The index of a partition holds fingerprints, not ids: only its last writes exactly."""
+    index = IdIndex(data_dir, recent_writes=2)
+    for k in range(30):
+        write_rows(data_dir=data_dir, table="pairs", index=index,
+                   rows=[pair(f"id-{k}-{i}") for i in range(100)])
+    [entry] = index._entries.values()
+    assert entry.sorted.nbytes + 8 * len(entry.added) == 8 * 3000
+    assert sum(len(ids) for ids in entry.recent) == 200
+    assert IdIndex(data_dir).fresh("pairs", H12, ["id-0-0", "id-29-99", "new"]) == [2]
 
 
 def test_an_id_index_over_capacity_reloads_evicted_partitions(data_dir):
     index = IdIndex(data_dir, capacity=1)
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1", minute=0)], index=index)
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p2", minute=60)], index=index)
-    assert list(index._ids) == [("pairs", H13)]  # H12 evicted
+    assert list(index._entries) == [("pairs", H13)]  # H12 evicted
     before = parquet_files(data_dir / "pairs")
     assert write_rows(data_dir=data_dir, table="pairs",
                       rows=[pair("p1", minute=0), pair("p2", minute=60)], index=index) == []
