@@ -89,8 +89,12 @@ TODO, GC = "todo", "gc"
 #: merges per flush at most: a backlog (merges held back by an analyst's session) is worked off
 #: over several flushes instead of stalling one
 MAX_PER_PASS = 8
-#: rows per row group of a merged file (and most rows a merge holds in memory at once)
+#: most rows and bytes (in memory, as Arrow) of a merged file's row group: about what a merge
+#: holds at once, whether a partition's rows are a few bytes (refusals) or carry long texts
 MERGE_ROW_GROUP = 65_536
+MERGE_GROUP_BYTES = 16 << 20
+#: rows per record batch read from the files being merged
+MERGE_READ_ROWS = 4096
 
 
 def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | None:
@@ -132,19 +136,24 @@ def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | N
 def stream_merge(files: Sequence[Path], schema: pa.Schema, out: Path) -> int:
     """Copy the rows of ``files``, in order, into one Parquet file at ``out``; returns the rows.
 
-    Reads record batches and writes row groups of up to :data:`MERGE_ROW_GROUP` rows as it
-    goes, so memory stays bounded by a row group whatever the partition's size (a partition
-    written to all day, like the dead letters of the current hour, is merged again and again
-    as it grows; holding it whole made every merge allocate more than the last).
+    Reads record batches and writes row groups of up to :data:`MERGE_ROW_GROUP` rows or
+    :data:`MERGE_GROUP_BYTES` bytes as it goes, so memory stays bounded by a row group whatever
+    the partition's size (a partition written to all hour is merged again and again as it
+    grows; holding it whole made every merge allocate more than the last, and a row group of
+    65,536 pairs with their texts is hundreds of MiB).
     """
     n_rows = 0
-    pending: list[pa.Table] = []  # rows not yet written, fewer than MERGE_ROW_GROUP
+    pending: list[pa.Table] = []  # rows not yet written, under both bounds
+    held = 0  # their bytes
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
         for f in files:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_ROW_GROUP):
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_READ_ROWS):
                 pending.append(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
-                if sum(t.num_rows for t in pending) >= MERGE_ROW_GROUP:
+                held += pending[-1].nbytes
+                if sum(t.num_rows for t in pending) >= MERGE_ROW_GROUP or \
+                        held >= MERGE_GROUP_BYTES:
                     n_rows += _write_group(writer, pending)
+                    held = 0
         n_rows += _write_group(writer, pending)
     return n_rows
 

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
@@ -48,6 +48,8 @@ from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
 log = logging.getLogger(__name__)
 
 SCHEMA_DIR = "_schema"
+#: rows per record batch when hashing a partition at its seal
+HASH_READ_ROWS = 4096
 MANIFEST_SCHEMA = pa.schema(
     [
         ("partition", pa.string()),
@@ -426,14 +428,13 @@ def _seal(data_dir: Path, partition: str, watermark: datetime,
           bounds: tuple[datetime, datetime], sealed_at: datetime | None = None,
           version: int = 0) -> None:
     listed = {t: live_files(data_dir / t / partition) for t in SEALED_TABLES}
-    tables = {t: _read_files(t, paths) for t, paths in listed.items()}
+    sha256, counts = _content_hash({t: _file_batches(t, paths) for t, paths in listed.items()})
     files = sorted(str(f.relative_to(data_dir)) for paths in listed.values() for f in paths)
     start, end = bounds
     row = {
         "partition": partition, "start": start, "end": end,
         "sealed_at": sealed_at or datetime.now(timezone.utc), "watermark": watermark,
-        "files": files, **{f"n_{t}": rows.num_rows for t, rows in tables.items()},
-        "sha256": content_sha256(tables),
+        "files": files, **{f"n_{t}": n for t, n in counts.items()}, "sha256": sha256,
     }
     name = f"{partition}.parquet" if version == 0 else f"{partition}.v{version:06d}.parquet"
     write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), data_dir / "manifest",
@@ -444,23 +445,47 @@ def _seal(data_dir: Path, partition: str, watermark: datetime,
 
 def content_sha256(tables: Mapping[str, pa.Table]) -> str:
     """Hash of the rows, not of the files holding them (so a compaction keeps it): per table, in
-    the given order, its name and then every row as canonical JSON in id order."""
+    the given order, its name and then the SHA-256 of every row's canonical JSON, in id order."""
+    return _content_hash({t: rows.to_batches(max_chunksize=HASH_READ_ROWS)
+                          for t, rows in tables.items()})[0]
+
+
+def _content_hash(batches: Mapping[str, Iterable[pa.RecordBatch]]) -> tuple[str, dict[str, int]]:
+    """:func:`content_sha256` of tables given as record batches, read one batch at a time (a
+    sealed partition is never held whole: only each row's id and digest); also the rows per
+    table (the first of each id counts)."""
     digest = hashlib.sha256()
-    for table, rows in tables.items():
+    counts = {}
+    for table, stream in batches.items():
         id_col = TABLES[table][1]
-        digest.update(f"table {table}\n".encode())
-        ordered = rows.take(pc.sort_indices(rows, sort_keys=[(id_col, "ascending")]))
-        for batch in ordered.to_batches(max_chunksize=4096):
+        rows: dict[Any, bytes] = {}
+        for batch in stream:
             for row in batch.to_pylist():
-                line = json.dumps(row, sort_keys=True, default=_json_value)
-                digest.update(line.encode() + b"\n")
-    return digest.hexdigest()
+                line = _CANONICAL_JSON.encode(row)
+                rows.setdefault(row[id_col], hashlib.sha256(line.encode()).digest())
+        digest.update(f"table {table}\n".encode())
+        for key in sorted(rows):
+            digest.update(rows[key])
+        counts[table] = len(rows)
+    return digest.hexdigest(), counts
+
+
+def _file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
+    """The rows of a table's files as record batches of its schema, in file order."""
+    if not files:
+        return iter(())
+    scan = ds.dataset([str(f) for f in files], schema=arrow_schema(TABLES[table][0]),
+                      format="parquet")
+    return iter(scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False))
 
 
 def _json_value(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"no canonical JSON for {type(value).__name__}")
+
+
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, default=_json_value)
 
 
 def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:

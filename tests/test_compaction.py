@@ -212,6 +212,24 @@ def test_a_merge_streams_row_groups_and_never_holds_the_partition_whole(data_dir
     assert pq.read_schema(merged) == pq.read_schema(before[0])
 
 
+def test_a_merge_bounds_row_groups_by_bytes_for_long_texts(data_dir, monkeypatch):
+    """Rows with long texts: the byte bound cuts row groups long before the row bound."""
+    monkeypatch.setattr(compact, "MERGE_GROUP_BYTES", 64 << 10)
+    monkeypatch.setattr(compact, "MERGE_READ_ROWS", 2)
+    index = IdIndex(data_dir)
+    long = "x" * 8000
+    for start in range(0, 40, 8):
+        write_rows(data_dir=data_dir, table="pairs", index=index, rows=[
+            pair(f"p{i:02d}", minute=i % 50).model_copy(update={"chosen": long})
+            for i in range(start, start + 8)])
+    before = live_files(data_dir / "pairs" / H12)
+    merged = compact_partition(data_dir=data_dir, table="pairs", partition=H12)
+    assert merged is not None and stored_rows([merged]) == stored_rows(before)
+    meta = pq.ParquetFile(merged).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert sum(sizes) == 40 and max(sizes) <= 10  # 64 KiB of 8 KB texts, plus one batch
+
+
 def test_a_reader_that_listed_before_a_compaction_reads_the_old_files_until_the_grace(data_dir):
     for i in range(3):
         write_rows(data_dir=data_dir, table="pairs", rows=[pair(f"p{i}")])
