@@ -29,7 +29,7 @@ from test_storage import query
 
 from prefstream.settings import Settings
 from schemas.records import DeadLetter, Pair
-from storage import compact
+from storage import compact, files
 from storage.catalog import (
     catalog_in_use,
     ensure_catalog,
@@ -50,6 +50,7 @@ from storage.compact import (
 from storage.files import (
     IdIndex,
     Watermark,
+    content_sha256,
     init_data_dir,
     is_sealed,
     live_files,
@@ -395,6 +396,23 @@ def seal_all(data_dir: Path) -> list[str]:
 
 def manifest_row(data_dir: Path, partition: str) -> dict:
     return next(r for r in sealed_partitions(data_dir) if r["partition"] == partition)
+
+
+def test_a_compaction_after_rows_landed_without_a_reseal_hashes_them(data_dir):
+    """A writer killed between a late row's file and its reseal: the next merge's manifest
+    counts and hashes that row instead of carrying the old hash over."""
+    for i in range(3):
+        write_rows(data_dir=data_dir, table="pairs", rows=[pair(f"p{i}")])
+    assert seal_all(data_dir) == [H12]
+    old = manifest_row(data_dir, H12)
+    files._write_part(data_dir / "pairs" / H12, to_arrow(Pair, [pair("p9")]))  # no reseal
+    assert manifest_row(data_dir, H12)["sha256"] == old["sha256"]
+    compact_after_flush(data_dir=data_dir, sealed=[], written={"pairs": [pair("p9")]},
+                        max_files=1, grace=GRACE)
+    row = manifest_row(data_dir, H12)
+    assert row["n_pairs"] == 4 and row["sha256"] != old["sha256"]
+    assert row["sha256"] == content_sha256(
+        {t: read_table(data_dir=data_dir, table=t, partitions=[H12]) for t in SEALED_TABLES})
 
 
 def test_compacting_a_sealed_partition_keeps_its_hash_and_lists_the_new_files(data_dir):
