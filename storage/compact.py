@@ -144,16 +144,15 @@ def stream_merge(files: Sequence[Path], schema: pa.Schema, out: Path) -> int:
     """
     n_rows = 0
     pending: list[pa.Table] = []  # rows not yet written, under both bounds
-    held = 0  # their bytes
+    rows = held = 0  # their count and bytes
     with pq.ParquetWriter(out, schema, compression="zstd") as writer:
         for f in files:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=MERGE_READ_ROWS):
                 pending.append(pa.Table.from_batches([batch]).select(schema.names).cast(schema))
-                held += pending[-1].nbytes
-                if sum(t.num_rows for t in pending) >= MERGE_ROW_GROUP or \
-                        held >= MERGE_GROUP_BYTES:
+                rows, held = rows + pending[-1].num_rows, held + pending[-1].nbytes
+                if rows >= MERGE_ROW_GROUP or held >= MERGE_GROUP_BYTES:
                     n_rows += _write_group(writer, pending)
-                    held = 0
+                    rows = held = 0
         n_rows += _write_group(writer, pending)
     return n_rows
 

@@ -432,10 +432,10 @@ def _seal(data_dir: Path, partition: str, watermark: datetime,
     when the files hold as many rows (a compaction moves rows, never adds or drops them; rows
     that landed meanwhile without a reseal, a writer killed in between, change the counts)."""
     listed = {t: live_files(data_dir / t / partition) for t in SEALED_TABLES}
-    counts = {t: sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
-              for t, paths in listed.items()}
-    if known is not None and all(known[f"n_{t}"] == n for t, n in counts.items()):
-        sha256 = known["sha256"]
+    if known is not None and all(
+            known[f"n_{t}"] == sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
+            for t, paths in listed.items()):
+        sha256, counts = known["sha256"], {t: known[f"n_{t}"] for t in listed}
     else:
         sha256, counts = _content_hash({t: _file_batches(t, paths)
                                         for t, paths in listed.items()})
@@ -471,8 +471,9 @@ def _content_hash(batches: Mapping[str, Iterable[pa.RecordBatch]]) -> tuple[str,
         rows: dict[Any, bytes] = {}
         for batch in stream:
             for row in batch.to_pylist():
-                line = _CANONICAL_JSON.encode(row)
-                rows.setdefault(row[id_col], hashlib.sha256(line.encode()).digest())
+                if row[id_col] not in rows:
+                    line = _CANONICAL_JSON.encode(row)
+                    rows[row[id_col]] = hashlib.sha256(line.encode()).digest()
         digest.update(f"table {table}\n".encode())
         for key in sorted(rows):
             digest.update(rows[key])
