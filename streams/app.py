@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -24,6 +25,7 @@ from schemas.events import Tick
 from streams import metrics
 from streams.crashpoints import CrashPoints
 from streams.logwatch import LogWatch, TopicIds
+from streams.offsetguard import DROP, HANDLE, OffsetGuard
 from streams.pipeline import Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
 
@@ -162,6 +164,9 @@ def create_app(settings: Settings) -> faust.App:
     # fetched in: only messages of the current one are handled (see ``on_revoked``).
     epoch = [0]
     fetched_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+    # The next offset the agent must handle per partition: the committed one at each
+    # assignment, then one past each handled message (see ``streams.offsetguard``).
+    guard = OffsetGuard()
 
     async def flush() -> None:
         try:
@@ -232,10 +237,21 @@ def create_app(settings: Settings) -> faust.App:
             async with lock:
                 side_messages: list[SideMessage] = []
                 stale = 0
+                rewind: dict[TP, int] = {}
                 for event in batch:
                     msg = event.message
                     if fetched_in.pop(msg, epoch[0]) != epoch[0]:
                         stale += 1
+                        continue
+                    verdict = guard.admit(msg.tp, msg.offset, time.monotonic())
+                    if verdict is not HANDLE:
+                        if verdict != DROP:
+                            rewind[msg.tp] = verdict
+                            log.warning("%s[%d]: offset %d came before %d..%d, which never "
+                                        "reached this worker (dropped by Faust around a "
+                                        "rebalance): reading from %d again", msg.topic,
+                                        msg.partition, msg.offset, verdict, msg.offset - 1,
+                                        verdict)
                         continue
                     side_messages += pipeline.handle(
                         topic=msg.topic, partition=msg.partition, offset=msg.offset,
@@ -244,6 +260,8 @@ def create_app(settings: Settings) -> faust.App:
                 if stale:
                     log.info("dropped %d events fetched before the last rebalance: whoever owns "
                              "their partitions now reads them from the committed offsets", stale)
+                for tp, offset in rewind.items():
+                    await seek_back(tp, offset)
                 crash.reach("handle", len(batch))
                 await send_side(side_messages)
                 if pipeline.due():
@@ -273,7 +291,8 @@ def create_app(settings: Settings) -> faust.App:
         return {tp: await thread.call_thread(client.committed, tp) for tp in tps}
 
     async def rewind_uncommitted(tps: set[TP]) -> None:
-        """Seek partitions with no committed offset (or 0) to their earliest offset.
+        """Seek partitions with no committed offset (or 0) to their earliest offset, and expect
+        every assigned partition to go on from there or from its committed offset.
 
         After a rebalance Faust seeks every partition to its committed offset, but aiokafka
         skips a committed offset of None or 0 and leaves the position where the last fetch
@@ -281,10 +300,28 @@ def create_app(settings: Settings) -> faust.App:
         would then never be read again by a worker that keeps such a partition.
         """
         offsets = await committed(tps)
+        starts = {tp: offset for tp, offset in offsets.items() if offset}
         fresh = [tp for tp in tps if not offsets[tp]]
         if fresh:
             for tp, offset in (await app.consumer.earliest_offsets(*fresh)).items():
                 await app.consumer.seek(tp, offset)
+                starts[tp] = offset
+        guard.assign(starts)
+        log.info("assigned %s: reading from %s", settings.events_topic,
+                 {tp.partition: offset for tp, offset in sorted(starts.items())})
+
+    async def seek_back(tp: TP, offset: int) -> None:
+        """Read ``tp`` again from ``offset``: messages from there never reached the agent."""
+        if tp not in app.consumer.assignment():
+            return  # revoked meanwhile: its next owner reads from the committed offset
+        earliest = (await app.consumer.earliest_offsets(tp)).get(tp, offset)
+        if earliest > offset:
+            log.error("%s[%d]: offsets %d..%d were deleted from the log before this worker "
+                      "read them (retention); going on from %d", tp.topic, tp.partition, offset,
+                      earliest - 1, earliest)
+            offset = earliest
+            guard.seeking(tp, offset)
+        await app.consumer.seek(tp, offset)
 
     @app.on_rebalance_complete.connect
     async def on_rebalanced(sender: Any, **kwargs: Any) -> None:
@@ -300,6 +337,7 @@ def create_app(settings: Settings) -> faust.App:
         try:
             await rewind_uncommitted(tps)
         except KafkaError as exc:  # the broker went away: the next assignment retries
+            guard.assign({})
             log.warning("cannot look up committed offsets yet: %r", exc)
         topic_id = await asyncio.to_thread(topic_ids.topic_id, settings.events_topic)
         due = watch.observe(topic_id, {tp.partition for tp in tps})
@@ -312,6 +350,7 @@ def create_app(settings: Settings) -> faust.App:
                 return  # rebalanced meanwhile: the next assignment tries again
             for tp, offset in starts.items():
                 await app.consumer.seek(tp, offset)
+            guard.assign(starts, keep=True)
         except KafkaError as exc:  # the broker went away again: the next assignment retries
             log.warning("cannot read %s from the start yet: %r", sorted(due), exc)
             return

@@ -12,6 +12,10 @@ first one reached its count wins. Points, in the order a batch passes them:
 * ``checkpoint``: the batch's files and its state changelog durable, offsets not committed;
 * ``commit``: offsets committed, the flushed sessions not yet dropped from state;
 * ``revoke``: partitions being taken away in a rebalance, before anything is flushed.
+
+``PREFSTREAM_WORKER_CRASH_SIGNAL=TERM`` sends SIGTERM instead, once: the worker goes on from
+that point and stops the way an operator's ``kill`` stops it, while the point's work is in
+flight.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from prefstream.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CRASH_ENV = "PREFSTREAM_WORKER_CRASH_AT"
+SIGNAL_ENV = "PREFSTREAM_WORKER_CRASH_SIGNAL"
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
 CRASH_POINTS = ("handle", "write", "changelog", "checkpoint", "commit", "revoke")
 
 
@@ -47,23 +53,30 @@ def parse(text: str) -> dict[str, int]:
 class CrashPoints:
     """Counts the points reached; kills the process when one reaches its count."""
 
-    def __init__(self, points: dict[str, int]) -> None:
+    def __init__(self, points: dict[str, int], sig: signal.Signals = signal.SIGKILL) -> None:
         self.points = points
+        self.sig = sig
         self.reached: Counter[str] = Counter()
+        self.fired = False
 
     @classmethod
     def from_env(cls) -> CrashPoints:
-        return cls(parse(os.environ.get(CRASH_ENV, "")))
+        name = os.environ.get(SIGNAL_ENV, "KILL").upper()
+        if name not in SIGNALS:
+            raise ConfigError(f"{SIGNAL_ENV}: {name!r} is not one of {', '.join(SIGNALS)}")
+        return cls(parse(os.environ.get(CRASH_ENV, "")), SIGNALS[name])
 
     def __bool__(self) -> bool:
         return bool(self.points)
 
     def reach(self, point: str, n: int = 1) -> None:
-        if point not in self.points:
+        if point not in self.points or self.fired:
             return
         self.reached[point] += n
         if self.reached[point] >= self.points[point]:
-            log.warning("crash point %s reached %d times: killing this worker (%s)", point,
-                        self.reached[point], CRASH_ENV)
-            logging.shutdown()
-            os.kill(os.getpid(), signal.SIGKILL)
+            log.warning("crash point %s reached %d times: sending %s to this worker (%s)",
+                        point, self.reached[point], self.sig.name, CRASH_ENV)
+            self.fired = True
+            if self.sig == signal.SIGKILL:
+                logging.shutdown()
+            os.kill(os.getpid(), self.sig)

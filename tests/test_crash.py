@@ -28,7 +28,7 @@ from prefstream.demo import drained, end_offsets
 from prefstream.settings import Settings
 from storage.files import init_data_dir, read_watermarks
 from streams.broker import EmbeddedBroker
-from streams.crashpoints import CRASH_ENV, CrashPoints, parse
+from streams.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
 from streams.pipeline import TICK_PREFIX, replay
 from streams.producer import FeedbackProducer
 from streams.run import prepare
@@ -80,15 +80,22 @@ def rows(data_dir: Path) -> dict[str, list[tuple]]:
     return out
 
 
-def produce_stream(settings: Settings, n_events: int, seed: int) -> list[tuple[bytes, bytes]]:
+def produce_stream(settings: Settings, n_events: int, seed: int,
+                   upto: int | None = None) -> list[tuple[bytes, bytes]]:
+    """Publishes the traffic's messages (only the first ``upto`` of them, if given; see
+    ``publish``) and returns them all."""
     prepare(settings)
     traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=seed, end=T0))
+    publish(settings, traffic.messages[:upto])
+    return traffic.messages
+
+
+def publish(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
     producer = FeedbackProducer(settings.kafka_bootstrap, topic=settings.events_topic)
-    for key, value in traffic.messages:
+    for key, value in messages:
         producer.send_raw(key, value)
     producer.flush()
     producer.close()
-    return traffic.messages
 
 
 def applied(settings: Settings) -> int:
@@ -102,15 +109,14 @@ def is_drained(settings: Settings, targets: dict[int, int], since: datetime) -> 
 
 
 def recorded(settings: Settings) -> list[tuple[int, int, bytes | None, bytes, int]]:
-    """The stream as the broker holds it (offsets and arrival times), without the ticks the
-    workers added."""
+    """The stream as the broker holds it: offsets, arrival times, and the watermark ticks the
+    workers added (a tick before a late message decides whether it is late)."""
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, consumer_timeout_ms=3000,
                              auto_offset_reset="earliest", enable_auto_commit=False)
     tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    records = [(m.partition, m.offset, m.key, m.value, m.timestamp) for m in consumer
-               if not (m.value or b"").startswith(TICK_PREFIX)]
+    records = [(m.partition, m.offset, m.key, m.value, m.timestamp) for m in consumer]
     consumer.close()
     return records
 
@@ -118,7 +124,7 @@ def recorded(settings: Settings) -> list[tuple[int, int, bytes | None, bytes, in
 def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Path) -> int:
     """The stored rows equal the pure pipeline's over the same records; returns rows compared."""
     records = recorded(settings)
-    assert len(records) == n_messages
+    assert sum(not r[3].startswith(TICK_PREFIX) for r in records) == n_messages
     ref = settings.model_copy(update={"data_dir": ref_dir})
     init_data_dir(ref_dir)
     replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
@@ -130,11 +136,14 @@ def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Pa
 
 
 # -- one worker, killed again and again ------------------------------------------------------
-#: each run of the worker dies at one of these (None: kill -9 from outside at a random moment)
-CRASHES = ["handle:300", "write:2", "checkpoint:1", None, "commit:2", "write:7"]
+#: each run of the worker dies at one of these (None: kill -9 from outside at a random moment);
+#: TERM: SIGTERM there instead, a graceful stop that cancels whatever the worker was awaiting
+CRASHES = [("checkpoint:1", "TERM"), ("handle:300", "KILL"), ("write:2", "KILL"),
+           ("changelog:1", "TERM"), ("checkpoint:1", "KILL"), (None, "KILL"),
+           ("commit:2", "KILL"), ("write:3", "TERM"), ("write:7", "KILL")]
 
 
-def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
+def test_kill_9_and_sigterm_at_every_point_over_one_stream_lose_and_duplicate_nothing(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     settings = make_settings(broker, tmp_path / "data", "crash-loop", flush_max_events=150,
@@ -143,11 +152,10 @@ def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
     targets = end_offsets(settings)
     total = len(messages)
     rng = random.Random(3)
-    crashed = 0
-    for i, crash_at in enumerate(CRASHES):
+    for i, (crash_at, sig) in enumerate(CRASHES):
         before = applied(settings)
-        worker = start_worker(settings, tmp_path / f"worker-{i}.log",
-                              **{CRASH_ENV: crash_at or ""})
+        log_path = tmp_path / f"worker-{i}.log"
+        worker = start_worker(settings, log_path, **{CRASH_ENV: crash_at or "", SIGNAL_ENV: sig})
         if crash_at is None:  # from outside, once this run has stored something
             wait_for(lambda: applied(settings) > before, "progress", 60, [worker])  # noqa: B023
             time.sleep(rng.uniform(0.0, 1.0))
@@ -157,8 +165,10 @@ def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
                 worker.wait(timeout=60)
             finally:
                 stop(worker, signal.SIGKILL)
-            assert worker.returncode == -signal.SIGKILL, f"{crash_at} was never reached"
-        crashed += 1
+            assert f"crash point {crash_at.split(':')[0]} reached" in log_path.read_text(), (
+                f"{crash_at} was never reached")
+            if sig == "KILL":
+                assert worker.returncode == -signal.SIGKILL
         assert applied(settings) < total, f"run {i} ({crash_at}) finished the stream"
 
     final = start_worker(settings, tmp_path / "worker-final.log")
@@ -168,7 +178,9 @@ def test_kill_9_at_every_point_over_one_stream_loses_and_duplicates_nothing(
     finally:
         stop(final)
     n_rows = assert_equals_uninterrupted(settings, len(messages), tmp_path / "ref")
-    print(f"{crashed} crashes survived, {n_rows} rows compared")
+    n_term = sum(sig == "TERM" for _, sig in CRASHES)
+    print(f"{len(CRASHES) - n_term} kill -9 and {n_term} SIGTERM stops survived, "
+          f"{n_rows} rows compared")
 
 
 # -- two workers sharing the partitions ------------------------------------------------------
@@ -180,8 +192,7 @@ def test_two_workers_one_killed_during_a_rebalance_and_one_at_random(
     killed at a random moment and restarted. The output equals the uninterrupted run."""
     settings = make_settings(broker, tmp_path / "data", "two-workers", flush_max_events=150,
                              take_max_events=100).model_copy(update={"partitions": 4})
-    messages = produce_stream(settings, n_events=6000, seed=12)
-    targets = end_offsets(settings)
+    messages = produce_stream(settings, n_events=6000, seed=12, upto=4000)
     logs = tmp_path
 
     a = start_worker(settings, logs / "a-1.log", **{CRASH_ENV: "revoke:1"})
@@ -194,7 +205,8 @@ def test_two_workers_one_killed_during_a_rebalance_and_one_at_random(
     wait_for(lambda: applied(settings) > before, "progress with A back", 90, [a, b])
     time.sleep(random.Random(5).uniform(0.0, 0.3))
     stop(b, signal.SIGKILL)
-    assert applied(settings) < len(messages), "the stream finished before B was killed"
+    publish(settings, messages[4000:])  # the rest of the stream comes while B is down
+    targets = end_offsets(settings)
     b = start_worker(settings, logs / "b-2.log")
     try:
         wait_for(is_drained(settings, targets, datetime.now(timezone.utc)), "drained stream",
