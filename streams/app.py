@@ -102,7 +102,7 @@ class TableStore:
 
 
 def _slot_partition(slot: SessionSlot) -> int:
-    session = slot.open if slot.open is not None else slot.pending[0].session
+    session = slot.open if slot.open is not None else (*slot.pending, *slot.held)[0].session
     return session.kafka_partition
 
 

@@ -84,6 +84,10 @@ class SessionSlot(BaseModel):
 
     open: Session | None = None
     pending: tuple[ClosedSession, ...] = ()
+    #: groups the event cap closed to new events, held until the watermark passes their last
+    #: event: until then a copy of one of their events is in time and counts as a duplicate,
+    #: the same whether or not a flush came in between
+    held: tuple[ClosedSession, ...] = ()
 
 
 def _seen(session: Session, event_id: str, offset: int) -> Outcome | None:
@@ -147,7 +151,8 @@ def clusters(session: Session, gap: timedelta) -> list[Session]:
 
 
 def _find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
-    sessions = [c.session for c in slot.pending] + ([slot.open] if slot.open else [])
+    sessions = [c.session for c in (*slot.pending, *slot.held)] + (
+        [slot.open] if slot.open else [])
     for session in sessions:
         seen = _seen(session, event_id, offset)
         if seen is not None:
@@ -196,7 +201,7 @@ def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules
     kept = tuple(i for i in session.events if all(i is not j for j in full.events))
     still_open = _with_events(session, kept) if kept else None
     closed = ClosedSession(session=full, reason="max_events")
-    return SessionSlot(open=still_open, pending=(*slot.pending, closed))
+    return SessionSlot(open=still_open, pending=slot.pending, held=(*slot.held, closed))
 
 
 def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSlot:
@@ -208,7 +213,8 @@ def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSl
         return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups)})
 
     pending = tuple(c.model_copy(update={"session": mark(c.session)}) for c in slot.pending)
-    return SessionSlot(open=mark(slot.open) if slot.open else None, pending=pending)
+    held = tuple(c.model_copy(update={"session": mark(c.session)}) for c in slot.held)
+    return SessionSlot(open=mark(slot.open) if slot.open else None, pending=pending, held=held)
 
 
 def _group_deadline(group: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
@@ -248,22 +254,41 @@ def deadline(session: Session, rules: SessionRules) -> tuple[datetime, CloseReas
     return _deadline_of(start, last, ended_at, rules)
 
 
+def held_deadline(closed: ClosedSession) -> datetime:
+    """Watermark at which a group the cap closed is released to be written."""
+    return closed.session.last + TICK
+
+
+def next_deadline(slot: SessionSlot, rules: SessionRules) -> datetime | None:
+    """The earliest watermark at which :func:`expire` changes ``slot`` (None: never)."""
+    due = [held_deadline(c) for c in slot.held]
+    if slot.open is not None:
+        due.append(deadline(slot.open, rules)[0])
+    return min(due, default=None)
+
+
 def expire(slot: SessionSlot, watermark: datetime, rules: SessionRules) -> SessionSlot:
-    """Close every group of the open session whose deadline the watermark has passed."""
-    if slot.open is None:
-        return slot
-    groups = clusters(slot.open, rules.gap)
+    """Close every group of the open session whose deadline the watermark has passed, and
+    release the held groups the watermark has passed."""
+    released = tuple(c for c in slot.held if held_deadline(c) <= watermark)
+    held = tuple(c for c in slot.held if held_deadline(c) > watermark)
+    groups = clusters(slot.open, rules.gap) if slot.open is not None else []
     closed: list[ClosedSession] = []
     while groups and (due := _group_deadline(groups[0], rules))[0] <= watermark:
         closed.append(ClosedSession(session=groups.pop(0), reason=due[1]))
-    if not closed:
+    if not closed and not released:
         return slot
-    rest = {id(i) for g in groups for i in g.events}
-    kept = tuple(i for i in slot.open.events if id(i) in rest)
-    still_open = _with_events(slot.open, kept) if kept else None
-    return SessionSlot(open=still_open, pending=(*slot.pending, *closed))
+    still_open = slot.open
+    if closed:
+        assert slot.open is not None
+        rest = {id(i) for g in groups for i in g.events}
+        kept = tuple(i for i in slot.open.events if id(i) in rest)
+        still_open = _with_events(slot.open, kept) if kept else None
+    return SessionSlot(open=still_open, pending=(*slot.pending, *released, *closed), held=held)
 
 
 def flushed(slot: SessionSlot) -> SessionSlot | None:
     """Forget pending sessions once their rows are durable; ``None`` when nothing is left."""
-    return SessionSlot(open=slot.open) if slot.open is not None else None
+    if slot.open is None and not slot.held:
+        return None
+    return SessionSlot(open=slot.open, held=slot.held)

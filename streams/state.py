@@ -28,9 +28,9 @@ from streams.sessionize import (
     SessionSlot,
     add_event,
     clusters,
-    deadline,
     expire,
     flushed,
+    next_deadline,
 )
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
@@ -52,7 +52,7 @@ def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
         return slot
     closed = tuple(ClosedSession(session=group, reason="evicted")
                    for group in clusters(slot.open, rules.gap))
-    return SessionSlot(pending=(*slot.pending, *closed))
+    return SessionSlot(pending=(*slot.pending, *closed), held=slot.held)
 
 
 class PartitionSessions:
@@ -89,8 +89,9 @@ class PartitionSessions:
         return self._n_open
 
     def _schedule(self, session_id: str, slot: SessionSlot) -> None:
-        if slot.open is not None:
-            heapq.heappush(self._heap, (deadline(slot.open, self.rules)[0], session_id))
+        due = next_deadline(slot, self.rules)
+        if due is not None:
+            heapq.heappush(self._heap, (due, session_id))
 
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
@@ -153,7 +154,7 @@ class PartitionSessions:
         while self._heap and self._heap[0][0] <= self.clock.watermark:
             _, session_id = heapq.heappop(self._heap)
             slot = self.slots.get(session_id)
-            if slot is None or slot.open is None:
+            if slot is None or (slot.open is None and not slot.held):
                 continue  # stale heap entry: the session closed or moved on
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:

@@ -26,6 +26,7 @@ from streams.sessionize import (
     deadline,
     expire,
     flushed,
+    next_deadline,
 )
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
@@ -357,12 +358,20 @@ def test_max_events_closes_the_session():
     evs = [event(minute=i) for i in range(4)]
     slot, outcomes = feed(*((e, i) for i, e in enumerate(evs[:3])), rules=rules)
     assert outcomes == ["accepted"] * 3
-    assert slot.open is None
-    [closed] = slot.pending
+    assert slot.open is None and slot.pending == ()
+    [closed] = slot.held  # closed to new events, written once the watermark passes it
     assert (closed.reason, ids(closed.session)) == ("max_events", [e.event_id for e in evs[:3]])
     slot, _ = feed((evs[3], 3), slot=slot, rules=rules)
     assert ids(slot.open) == [evs[3].event_id]
-    assert len(slot.pending) == 1
+    assert len(slot.held) == 1
+    slot, outcome = add_event(slot, evs[1], offset=4, clock=FRESH, rules=rules)
+    assert outcome == "duplicate" and slot.held[0].session.duplicates == ((4, evs[1].event_id),)
+    assert next_deadline(slot, rules) == evs[2].ts + TICK
+    assert expire(slot, evs[2].ts, rules) == slot
+    released = expire(slot, evs[2].ts + TICK, rules)
+    assert released.held == () and released.pending == slot.held
+    assert ids(released.open) == [evs[3].event_id]
+    assert flushed(released) == SessionSlot(open=released.open)
 
 
 def test_max_events_closes_only_the_group_that_reached_it():
@@ -377,7 +386,7 @@ def test_max_events_closes_only_the_group_that_reached_it():
     assert slot.pending == ()  # [b, c] and [a, d]: neither group holds 3 events
     e = event(minute=53)
     slot, _ = feed((e, 4), slot=slot, rules=rules)
-    assert [(p.reason, ids(p.session)) for p in slot.pending] == [
+    assert [(p.reason, ids(p.session)) for p in slot.held] == [
         ("max_events", [a.event_id, d.event_id, e.event_id])]
     assert ids(slot.open) == [b.event_id, c.event_id]
 

@@ -536,10 +536,6 @@ def test_output_does_not_depend_on_when_pending_sessions_are_flushed(messages, r
     assert sorted(eager, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a group closed by max_events closes before the watermark passes its last event; "
-    "once flushed and forgotten, a copy of one of its events (not late) is accepted into a "
-    "new session instead of counted as a duplicate, so the output depends on flush timing"))
 def test_flush_timing_does_not_change_the_output_under_an_event_cap():
     rules = SessionRules(max_events=2)
     a, b = event(minute=0, event_id="a"), event(minute=1, event_id="b")
