@@ -71,6 +71,9 @@ class PartitionSessions:
         self.max_open = max_open
         self.slots: dict[str, SessionSlot] = dict(slots)
         self._heap: list[tuple[datetime, str]] = []
+        # each session's deadline as last scheduled: a heap entry that differs is stale and is
+        # skipped when popped, without looking at the session again
+        self._due: dict[str, datetime] = {}
         # (last event time, session id) of open sessions, oldest first; an entry is stale once
         # its session closed or moved on, and is skipped when popped (lazy invalidation)
         self._by_last: list[tuple[datetime, str]] = []
@@ -90,7 +93,10 @@ class PartitionSessions:
 
     def _schedule(self, session_id: str, slot: SessionSlot) -> None:
         due = next_deadline(slot, self.rules)
-        if due is not None:
+        if due is None:
+            self._due.pop(session_id, None)
+        elif self._due.get(session_id) != due:
+            self._due[session_id] = due
             heapq.heappush(self._heap, (due, session_id))
 
     def _rebuild_by_last(self) -> None:
@@ -122,6 +128,7 @@ class PartitionSessions:
         self._track_last(session_id, self.slots.get(session_id), slot)
         if slot is None:
             self.slots.pop(session_id, None)
+            self._due.pop(session_id, None)
         else:
             self.slots[session_id] = slot
             self._schedule(session_id, slot)
@@ -152,10 +159,11 @@ class PartitionSessions:
 
     def _expire(self) -> None:
         while self._heap and self._heap[0][0] <= self.clock.watermark:
-            _, session_id = heapq.heappop(self._heap)
-            slot = self.slots.get(session_id)
-            if slot is None or (slot.open is None and not slot.held):
+            due, session_id = heapq.heappop(self._heap)
+            if self._due.get(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
+            del self._due[session_id]
+            slot = self.slots[session_id]
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)
