@@ -267,7 +267,7 @@ def create_app(settings: Settings) -> faust.App:
                 if pipeline.due():
                     await flush()
 
-    @app.timer(interval=min(0.5, settings.flush_interval_s / 2))
+    @app.timer(interval=min(0.25, settings.flush_interval_s / 4))
     async def flush_when_due() -> None:
         """A batch is due after ``flush_interval_s`` even when no further event arrives."""
         if pipeline.due() and not lock.locked():
