@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel
@@ -462,22 +463,33 @@ def content_sha256(tables: Mapping[str, pa.Table]) -> str:
 
 def _content_hash(batches: Mapping[str, Iterable[pa.RecordBatch]]) -> tuple[str, dict[str, int]]:
     """:func:`content_sha256` of tables given as record batches, read one batch at a time (a
-    sealed partition is never held whole: only each row's id and digest); also the rows per
-    table (the first of each id counts)."""
+    sealed partition is never held whole, nor as a Python object per row: only the id column and
+    a 32-byte digest per row, in flat buffers); also the rows per table (the first of each id
+    counts)."""
     digest = hashlib.sha256()
     counts = {}
     for table, stream in batches.items():
         id_col = TABLES[table][1]
-        rows: dict[Any, bytes] = {}
+        ids: list[pa.Array] = []
+        digests = bytearray()
         for batch in stream:
+            ids.append(batch.column(id_col))
             for row in batch.to_pylist():
-                if row[id_col] not in rows:
-                    line = _CANONICAL_JSON.encode(row)
-                    rows[row[id_col]] = hashlib.sha256(line.encode()).digest()
+                digests += hashlib.sha256(_CANONICAL_JSON.encode(row).encode()).digest()
         digest.update(f"table {table}\n".encode())
-        for key in sorted(rows):
-            digest.update(rows[key])
-        counts[table] = len(rows)
+        counts[table] = 0
+        if not ids:
+            continue
+        keyed = pa.table({"id": pa.chunked_array(ids),
+                          "at": pa.array(np.arange(len(digests) // 32, dtype=np.int64))})
+        ordered = keyed.sort_by([("id", "ascending"), ("at", "ascending")])
+        sorted_ids = ordered.column("id").combine_chunks()
+        first = np.ones(len(sorted_ids), dtype=bool)  # the first row of each id, in read order
+        if len(sorted_ids) > 1:
+            first[1:] = ~np.asarray(pc.equal(sorted_ids[1:], sorted_ids[:-1]))
+        rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
+        digest.update(rows[ordered.column("at").to_numpy()[first]].tobytes())
+        counts[table] = int(first.sum())
     return digest.hexdigest(), counts
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import types
 import typing
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -69,6 +72,26 @@ def memory_pool() -> str:
     """pyarrow's memory pool in this process (``prefstream`` makes it jemalloc; see
     ``prefstream/cli.py``)."""
     return pa.default_memory_pool().backend_name
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return getattr(libc, "malloc_trim", None)  # glibc only
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed after large work (a seal reads an hour's ids and row digests, a merge
+    whole row groups) back to the system: pyarrow's pool and glibc's heap keep freed blocks for
+    reuse, so without this a long-running worker's resident size steps up at each hour's seal."""
+    pa.default_memory_pool().release_unused()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def warm_up() -> None:

@@ -24,6 +24,7 @@ from schemas.records import DeadLetter, LateEvent
 from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
+from storage.tables import release_free_memory
 from streams.crashpoints import CrashPoints
 from streams.metrics import Metrics
 from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
@@ -250,6 +251,8 @@ class Pipeline:
                             grace=timedelta(seconds=self.settings.compaction_grace_s))
         batch.counts["sealed"] += len(sealed)
         self._count_flush(batch, len(sealed))
+        if sealed:
+            release_free_memory()
         return batch
 
     def _count_rows(self, batch: Batch) -> None:

@@ -519,8 +519,9 @@ def test_output_does_not_depend_on_when_pending_sessions_are_flushed(messages, r
     """Every message gets the same outcome and the same sessions (duplicate counts included)
     are written whether pending sessions are flushed after every message or only at the end:
     a group closes (or, closed by the event cap, is held) until the watermark is past its last
-    event, so no copy of one of its events can reach it (or start a new session) after it closed. A flush is followed by the
-    offset commit, so it happens only where no later message redelivers one before it."""
+    event, so no copy of one of its events can reach it (or start a new session) after it
+    closed. A flush is followed by the offset commit, so it happens only where no later message
+    redelivers one before it."""
     first_at: dict[int, int] = {}
     replayed: set[int] = set()  # positions a later redelivery reaches back past
     for j, msg in enumerate(messages):

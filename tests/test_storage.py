@@ -6,6 +6,7 @@ process while this one writes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -41,7 +42,7 @@ from storage.files import (
     write_watermark,
 )
 from storage.partitions import partition_bounds, partition_for
-from storage.tables import SEALED_TABLES, TABLES
+from storage.tables import SEALED_TABLES, TABLES, to_arrow
 
 H12, H13 = "2024-05-01T12", "2024-05-01T13"  # the hours of at(0) and at(60)
 GAP = timedelta(minutes=30)
@@ -572,3 +573,21 @@ def test_prefstream_processes_use_jemalloc_for_arrow_unless_the_user_names_a_poo
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(ids=st.lists(st.sampled_from(["p1", "p2", "p10", "P2", "p\u00e9", "p\u4e2d", "p\U0001f600"]),
+                    max_size=12),
+       chunk=st.integers(1, 5))
+def test_the_content_hash_is_sha256_over_row_digests_in_id_order_first_of_each_id(ids, chunk):
+    """The definition, computed the plain way: per table its name line, then the SHA-256 of
+    each row's canonical JSON in id order (code point order), the first row of each id."""
+    rows = [pair(pid, minute=i % 50) for i, pid in enumerate(ids)]
+    table = to_arrow(TABLES["pairs"][0], rows)
+    first: dict[str, bytes] = {}
+    for row in table.to_pylist():
+        line = json.dumps(row, sort_keys=True, default=lambda v: v.isoformat())
+        first.setdefault(row["pair_id"], hashlib.sha256(line.encode()).digest())
+    want = hashlib.sha256(b"table pairs\n" + b"".join(first[k] for k in sorted(first)))
+    got, counts = files._content_hash({"pairs": table.to_batches(max_chunksize=chunk)})
+    assert (got, counts) == (want.hexdigest(), {"pairs": len(first)})
