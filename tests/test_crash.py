@@ -140,7 +140,7 @@ def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Pa
 #: TERM: SIGTERM there instead, a graceful stop that cancels whatever the worker was awaiting
 CRASHES = [("checkpoint:1", "TERM"), ("handle:300", "KILL"), ("write:2", "KILL"),
            ("changelog:1", "TERM"), ("checkpoint:1", "KILL"), (None, "KILL"),
-           ("commit:2", "KILL"), ("write:3", "TERM"), ("write:7", "KILL")]
+           ("commit:2", "KILL")]
 
 
 def test_kill_9_and_sigterm_at_every_point_over_one_stream_lose_and_duplicate_nothing(
