@@ -212,9 +212,11 @@ def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSl
         dups = (*session.duplicates, (offset, event_id))
         return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups)})
 
-    pending = tuple(c.model_copy(update={"session": mark(c.session)}) for c in slot.pending)
-    held = tuple(c.model_copy(update={"session": mark(c.session)}) for c in slot.held)
-    return SessionSlot(open=mark(slot.open) if slot.open else None, pending=pending, held=held)
+    def mark_all(closed: tuple[ClosedSession, ...]) -> tuple[ClosedSession, ...]:
+        return tuple(c.model_copy(update={"session": mark(c.session)}) for c in closed)
+
+    return SessionSlot(open=mark(slot.open) if slot.open else None,
+                       pending=mark_all(slot.pending), held=mark_all(slot.held))
 
 
 def _group_deadline(group: Session, rules: SessionRules) -> tuple[datetime, CloseReason]:
