@@ -23,10 +23,11 @@ from faust.types import TP
 from prefstream.settings import Settings
 from schemas.events import Tick
 from streams import metrics
+from streams.consumer import App
 from streams.crashpoints import CrashPoints
 from streams.logwatch import LogWatch, TopicIds
 from streams.offsetguard import DROP, HANDLE, OffsetGuard
-from streams.pipeline import Pipeline, SideMessage
+from streams.pipeline import FlushJob, Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _clock_from_json(raw: bytes | str) -> Clock:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker's Faust app for one broker and data dir."""
-    app = faust.App(
+    app = App(  # Faust's app with a cheaper per-message hand-off (see streams.consumer)
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_credentials=settings.kafka_security().faust_credentials(),  # None = PLAINTEXT
@@ -168,25 +169,44 @@ def create_app(settings: Settings) -> faust.App:
     # assignment, then one past each handled message (see ``streams.offsetguard``).
     guard = OffsetGuard()
 
+    # The flush being written, at most one: a flush takes the batch and the closed sessions
+    # from the state at once, then writes them in the flush thread and commits while the agent
+    # goes on handling events (see ``Pipeline.start_flush``).
+    writing: list[asyncio.Future[None]] = []
+
     async def flush() -> None:
+        """Start a flush of everything handled so far (under ``lock``), once the previous one
+        is done; ``settle()`` waits for it to be durable and committed."""
+        await settle()
+        job = pipeline.start_flush()
+        pipeline.checkpoint()  # the state as the job took it; sent now, awaited before the commit
+        targets = dict(uncommitted)
+        uncommitted.clear()
+        writing.append(asyncio.ensure_future(complete(job, targets)))
+
+    async def settle() -> None:
+        """Until the flush being written (if any) is durable and committed."""
+        while writing:
+            await writing[0]
+            writing.pop(0)
+
+    async def complete(job: FlushJob, targets: dict[TP, int]) -> None:
         try:
-            await durable_flush()
+            await durable_flush(job, targets)
         except Exception as exc:  # not durable or not committed: stop; a restart replays
             log.critical("flush failed, stopping the worker: %r", exc)
             await app.crash(exc)
             raise
 
-    async def durable_flush() -> None:
-        batch = await asyncio.get_running_loop().run_in_executor(flusher, pipeline.flush_rows)
-        pipeline.checkpoint()
+    async def durable_flush(job: FlushJob, targets: dict[TP, int]) -> None:
+        batch = await asyncio.get_running_loop().run_in_executor(flusher, pipeline.write_flush,
+                                                                 job)
         await app.producer.flush()
         await store.wait_sent()
         crash.reach("checkpoint")
-        targets = dict(uncommitted)
-        uncommitted.clear()
         committed = await commit_through(targets)
         crash.reach("commit")
-        pipeline.forget_flushed({tp.partition: offset for tp, offset in committed.items()})
+        pipeline.finish_flush(job, {tp.partition: offset for tp, offset in committed.items()})
         for tp, next_offset in targets.items():
             end = app.consumer.highwater(tp)
             if end is not None:
@@ -270,7 +290,7 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=min(0.25, settings.flush_interval_s / 4))
     async def flush_when_due() -> None:
         """A batch is due after ``flush_interval_s`` even when no further event arrives."""
-        if pipeline.due() and not lock.locked():
+        if pipeline.due() and not lock.locked() and not (writing and not writing[0].done()):
             async with lock:
                 if pipeline.due():
                     await flush()
@@ -382,6 +402,7 @@ def create_app(settings: Settings) -> faust.App:
         async with lock:
             if uncommitted:
                 await flush()
+            await settle()
             pipeline.revoke(ours)
 
     if settings.metrics_port:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 
 from prefstream.settings import Settings
 from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent, Tick
-from schemas.records import DeadLetter, LateEvent
+from schemas.records import ClosedSession, DeadLetter, LateEvent
 from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
@@ -53,6 +53,17 @@ class Batch:
     rows: dict[str, list[BaseModel]] = field(default_factory=lambda: defaultdict(list))
     counts: Counter[str] = field(default_factory=Counter)
     applied: dict[int, int] = field(default_factory=dict)  # kafka partition -> last offset
+
+
+@dataclass
+class FlushJob:
+    """What one flush writes, taken from the state at one moment (``Pipeline.start_flush``)."""
+
+    batch: Batch
+    closed: list[ClosedSession] = field(default_factory=list)
+    #: per Kafka partition, the pending groups of each session as the job took them
+    written: dict[int, dict[str, tuple[ClosedSession, ...]]] = field(default_factory=dict)
+    marks: list[Watermark] = field(default_factory=list)
 
 
 class StateStore(Protocol):
@@ -227,33 +238,69 @@ class Pipeline:
         return self._events_since_flush > 0 and elapsed >= self.settings.flush_interval_s
 
     def flush_rows(self) -> Batch:
-        """Write the batch's rows durably, record watermarks, seal; returns the batch written.
+        """Write the batch's rows durably, record watermarks, seal; returns the batch written
+        (:meth:`start_flush` and :meth:`write_flush` in one go)."""
+        return self.write_flush(self.start_flush())
 
-        Runs in a worker thread: only files are touched here, never Kafka or the table.
+    def start_flush(self) -> FlushJob:
+        """Take the batch and the closed sessions to write, as of now; a new batch starts.
+
+        Runs on the event loop. The job holds only immutable values, so :meth:`write_flush`
+        may run in a thread while the stream goes on handling events; :meth:`finish_flush`
+        then forgets exactly the sessions the job wrote.
         """
         batch, self.batch = self.batch, Batch()
-        self._collect_closed(batch)
+        job = FlushJob(batch)
+        for p, state in self.partitions.items():
+            groups = state.pending_groups()
+            job.written[p] = groups
+            job.closed += [c for sid in sorted(groups) for c in groups[sid]]
+        for p, offset in batch.applied.items():
+            state = self.partitions.get(p)
+            if state is not None:
+                job.marks.append(Watermark(p, state.clock.watermark, offset, state.open_sessions))
+        self._count_state(batch)
+        self._events_since_flush = 0
+        self._last_flush = time.monotonic()
+        return job
+
+    def write_flush(self, job: FlushJob) -> Batch:
+        """Pair the job's closed sessions and write every row durably, then the watermarks;
+        seal and compact what is due. Only files are touched here (it runs in a worker thread),
+        never Kafka or the session state."""
+        batch = job.batch
+        for closed in job.closed:
+            result = session_to_pairs(closed, self.settings.rules)
+            for table, rows in session_rows(closed, result, self.settings.rules,
+                                            text_storage=self.settings.text_storage).items():
+                batch.rows[table].extend(rows)
         data_dir = self.settings.data_dir
         for table, rows in batch.rows.items():
             if rows:
                 write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
                 self.crash.reach("write")
         self._count_rows(batch)  # before the watermark files: they tell readers we are done
-        for p, offset in batch.applied.items():
-            state = self.partitions.get(p)
-            if state is not None:
-                write_watermark(data_dir=data_dir, mark=Watermark(
-                    p, state.clock.watermark, offset, state.open_sessions))
+        for mark in job.marks:
+            write_watermark(data_dir=data_dir, mark=mark)
         sealed = seal_ready(data_dir=data_dir, n_kafka_partitions=self.settings.partitions,
                             gap=self.rules.gap, hours=self.settings.rules.partition_hours)
         compact_after_flush(data_dir=data_dir, sealed=sealed, written=batch.rows,
                             max_files=self.settings.compaction_max_files,
                             grace=timedelta(seconds=self.settings.compaction_grace_s))
         batch.counts["sealed"] += len(sealed)
-        self._count_flush(batch, len(sealed))
+        self.metrics.inc("prefstream_flushes_total")
+        self.metrics.inc("prefstream_partitions_sealed_total", len(sealed))
         if sealed:
             release_free_memory()
         return batch
+
+    def finish_flush(self, job: FlushJob, committed: dict[int, int]) -> None:
+        """After the job's rows are durable and ``committed`` (next offset per Kafka partition)
+        is: forget the sessions the job wrote (see :meth:`forget_flushed`); sessions closed
+        since it started stay, to be written by the next one."""
+        self.resume_offsets.update(committed)
+        for p, state in self.partitions.items():
+            state.forget_flushed(self.resume_offsets.get(p), written=job.written.get(p, {}))
 
     def _count_rows(self, batch: Batch) -> None:
         m = self.metrics
@@ -264,10 +311,8 @@ class Pipeline:
         for refusal in batch.rows.get("refusals", []):
             m.inc("prefstream_refusals_total", reason=refusal.reason)  # type: ignore[attr-defined]
 
-    def _count_flush(self, batch: Batch, n_sealed: int) -> None:
+    def _count_state(self, batch: Batch) -> None:
         m = self.metrics
-        m.inc("prefstream_flushes_total")
-        m.inc("prefstream_partitions_sealed_total", n_sealed)
         evicted: dict[int, int] = {}
         for p, state in list(self.partitions.items()):
             m.set("prefstream_sessions_open", state.open_sessions, partition=str(p))
@@ -281,14 +326,6 @@ class Pipeline:
             log.warning("%d open sessions closed early (evicted) since the last flush, by Kafka "
                         "partition %s: over max_open_sessions=%d", sum(evicted.values()),
                         evicted, self.settings.max_open_sessions)
-
-    def _collect_closed(self, batch: Batch) -> None:
-        for state in self.partitions.values():
-            for closed in state.take_closed():
-                result = session_to_pairs(closed, self.settings.rules)
-                for table, rows in session_rows(closed, result, self.settings.rules,
-                                                text_storage=self.settings.text_storage).items():
-                    batch.rows[table].extend(rows)
 
     def checkpoint(self) -> None:
         """Persist changed session slots and clocks (before the offsets are committed)."""
@@ -304,8 +341,6 @@ class Pipeline:
             self.resume_offsets.update(committed)
         for p, state in self.partitions.items():
             state.forget_flushed(None if committed is None else self.resume_offsets.get(p))
-        self._events_since_flush = 0
-        self._last_flush = time.monotonic()
 
     def wall_ms(self) -> int:
         return self._wall_ms()

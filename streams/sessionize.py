@@ -213,7 +213,9 @@ def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSl
         return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups)})
 
     def mark_all(closed: tuple[ClosedSession, ...]) -> tuple[ClosedSession, ...]:
-        return tuple(c.model_copy(update={"session": mark(c.session)}) for c in closed)
+        marked = [(c, mark(c.session)) for c in closed]  # a group left alone stays the same object
+        return tuple(c if s is c.session else c.model_copy(update={"session": s})
+                     for c, s in marked)
 
     return SessionSlot(open=mark(slot.open) if slot.open else None,
                        pending=mark_all(slot.pending), held=mark_all(slot.held))

@@ -201,7 +201,13 @@ class PartitionSessions:
         until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe)."""
         return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
 
-    def forget_flushed(self, resume_offset: int | None = None) -> None:
+    def pending_groups(self) -> dict[str, tuple[ClosedSession, ...]]:
+        """The pending groups of each session with rows to write, as :meth:`take_closed` lists
+        them; pass them to :meth:`forget_flushed` once written."""
+        return {sid: self.slots[sid].pending for sid in self._pending}
+
+    def forget_flushed(self, resume_offset: int | None = None, *,
+                       written: dict[str, tuple[ClosedSession, ...]] | None = None) -> None:
         """After the flush is durable and committed: drop pending sessions from state.
 
         ``resume_offset`` is where a restart would read this partition from (the committed
@@ -210,12 +216,23 @@ class PartitionSessions:
         of the committed offset (killed between the two) replays those events, and they must
         find their session, or they would count as late or start it again from the middle.
         ``None``: everything was applied, forget them all.
+
+        ``written``: the groups the flush wrote (:meth:`pending_groups` when it started), for a
+        flush written while events went on; only those are dropped, and groups closed since
+        stay pending for the next flush. ``None``: every pending group was written.
         """
         for session_id in list(self._pending):
             slot = self.slots[session_id]
             if resume_offset is not None and any(last_offset(c.session) >= resume_offset
                                                  for c in slot.pending):
                 continue
+            if written is not None:
+                done = written.get(session_id, ())
+                rest = tuple(c for c in slot.pending if not any(c is w or c == w for w in done))
+                if rest:
+                    if len(rest) < len(slot.pending):
+                        self._put(session_id, slot.model_copy(update={"pending": rest}))
+                    continue
             self._put(session_id, flushed(slot))
 
     def take_dirty(self) -> dict[str, SessionSlot | None]:

@@ -513,6 +513,17 @@ def play_flushing(ps: PartitionSessions, messages, flush_after: set[int]) -> tup
     return outcomes, written
 
 
+def committable_positions(messages) -> set[int]:
+    """Positions a flush and its commit may follow: no later message redelivers one before."""
+    first_at: dict[int, int] = {}
+    replayed: set[int] = set()  # positions a later redelivery reaches back past
+    for j, msg in enumerate(messages):
+        if msg[0] == "msg":
+            i = first_at.setdefault(msg[2], j)
+            replayed.update(range(i, j))
+    return set(range(len(messages))) - replayed
+
+
 @settings(max_examples=200, deadline=None)
 @given(message_streams(), rules_st, st.data())
 def test_output_does_not_depend_on_when_pending_sessions_are_flushed(messages, rules, data):
@@ -522,13 +533,7 @@ def test_output_does_not_depend_on_when_pending_sessions_are_flushed(messages, r
     event, so no copy of one of its events can reach it (or start a new session) after it
     closed. A flush is followed by the offset commit, so it happens only where no later message
     redelivers one before it."""
-    first_at: dict[int, int] = {}
-    replayed: set[int] = set()  # positions a later redelivery reaches back past
-    for j, msg in enumerate(messages):
-        if msg[0] == "msg":
-            i = first_at.setdefault(msg[2], j)
-            replayed.update(range(i, j))
-    committable = [k for k in range(len(messages)) if k not in replayed]
+    committable = sorted(committable_positions(messages))
     flush_after = data.draw(st.sets(st.sampled_from(committable)) if committable
                             else st.just(set()), label="flush after")
     lazy_outcomes, lazy = play_flushing(fresh(rules), messages, set())
@@ -546,6 +551,65 @@ def test_flush_timing_does_not_change_the_output_under_an_event_cap():
     assert lazy_outcomes == ["accepted", "accepted", "duplicate"]
     assert eager_outcomes == lazy_outcomes
     assert sorted(eager, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
+
+
+def play_writing_behind(ps: PartitionSessions, messages, starts: set[int], lag: int,
+                        committable: set[int]) -> tuple[list, list]:
+    """``play``, with flushes written while messages go on, as the worker does: a flush takes
+    the pending groups after a message in ``starts``, and forgets what it took at least ``lag``
+    messages later, once committed (at a position in ``committable``; one flush at a time);
+    the last one and a final flush come after a far tick."""
+    outcomes, written = [], []
+    taken: dict[str, tuple[ClosedSession, ...]] | None = None
+    done_at = -1
+
+    def finish() -> None:
+        nonlocal taken
+        if taken is not None:
+            written.extend(c for sid in sorted(taken) for c in taken[sid])
+            ps.forget_flushed(written=taken)
+            taken = None
+
+    for k, msg in enumerate(messages):
+        outcomes += play(ps, [msg])
+        if taken is not None and k >= done_at and k in committable:
+            finish()
+        if k in starts and taken is None:
+            taken, done_at = ps.pending_groups(), k + lag
+    finish()
+    ps.on_tick(FAR_MS)
+    taken = ps.pending_groups()
+    finish()
+    assert ps.slots == {}
+    return outcomes, written
+
+
+@settings(max_examples=200, deadline=None)
+@given(message_streams(), rules_st, st.data())
+def test_flushes_written_while_events_go_on_give_the_same_output(messages, rules, data):
+    """A flush that takes the pending groups, then forgets them only after more messages were
+    handled (its files being written meanwhile), writes each closed group exactly once: groups
+    closed after it took its share stay pending for the next flush, none is lost or doubled."""
+    starts = data.draw(st.sets(st.integers(0, max(0, len(messages) - 1))), label="starts")
+    lag = data.draw(st.integers(0, 5), label="messages handled while a flush is written")
+    lazy_outcomes, lazy = play_flushing(fresh(rules), messages, set())
+    outcomes, written = play_writing_behind(fresh(rules), messages, starts, lag,
+                                            committable_positions(messages))
+    assert outcomes == lazy_outcomes
+    assert sorted(written, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
+
+
+def test_a_flush_forgets_only_the_groups_it_took():
+    ps = fresh()
+    send(ps, event(minute=0, event_id="a", session_id="s1"), 0)
+    send(ps, event(minute=100, event_id="b", session_id="s2"), 1)  # watermark 95: s1 closes
+    taken = ps.pending_groups()
+    assert [ids(c) for c in ps.take_closed()] == [["a"]]
+    # while that flush is written, s1 starts again and closes, and so does s2
+    send(ps, event(minute=101, event_id="c", session_id="s1"), 2)
+    send(ps, event(minute=200, event_id="d", session_id="s3"), 3)  # watermark 195
+    ps.forget_flushed(written=taken)
+    assert [ids(c) for c in ps.take_closed()] == [["c"], ["b"]]  # s1's new group, then s2
 
 
 @settings(max_examples=200, deadline=None)

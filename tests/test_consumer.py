@@ -1,0 +1,103 @@
+"""The worker's consumer hands each message to Faust's conductor without a race per message,
+and races only a hand-off that blocked (``streams.consumer``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prefstream.settings import Settings
+from streams import consumer
+from streams.consumer import Suspended, run_until_suspended
+
+
+def test_a_hand_off_that_never_blocks_runs_to_its_end_in_place():
+    done = []
+
+    async def hand_off() -> None:
+        done.append("delivered")
+
+    assert run_until_suspended(hand_off()) is None
+    assert done == ["delivered"]
+
+
+def test_an_error_in_a_hand_off_that_never_blocks_propagates():
+    async def hand_off() -> None:
+        raise ValueError("bad message")
+
+    with pytest.raises(ValueError, match="bad message"):
+        run_until_suspended(hand_off())
+
+
+def test_a_blocked_hand_off_goes_on_where_it_stopped_once_awaited():
+    steps = []
+
+    async def scenario() -> str:
+        gate = asyncio.Event()
+
+        async def hand_off() -> str:
+            steps.append("before")
+            await gate.wait()  # flow control suspended, say
+            steps.append("after")
+            return "delivered"
+
+        rest = run_until_suspended(hand_off())
+        assert isinstance(rest, Suspended) and steps == ["before"]
+        task = asyncio.ensure_future(rest)
+        await asyncio.sleep(0.01)
+        assert steps == ["before"] and not task.done()
+        gate.set()
+        return await task
+
+    assert asyncio.run(scenario()) == "delivered"
+    assert steps == ["before", "after"]
+
+
+def test_a_blocked_hand_off_that_loses_the_race_is_cancelled_inside():
+    """As Faust's ``wait_first`` cancels the hand-off when the flow is suspended first."""
+    seen = []
+
+    async def scenario() -> None:
+        async def hand_off() -> None:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        suspend_flow = asyncio.Event()
+        rest = run_until_suspended(hand_off())
+        assert rest is not None
+        first = asyncio.ensure_future(rest)
+        other = asyncio.ensure_future(suspend_flow.wait())
+        suspend_flow.set()
+        done, pending = await asyncio.wait({first, other}, return_when=asyncio.FIRST_COMPLETED)
+        assert done == {other}
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+    asyncio.run(scenario())
+    assert seen == ["cancelled"]
+
+
+def test_an_error_after_the_hand_off_blocked_propagates_to_its_awaiter():
+    async def scenario() -> None:
+        async def hand_off() -> None:
+            await asyncio.sleep(0)
+            raise KeyError("late failure")
+
+        rest = run_until_suspended(hand_off())
+        assert rest is not None
+        with pytest.raises(KeyError, match="late failure"):
+            await asyncio.ensure_future(rest)
+
+    asyncio.run(scenario())
+
+
+def test_the_worker_app_consumes_through_this_consumer(tmp_path):
+    from streams.app import create_app
+
+    app = create_app(Settings(data_dir=tmp_path, metrics_port=0))
+    assert isinstance(app.consumer, consumer.Consumer)
