@@ -53,6 +53,7 @@ class Batch:
     rows: dict[str, list[BaseModel]] = field(default_factory=lambda: defaultdict(list))
     counts: Counter[str] = field(default_factory=Counter)
     applied: dict[int, int] = field(default_factory=dict)  # kafka partition -> last offset
+    first_dead_letter: str = ""  # where the first dead letter came from, and why
 
 
 @dataclass
@@ -200,7 +201,9 @@ class Pipeline:
     def _dead_letter(self, topic: str, partition: int, offset: int, key: bytes | None,
                      raw: bytes, reason: str, timestamp_ms: int) -> SideMessage:
         coords = f"{topic}[{partition}]@{offset}"
-        log.warning("dead letter %s: %s", coords, reason)
+        log.debug("dead letter %s: %s", coords, reason)  # a warning per flush sums them up
+        if not self.batch.counts["dead_letter"]:
+            self.batch.first_dead_letter = f"{coords}: {reason}"
         received = arrival_time(timestamp_ms) or EPOCH  # a bogus record timestamp: unknown
         preview = scrub_raw(raw, pseudonym_key=self.settings.pseudonym_key,
                             text_storage=self.settings.text_storage, limit=RAW_PREVIEW_CHARS)
@@ -259,6 +262,11 @@ class Pipeline:
             state = self.partitions.get(p)
             if state is not None:
                 job.marks.append(Watermark(p, state.clock.watermark, offset, state.open_sessions))
+        self._count_state(batch)
+        if n := batch.counts["dead_letter"]:  # one line per flush: a flood must not flood the log
+            log.warning("%d messages set aside as dead letters since the last flush (in %s and "
+                        "the dead_letters table, each with its reason); the first: %s", n,
+                        self.settings.dead_letter_topic, batch.first_dead_letter)
         self._count_state(batch)
         self._events_since_flush = 0
         self._last_flush = time.monotonic()

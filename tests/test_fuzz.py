@@ -571,3 +571,22 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
         pipeline.flush_rows()  # nothing evicted since: no warning, the counter stays
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
     assert pipeline.metrics.value("prefstream_sessions_evicted_total", partition="0") == 7
+
+
+def test_dead_letters_are_summed_up_in_one_warning_per_flush(tmp_path, caplog):
+    """A flood of bad messages gives one warning per flush naming the first, not one each."""
+    config = Settings(data_dir=tmp_path / "data", partitions=1, metrics_port=0)
+    init_data_dir(config.data_dir)
+    pipeline = Pipeline(config, MemoryStore())
+    with caplog.at_level(logging.WARNING, logger="streams.pipeline"):
+        for i in range(3):
+            assert len(pipeline.handle(topic=config.events_topic, partition=0, offset=i,
+                                       key=b"k", value=b"{not json", timestamp_ms=ARRIVAL_MS)) == 1
+        assert not caplog.records
+        pipeline.flush_rows()
+        pipeline.flush_rows()  # nothing set aside since: no warning
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert warnings[0].startswith("3 messages set aside as dead letters since the last flush")
+    assert f"the first: {config.events_topic}[0]@0: " in warnings[0]
+    assert len(rows(config.data_dir, "dead_letters")) == 3
