@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                                "errors": {}}
     with LoadMonitor() as load, EmbeddedBroker(log_path=work / "broker.log") as broker:
         base = Settings(kafka_bootstrap=broker.bootstrap, partitions=PARTITIONS,
-                        rebalance_timeout_s=2.0, metrics_port=free_port())
+                        rebalance_timeout_s=2.0, metrics_port=free_port(),
+                        session_timeout_s=6.0)  # a new worker joins after about half of it
         for name in args.stages:
             stage(name)
             deadline = Deadline(name, args.stage_timeout)

@@ -226,7 +226,9 @@ class Settings(BaseSettings):
     rebalance_timeout_s: float = Field(60.0, gt=0, description="Faust broker_rebalance_timeout.")
     session_timeout_s: float = Field(45.0, gt=1, description="A worker that stops heartbeating "
                                      "(killed, hung) loses its partitions to the others after "
-                                     "this long; heartbeats go every second.")
+                                     "this long; heartbeats go every second. The embedded "
+                                     "broker also holds a new worker's first join for about "
+                                     "half of it (the demo uses 6 s).")
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint "
                               "(0.0.0.0 to let other hosts scrape).")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of GET /metrics "
