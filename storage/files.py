@@ -74,6 +74,7 @@ class Watermark:
     kafka_partition: int
     watermark: datetime
     applied_offset: int
+    #: sessions whose rows are still to come: open ones and groups the event cap holds
     open_sessions: int
 
 

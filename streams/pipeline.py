@@ -261,7 +261,7 @@ class Pipeline:
         for p, offset in batch.applied.items():
             state = self.partitions.get(p)
             if state is not None:
-                job.marks.append(Watermark(p, state.clock.watermark, offset, state.open_sessions))
+                job.marks.append(Watermark(p, state.clock.watermark, offset, state.unfinished))
         self._count_state(batch)
         if n := batch.counts["dead_letter"]:  # one line per flush: a flood must not flood the log
             log.warning("%d messages set aside as dead letters since the last flush (in %s and "

@@ -82,14 +82,21 @@ class PartitionSessions:
         self._dirty: set[str] = set()
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
+        self._n_held = 0  # groups the event cap closed, held until the watermark passes them
         for session_id, slot in self.slots.items():
             self._schedule(session_id, slot)
             self._n_open += slot.open is not None
+            self._n_held += len(slot.held)
         self._rebuild_by_last()
 
     @property
     def open_sessions(self) -> int:
         return self._n_open
+
+    @property
+    def unfinished(self) -> int:
+        """Open sessions plus held groups: the sessions whose rows are still to come."""
+        return self._n_open + self._n_held
 
     def _schedule(self, session_id: str, slot: SessionSlot) -> None:
         due = next_deadline(slot, self.rules)
@@ -109,7 +116,8 @@ class PartitionSessions:
 
     def _track_last(self, session_id: str, before: SessionSlot | None,
                     after: SessionSlot | None) -> None:
-        """Keep the open count, and an eviction heap entry for every open session's last event.
+        """Keep the open and held counts, and an eviction heap entry for every open session's
+        last event.
 
         An entry is added only when a session opens or its last event moves; the heap is
         rebuilt once stale entries outnumber live ones, so it stays O(open sessions) in size
@@ -118,6 +126,8 @@ class PartitionSessions:
         was = before.open if before is not None else None
         now = after.open if after is not None else None
         self._n_open += (now is not None) - (was is not None)
+        self._n_held += (len(after.held) if after is not None else 0) - (
+            len(before.held) if before is not None else 0)
         if self.max_open is None or now is None or (was is not None and was.last == now.last):
             return  # no limit, nothing open, or the session's entry is still live
         heapq.heappush(self._by_last, (now.last, session_id))

@@ -109,6 +109,10 @@ def test_checked_in_results_render_with_reused_and_missing_sections() -> None:
     assert f"| {report._cell(throughput['prefstream_events_per_s'])} | x1 |" in stream
     assert f"| {report.ratio(throughput['ratios']['aiokafka'])} |" in stream
     assert f"| all with pairs | {fresh['n']} | {report._cell(fresh['p50_s'])} |" in stream
+    # the wait the rules impose is told apart from the worker's own delay
+    by_gap_beyond = fresh["closed_by_gap"]["p95_s"] - fresh["gap_s"] - fresh["grace_s"]
+    assert f"the gap plus the grace ({fresh['gap_s'] + fresh['grace_s']:.2f} s)" in stream
+    assert f" and {by_gap_beyond:.2f} s (flush interval" in stream
 
 
 def test_soak_renders_its_memory_curve_and_verdict() -> None:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -36,12 +36,6 @@ from streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
 
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
 
 
 # -- the crash points themselves (pure) ---------------------------------------------------------

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.broker
 FAST = {"idle_s": 1.5, "tick_interval_s": 0.5, "flush_interval_s": 0.5, "rebalance_timeout_s": 2.0,
         "session_timeout_s": 4.0, "metrics_port": 0}
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def make_settings(broker: EmbeddedBroker, data_dir: Path, name: str, **extra: object) -> Settings:

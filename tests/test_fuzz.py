@@ -55,7 +55,6 @@ from prefstream.settings import Settings
 from schemas.events import MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_WALL_MS
 from storage.files import init_data_dir, read_table
 from storage.tables import TABLES
-from streams.broker import EmbeddedBroker
 from streams.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
 from streams.run import prepare
 from streams.traffic import LATE_BY, TrafficConfig, generate_traffic
@@ -446,12 +445,6 @@ def test_hostile_messages_are_dead_letters_and_change_no_valid_output(workdir, s
 
 
 # --- end to end ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
 
 def e2e_hostile(sid: str) -> list[tuple[str, bytes | None, bytes, int | None]]:
     """One fixed message of each malformed kind: ``(kind, key, value, timestamp_ms)``."""

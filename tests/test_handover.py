@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import signal
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -25,12 +24,6 @@ from streams.crashpoints import CRASH_ENV
 pytestmark = pytest.mark.broker
 
 DROPPED = re.compile(rb"dropped (\d+) events fetched before the last rebalance")
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def test_partitions_moving_back_and_forth_mid_batch_lose_and_duplicate_nothing(

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
@@ -20,12 +20,6 @@ from streams.broker import EmbeddedBroker, free_port
 from streams.producer import FeedbackProducer
 
 pytestmark = pytest.mark.broker
-
-
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
 
 
 def test_helpers_send_valid_json_keyed_by_session(broker: EmbeddedBroker) -> None:
@@ -44,13 +38,7 @@ def test_helpers_send_valid_json_keyed_by_session(broker: EmbeddedBroker) -> Non
     producer.close()
     assert (producer.sent, producer.failed) == (8, 0)
 
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=3000)
-    tps = [TopicPartition("producer-test", p)
-           for p in consumer.partitions_for_topic("producer-test")]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records = list(consumer)
-    consumer.close()
+    records = read_records(broker.bootstrap, "producer-test")
     types = [EVENT_ADAPTER.validate_json(r.value).type for r in records]
     assert types == ["impression", "click", "copy", "thumbs_down", "regenerate", "edit",
                      "reformulate", "session_end"]
@@ -88,14 +76,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), KEY_PASSWORD)
 
 
-def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:
+def read_records(bootstrap: str, topic: str, **config: object) -> list[Any]:
+    """Every record of ``topic`` from the beginning, partition after partition."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000, **config)
     tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
     consumer.assign(tps)
     consumer.seek_to_beginning(*tps)
-    values = [r.value for r in consumer]
+    records = list(consumer)
     consumer.close()
-    return values
+    return records
+
+
+def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:
+    return [r.value for r in read_records(bootstrap, topic, **config)]
 
 
 def test_events_reach_a_tls_listener_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:

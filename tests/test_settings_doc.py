@@ -11,12 +11,11 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from pydantic_settings import BaseSettings
+from test_producer import read_records
 
 from prefstream.cli import COMMAND_MODULES, SETTINGS_FLAGS, build_parser
 from prefstream.settings import Settings
@@ -160,12 +159,6 @@ def test_module_prints_the_table() -> None:
 
 # --- producing events ------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def broker() -> Iterator[EmbeddedBroker]:
-    with EmbeddedBroker() as running:
-        yield running
-
-
 @pytest.mark.broker
 def test_readme_producer_runs_and_yields_the_pair_it_promises(broker: EmbeddedBroker) -> None:
     [code] = code_blocks(section("Producing events"), "python")
@@ -173,13 +166,7 @@ def test_readme_producer_runs_and_yields_the_pair_it_promises(broker: EmbeddedBr
     assert code.count('"localhost:9092"') == 1
     exec(compile(code.replace('"localhost:9092"', repr(broker.bootstrap)), "README", "exec"), {})
 
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, consumer_timeout_ms=3000)
-    tps = [TopicPartition("prefstream-events", p)
-           for p in consumer.partitions_for_topic("prefstream-events")]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records = list(consumer)
-    consumer.close()
+    records = read_records(broker.bootstrap, "prefstream-events")
     assert {r.key for r in records} == {b"s1"}
     events = [EVENT_ADAPTER.validate_json(r.value) for r in records]
     assert [e.type for e in events] == ["impression", "impression", "copy", "session_end"]

@@ -354,6 +354,9 @@ def play(ps: PartitionSessions, messages) -> list[str]:
         else:
             _, ev, offset, arrival = msg
             outcomes.append(ps.on_event(ev, offset=offset, arrival_ms=ms(arrival)))
+        # the running counts match the slots (the watermark file reports ``unfinished``)
+        assert ps.open_sessions == sum(s.open is not None for s in ps.slots.values())
+        assert ps.unfinished == ps.open_sessions + sum(len(s.held) for s in ps.slots.values())
     return outcomes
 
 
@@ -551,6 +554,16 @@ def test_flush_timing_does_not_change_the_output_under_an_event_cap():
     assert lazy_outcomes == ["accepted", "accepted", "duplicate"]
     assert eager_outcomes == lazy_outcomes
     assert sorted(eager, key=lambda c: c.session.key) == sorted(lazy, key=lambda c: c.session.key)
+
+
+def test_a_group_held_by_the_event_cap_is_unfinished_until_the_watermark_passes_it():
+    ps = fresh(SessionRules(max_events=2))
+    send(ps, event(minute=0, event_id="a"), 0)
+    send(ps, event(minute=1, event_id="b"), 1)  # the cap closes the group: held, not open
+    assert (ps.open_sessions, ps.unfinished) == (0, 1)
+    ps.on_tick(FAR_MS)  # the watermark passes its last event: pending, to be written
+    assert (ps.open_sessions, ps.unfinished) == (0, 0)
+    assert [ids(c) for c in ps.take_closed()] == [["a", "b"]]
 
 
 def play_writing_behind(ps: PartitionSessions, messages, starts: set[int], lag: int,
