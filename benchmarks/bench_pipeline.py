@@ -120,28 +120,36 @@ def faust_rate(bootstrap: str, topic: str, n: int, mode: str, deadline: Deadline
     return n / (result["last"] - result["first"])
 
 
-def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline
-                    ) -> dict[str, Any]:
-    """Events/s of the worker from its first event to every partition's rows being durable."""
+def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *,
+                    workers: int = 1) -> dict[str, Any]:
+    """Events/s of the worker (or of ``workers`` worker processes in one group, sharing the
+    partitions) from the first event to every partition's rows being durable."""
     prepare(settings)
     ends = end_offsets(settings)
-    worker = start_worker(settings, log, deadline)
+    each = [settings] + [settings.model_copy(update={"metrics_port": free_port()})
+                         for _ in range(workers - 1)]
+    procs = [start_worker(s, log.with_name(f"{log.stem}-{k}{log.suffix}") if k else log,
+                          deadline, add=k > 0) for k, s in enumerate(each)]
     first = 0.0
     try:
         with tqdm(total=n, desc="prefstream worker", unit="ev", leave=False, disable=None) as bar:
             while not first:
                 deadline.check("the worker's first event")
-                if metric_sum(settings, "prefstream_events_total"):
+                if sum(metric_sum(s, "prefstream_events_total") for s in each):
                     first = time.perf_counter()
                 time.sleep(0.02)
             while not _durable(settings, ends, bar):
                 deadline.check(f"the worker to store all {n} events")
                 time.sleep(0.02)
             last = time.perf_counter()
-        outcomes = {k.split('"')[1]: v for k, v in _scrape_family(settings,
-                                                                  "prefstream_events_total")}
+        outcomes: dict[str, float] = {}
+        for s in each:
+            for k, v in _scrape_family(s, "prefstream_events_total"):
+                outcome = k.split('"')[1]
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + v
     finally:
-        stop_worker(worker)
+        for proc in procs:
+            stop_worker(proc)
     if outcomes.get("accepted", 0) < n / 2:
         raise StageError(f"throughput: the worker accepted under half of the events ({outcomes}):"
                          " the traffic is not what the full pipeline should see")
@@ -161,7 +169,8 @@ def _scrape_family(settings: Settings, name: str) -> list[tuple[str, float]]:
     return [(k, v) for k, v in scrape(settings).items() if k.startswith(name + "{")]
 
 
-def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline) -> dict[str, Any]:
+def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
+               scale_workers: int = 0) -> dict[str, Any]:
     settings = base.model_copy(update={"data_dir": work / "through", "events_topic":
                                        "bench-events", "app_id": "bench-full"})
     prepare(settings)
@@ -189,12 +198,25 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline) ->
                prefstream_seconds=full["seconds"], prefstream_outcomes=full["outcomes"])
     out["ratios"] = {name: round(full["events_per_s"] / out[f"{name}_events_per_s"], 3)
                      for name in ("faust_naive", "faust_take", "aiokafka")}
+    if scale_workers > 1:  # scale-out: worker processes in one consumer group, a fresh group
+        stage(f"throughput: {scale_workers} prefstream workers")
+        group = settings.model_copy(update={"data_dir": work / "through-scaled",
+                                            "app_id": "bench-scaled"})
+        scaled = prefstream_rate(group, n, work / "worker-scaled.log", deadline,
+                                 workers=scale_workers)
+        out["scale_out"] = {
+            "workers": scale_workers, "events_per_s": round(scaled["events_per_s"]),
+            "seconds": scaled["seconds"], "outcomes": scaled["outcomes"],
+            "of_one_worker": round(scaled["events_per_s"] / full["events_per_s"], 3),
+            "of_faust_naive": round(scaled["events_per_s"] / out["faust_naive_events_per_s"], 3)}
     return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=100_000, help="throughput: events")
+    parser.add_argument("--scale-workers", type=int, default=2, help="throughput: also time "
+                        "this many worker processes sharing the partitions (0: skip)")
     parser.add_argument("--open-sessions", type=int, default=100_000, help="memory: sessions "
                         "held open at once")
     parser.add_argument("--freshness-seconds", type=float, default=40.0, help="freshness: wall "
@@ -247,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(name: str, settings: Settings, work: Path, args: argparse.Namespace,
               deadline: Deadline) -> dict[str, Any]:
     if name == "throughput":
-        return throughput(settings, work, args.events, deadline)
+        return throughput(settings, work, args.events, deadline, args.scale_workers)
     if name == "freshness":
         return freshness(settings.model_copy(update={
             "data_dir": work / "fresh", "events_topic": "bench-fresh", "app_id": "bench-fresh"}),

@@ -181,6 +181,13 @@ def pipeline_section(r: Result) -> list[str]:
         lines += ["", f"The worker is timed from its first event to every partition's rows "
                   f"being durable ({t['prefstream_seconds']} s); the producer wrote "
                   f"{t['producer_events_per_s']:,} events/s.", ""]
+        scaled = t.get("scale_out")
+        if scaled:
+            lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "
+                      f"sharing the {r.get('partitions')} partitions on the same machine, "
+                      f"stored the same events at {scaled['events_per_s']:,} events/s "
+                      f"({scaled['seconds']} s): {ratio(scaled['of_one_worker'])} of one worker, "
+                      f"{ratio(scaled['of_faust_naive'])} of the naive per-event agent.", ""]
     f = r.get("freshness")
     if f:
         lines += ["### Freshness: a session's last event to its pairs being queryable", ""]

@@ -27,45 +27,50 @@ class StageError(RuntimeError):
 
 
 class Deadline:
-    """A stage's time limit; :meth:`check` also fails as soon as the watched worker exited."""
+    """A stage's time limit; :meth:`check` also fails as soon as a watched worker exited."""
 
     def __init__(self, stage: str, seconds: float) -> None:
         self.stage, self.seconds = stage, seconds
         self.at = time.monotonic() + seconds
-        self.worker: subprocess.Popen[bytes] | None = None
-        self.log: Path | None = None
+        self.watched: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def watch(self, worker: subprocess.Popen[bytes], log: Path) -> None:
-        self.worker, self.log = worker, log
+    def watch(self, worker: subprocess.Popen[bytes], log: Path, *, add: bool = False) -> None:
+        """Watch ``worker`` instead of the workers watched so far (``add``: as well)."""
+        self.watched = [*self.watched, (worker, log)] if add else [(worker, log)]
 
     def remaining(self) -> float:
         return max(0.0, self.at - time.monotonic())
 
     def check(self, waiting_for: str) -> None:
-        if self.worker is not None and self.worker.poll() is not None:
-            raise StageError(f"{self.stage}: the worker exited with {self.worker.returncode} "
-                             f"while waiting for {waiting_for}{self._log_tail()}")
+        for worker, log in self.watched:
+            if worker.poll() is not None:
+                raise StageError(f"{self.stage}: the worker exited with {worker.returncode} "
+                                 f"while waiting for {waiting_for}{_log_tail(log)}")
         if time.monotonic() > self.at:
+            tails = "".join(_log_tail(log) for _, log in self.watched)
             raise StageError(f"{self.stage}: no result after the stage's limit of "
                              f"{self.seconds:.0f} s (--stage-timeout), still waiting for "
-                             f"{waiting_for}{self._log_tail()}")
-
-    def _log_tail(self, lines: int = 5) -> str:
-        if self.log is None or not self.log.exists():
-            return ""
-        text = TERMINAL_CODES.sub("", self.log.read_text(errors="replace"))
-        tail = [line for line in text.splitlines() if line.strip()][-lines:]
-        return f"; worker log {self.log}:\n  " + "\n  ".join(tail) if tail else ""
+                             f"{waiting_for}{tails}")
 
 
-def start_worker(settings: Settings, log: Path, deadline: Deadline) -> subprocess.Popen[bytes]:
-    """A ``prefstream worker`` process with these settings, watched by ``deadline``."""
+def _log_tail(log: Path, lines: int = 5) -> str:
+    if not log.exists():
+        return ""
+    text = TERMINAL_CODES.sub("", log.read_text(errors="replace"))
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return f"; worker log {log}:\n  " + "\n  ".join(tail) if tail else ""
+
+
+def start_worker(settings: Settings, log: Path, deadline: Deadline, *, add: bool = False
+                 ) -> subprocess.Popen[bytes]:
+    """A ``prefstream worker`` process with these settings, watched by ``deadline`` (``add``:
+    as well as the workers it already watches)."""
     with open(log, "ab") as fh:
         worker = subprocess.Popen(
             [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", "warning"],
             env={**os.environ, **settings.as_env()}, stdout=fh, stderr=subprocess.STDOUT,
             cwd=ROOT)
-    deadline.watch(worker, log)
+    deadline.watch(worker, log, add=add)
     return worker
 
 

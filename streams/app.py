@@ -27,7 +27,7 @@ from streams.consumer import App
 from streams.crashpoints import CrashPoints
 from streams.logwatch import LogWatch, TopicIds
 from streams.offsetguard import DROP, HANDLE, OffsetGuard
-from streams.pipeline import FlushJob, Pipeline, SideMessage
+from streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
 
 log = logging.getLogger(__name__)
@@ -182,10 +182,10 @@ def create_app(settings: Settings) -> faust.App:
         is done; ``settle()`` waits for it to be durable and committed."""
         await settle()
         job = pipeline.start_flush()
-        pipeline.checkpoint()  # the state as the job took it; sent now, awaited before the commit
+        state = pipeline.take_checkpoint()  # as the job took it; saved once its rows are durable
         targets = dict(uncommitted)
         uncommitted.clear()
-        writing.append(asyncio.ensure_future(complete(job, targets)))
+        writing.append(asyncio.ensure_future(complete(job, state, targets)))
 
     async def settle() -> None:
         """Until the flush being written (if any) is durable and committed."""
@@ -193,17 +193,20 @@ def create_app(settings: Settings) -> faust.App:
             await writing[0]
             writing.pop(0)
 
-    async def complete(job: FlushJob, targets: dict[TP, int]) -> None:
+    async def complete(job: FlushJob, state: Checkpoint, targets: dict[TP, int]) -> None:
         try:
-            await durable_flush(job, targets)
+            await durable_flush(job, state, targets)
         except Exception as exc:  # not durable or not committed: stop; a restart replays
             log.critical("flush failed, stopping the worker: %r", exc)
             await app.crash(exc)
             raise
 
-    async def durable_flush(job: FlushJob, targets: dict[TP, int]) -> None:
+    async def durable_flush(job: FlushJob, state: Checkpoint, targets: dict[TP, int]) -> None:
+        """Rows, then the state changelog, then the offsets: each step only once the one before
+        it is durable, so a restart never resumes from state ahead of the rows."""
         batch = await asyncio.get_running_loop().run_in_executor(flusher, pipeline.write_flush,
                                                                  job)
+        pipeline.save_checkpoint(state)
         await app.producer.flush()
         await store.wait_sent()
         crash.reach("checkpoint")

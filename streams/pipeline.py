@@ -56,6 +56,10 @@ class Batch:
     first_dead_letter: str = ""  # where the first dead letter came from, and why
 
 
+#: per Kafka partition: its clock and the slots changed since the last checkpoint (None: gone)
+Checkpoint = list[tuple[int, Clock, dict[str, SessionSlot | None]]]
+
+
 @dataclass
 class FlushJob:
     """What one flush writes, taken from the state at one moment (``Pipeline.start_flush``)."""
@@ -336,9 +340,21 @@ class Pipeline:
                         evicted, self.settings.max_open_sessions)
 
     def checkpoint(self) -> None:
-        """Persist changed session slots and clocks (before the offsets are committed)."""
-        for p, state in self.partitions.items():
-            self.store.save(p, state.clock, state.take_dirty())
+        """Persist changed session slots and clocks (after the rows they cover are durable,
+        before the offsets are committed)."""
+        self.save_checkpoint(self.take_checkpoint())
+
+    def take_checkpoint(self) -> Checkpoint:
+        """The clocks and the slots changed since the last one, as of now (immutable values):
+        the worker takes it with a flush's job and saves it once that job's rows are durable."""
+        return [(p, state.clock, state.take_dirty()) for p, state in self.partitions.items()]
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Persist a checkpoint taken earlier. Never before the rows up to it are durable: a
+        restart would go on from this state, and late events read again between the commit
+        and it would be recorded with its watermark instead of the one they met first."""
+        for p, clock, dirty in checkpoint:
+            self.store.save(p, clock, dirty)
 
     def forget_flushed(self, committed: dict[int, int] | None = None) -> None:
         """After the commit of ``committed`` (next offset per Kafka partition): pending sessions

@@ -168,3 +168,31 @@ def test_deadline_fails_with_the_reason(tmp_path: Path) -> None:
     deadline.watch(worker, log)
     with pytest.raises(StageError, match="(?s)worker exited with 3 .*boom: cannot bind"):
         deadline.check("open sessions")
+    # several workers: any one of them exiting fails the stage, with its own log
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        scaled = Deadline("throughput", 60)
+        scaled.watch(alive, tmp_path / "alive.log")
+        scaled.check("the first event")  # the one watched runs: no failure
+        scaled.watch(worker, log, add=True)
+        with pytest.raises(StageError, match="(?s)worker exited with 3 .*boom: cannot bind"):
+            scaled.check("the first event")
+        scaled.watch(alive, tmp_path / "alive.log")  # without add: watches this one only
+        scaled.check("the first event")
+    finally:
+        alive.kill()
+        alive.wait(timeout=30)
+
+
+def test_scale_out_is_rendered_against_one_worker_and_the_naive_agent() -> None:
+    pipeline = checked_in("pipeline")
+    throughput = pipeline["throughput"]
+    throughput["scale_out"] = {"workers": 2, "events_per_s": 5012, "seconds": 20.15,
+                               "outcomes": {}, "of_one_worker": 1.458, "of_faust_naive": 0.719}
+    stream = section(report.render({"pipeline": pipeline}),
+                     "Stream worker: throughput, freshness, memory")
+    assert ("Scale-out: 2 worker processes in one consumer group, sharing the 4 partitions on "
+            "the same machine, stored the same events at 5,012 events/s (20.15 s): x1.46 of "
+            "one worker, x0.719 of the naive per-event agent.") in stream
+    del throughput["scale_out"]
+    assert "Scale-out" not in report.render({"pipeline": pipeline})
