@@ -40,7 +40,10 @@ def stream(n_events: int, seed: int) -> list[Record]:
     return records
 
 
-def stored(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+Stored = dict[str, list[dict[str, Any]]]
+
+
+def stored(data_dir: Path) -> Stored:
     return {t: sorted(read_table(data_dir=data_dir, table=t).to_pylist(), key=repr)
             for t in TABLES}
 
@@ -49,6 +52,26 @@ def handle(pipeline: Pipeline, settings: Settings, records: list[Record]) -> Non
     for p, offset, key, value, ts in records:
         pipeline.handle(topic=settings.events_topic, partition=p, offset=offset, key=key,
                         value=value, timestamp_ms=ts)
+
+
+def resume_and_reference(settings: Settings, store: MemoryStore, records: list[Record],
+                         committed: dict[int, int], ref_dir: Path) -> tuple[Stored, Stored]:
+    """A next worker recovers the changelog as the killed one left it (``store``) and reads
+    from the committed offsets again, in chunks, committing each; returns what it stored and
+    what one uninterrupted replay of ``records`` stores."""
+    second = Pipeline(settings, copy.deepcopy(store))
+    rest = [r for r in records if r[1] >= committed.get(r[0], 0)]
+    for start in range(0, len(rest), 70):
+        chunk = rest[start:start + 70]
+        handle(second, settings, chunk)
+        committed.update({p: o + 1 for p, o, *_ in chunk})
+        second.flush_and_forget(committed)
+    second.tick_all(FINAL_TICK_MS)
+    second.flush_and_forget({})
+    reference = settings.model_copy(update={"data_dir": ref_dir})
+    init_data_dir(reference.data_dir)
+    replay(reference, records, final_tick_ms=FINAL_TICK_MS)
+    return stored(settings.data_dir), stored(reference.data_dir)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -75,24 +98,9 @@ def test_a_restart_from_a_checkpoint_ahead_of_the_commit_stores_what_one_run_sto
     handle(first, settings, chunk)
     first.flush_rows()
     first.checkpoint()
-    recovered = copy.deepcopy(store)  # the changelog as the killed worker left it
-
-    # the next worker reads from the committed offsets again, in chunks, committing each
-    second = Pipeline(settings, recovered)
     rest = [r for r in records if r[1] >= committed.get(r[0], 0)]
     assert rest[:len(chunk)] == chunk  # the checkpointed, uncommitted chunk is read again
-    for start in range(0, len(rest), 70):
-        chunk = rest[start:start + 70]
-        handle(second, settings, chunk)
-        committed.update({p: o + 1 for p, o, *_ in chunk})
-        second.flush_and_forget(committed)
-    second.tick_all(FINAL_TICK_MS)
-    second.flush_and_forget({})
-
-    reference = settings.model_copy(update={"data_dir": tmp_path / "ref"})
-    init_data_dir(reference.data_dir)
-    replay(reference, records, final_tick_ms=FINAL_TICK_MS)
-    got, want = stored(settings.data_dir), stored(reference.data_dir)
+    got, want = resume_and_reference(settings, store, records, committed, tmp_path / "ref")
     assert len(want["pairs"]) > 50
     for table in TABLES:
         assert got[table] == want[table], table
@@ -123,21 +131,7 @@ def test_a_checkpoint_is_saved_only_once_its_rows_are_durable(
         first.save_checkpoint(checkpoint)
     # killed in the middle of write_flush(job): none of the job's rows are durable
     assert job.batch.rows["late_events"], "the chunk must hold late events to tell them apart"
-
-    second = Pipeline(settings, copy.deepcopy(store))
-    rest = [r for r in records if r[1] >= committed.get(r[0], 0)]
-    for start in range(0, len(rest), 70):
-        part = rest[start:start + 70]
-        handle(second, settings, part)
-        committed.update({p: o + 1 for p, o, *_ in part})
-        second.flush_and_forget(committed)
-    second.tick_all(FINAL_TICK_MS)
-    second.flush_and_forget({})
-
-    reference = settings.model_copy(update={"data_dir": tmp_path / "ref"})
-    init_data_dir(reference.data_dir)
-    replay(reference, records, final_tick_ms=FINAL_TICK_MS)
-    got, want = stored(settings.data_dir), stored(reference.data_dir)
+    got, want = resume_and_reference(settings, store, records, committed, tmp_path / "ref")
     if saved_before_the_rows:
         assert got["late_events"] != want["late_events"]
         assert [r["late_id"] for r in got["late_events"]] == [
