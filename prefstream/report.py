@@ -490,6 +490,7 @@ def write_report(data_dir: Path, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tmp.write_text(page, encoding="utf-8")
+        tmp.chmod(0o600)  # the page quotes prompts and answers: owner-only whatever the umask
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from prefstream.errors import StorageError
 from storage.catalog import CATALOG_NAME, live_scan_sql
 from storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
 from storage.partitions import partition_bounds
+from storage.quarantine import quarantined
 from storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
 from trainer.registry import current_version, list_versions, read_metadata
 
@@ -86,6 +87,7 @@ def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
                          "by_kind": dict(sorted(kinds, key=lambda k: (-k[1], k[0])))},
         "late_events": sum(counts["late_events"].values()),
         "models": _models(data_dir),
+        "quarantined": [str(f.relative_to(data_dir)) for f in quarantined(data_dir)],
     }
 
 
@@ -231,6 +233,9 @@ def format_text(r: dict[str, Any]) -> str:
     kinds = ", ".join(f"{kind} {n}" for kind, n in r["dead_letters"]["by_kind"].items())
     lines.append(f"dead letters {r['dead_letters']['total']}" + (f" ({kinds})" if kinds else ""))
     lines.append(f"late events  {r['late_events']}")
+    if r["quarantined"]:  # storage.quarantine: damaged files the worker set aside
+        lines.append(f"quarantine   {len(r['quarantined'])} damaged file(s) set aside, never "
+                     f"deleted: {', '.join(r['quarantined'])}")
     models = r["models"]
     lines.append(f"models       {models['versions']} version(s)")
     if models["current"]:

@@ -1,10 +1,13 @@
 """``<data-dir>/prefstream.duckdb``: a catalog of views over the Parquet files, nothing else.
 
-The worker never keeps this file open: it (re)creates the views at start-up and closes the
-connection, so analysts and the trainer can open it read-only at any time while the stream
-writes Parquet files next to it. A reader's connection holds a shared lock on the file for as
-long as it is open; the worker looks for one (:func:`catalog_in_use`) before it deletes files a
-view may have listed (``storage.compact``).
+The worker never opens this file: it writes the views into a fresh file and renames it over the
+catalog (:func:`ensure_catalog`), so no reader, whatever its mode (a default read-write
+``duckdb.connect`` included), can lock the worker out, and no reader locks out another one for
+longer than its own connection to an old copy. A reader's connection holds a lock on the file
+for as long as it is open; the worker looks for one (:func:`catalog_in_use`) before it deletes
+files a view may have listed, and waits for it a bounded time (``storage.compact``).
+Objects an analyst creates in the catalog are dropped at its next rewrite: keep them in your own
+database and ``ATTACH`` this one read-only (``docs/storage-safety.md``).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ import fcntl
 import logging
 import os
 import struct
+import uuid
 from pathlib import Path
 
 import duckdb
 
-from storage.files import SCHEMA_DIR, live_files
+from storage.files import SCHEMA_DIR, fsync_path, live_files
+from storage.quarantine import quarantine_file, readable
 from storage.tables import TABLES
 
 log = logging.getLogger(__name__)
@@ -43,11 +48,12 @@ def table_view_sql(data_dir: Path, table: str) -> str:
 
 def live_scan_sql(data_dir: Path, table: str) -> str | None:
     """For a reader without the catalog (an in-memory DuckDB): a scan of the live files listed
-    now, by name, like ``storage.files.read_table``; None when there are none. Safe while the
+    now, by name, like ``storage.files.read_table`` (damaged ones skipped with a warning); None
+    when there are none. Safe while the
     query is shorter than the compaction grace, whatever the worker does meanwhile."""
     root = data_dir.resolve() / table
     names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
-    files = [str(f) for name in names for f in live_files(root / name)]
+    files = [str(f) for f in readable(f for name in names for f in live_files(root / name))]
     if not files:
         return None
     listed = ", ".join(_quote(Path(f)) for f in files)
@@ -106,13 +112,36 @@ FUNNEL_SQL = """
 
 
 def ensure_catalog(data_dir: Path) -> bool:
-    """(Re)create the views; returns False when a reader holds the file (views then stay)."""
+    """(Re)create the views in a new file, then rename it over the catalog: readers connected
+    to the old file keep it (and its views) until they close; new connections get the new one.
+    Never waits for a reader; returns True."""
     path = data_dir / CATALOG_NAME
+    tmp = data_dir / f".{CATALOG_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        con = duckdb.connect(str(path))
-    except (duckdb.IOException, duckdb.ConnectionException) as exc:
-        log.warning("catalog %s is locked by a reader, keeping its views: %s", path, exc)
-        return False
+        _write_views(tmp, data_dir)
+        tmp.chmod(0o600)  # owner-only whatever the umask: the views name the data
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(data_dir)
+        _set_aside_wal(data_dir)
+    finally:
+        for leftover in (tmp, tmp.with_name(tmp.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+    return True
+
+
+def _set_aside_wal(data_dir: Path) -> None:
+    """A ``prefstream.duckdb.wal`` now belongs to the old file (an analyst wrote into the
+    catalog over a read-write connection): DuckDB would refuse to open the new file with it
+    ("WAL does not match database file"), so it goes to quarantine, never deleted."""
+    wal = data_dir / f"{CATALOG_NAME}.wal"
+    if wal.exists():
+        quarantine_file(data_dir, wal, "write-ahead log of a replaced catalog: an analyst wrote "
+                        "into prefstream.duckdb over a read-write connection")
+
+
+def _write_views(path: Path, data_dir: Path) -> None:
+    con = duckdb.connect(str(path))
     try:
         for table in TABLES:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {table_view_sql(data_dir, table)}")
@@ -122,7 +151,6 @@ def ensure_catalog(data_dir: Path) -> bool:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {body.format(root=data_dir.resolve())}")
     finally:
         con.close()
-    return True
 
 
 def catalog_in_use(data_dir: Path) -> bool:

@@ -32,7 +32,9 @@ The design:
   made only while no process holds the catalog open (:func:`storage.catalog.catalog_in_use`:
   DuckDB keeps a lock on the file per connection), checked just before it; otherwise the
   compaction waits (a ``.todo`` marker for sealed partitions; the next flush for the others) and
-  readers keep reading the small files. The gap left: a reader that connects *and* plans a query
+  readers keep reading the small files, but for :data:`READER_WAIT` at most
+  (:func:`readers_allow`): a session left open must not let the live files grow for as long as
+  it stays open; a query running at the very moment of the swap may then fail once. The gap left: a reader that connects *and* plans a query
   in the microseconds between that check and the swap. DuckDB sessions that read the globs
   without the catalog are not covered; ``storage.catalog.live_scan_sql`` lists real paths
   instead, as the Python readers do.
@@ -80,6 +82,7 @@ from storage.partitions import (
     generation_number,
     stamp_of,
 )
+from storage.quarantine import damage, quarantine_file
 from storage.tables import SEALED_TABLES, TABLES, arrow_schema
 
 log = logging.getLogger(__name__)
@@ -95,18 +98,26 @@ MERGE_ROW_GROUP = 65_536
 MERGE_GROUP_BYTES = 16 << 20
 #: rows per record batch read from the files being merged
 MERGE_READ_ROWS = 4096
+#: longest a process holding the catalog open holds back a swap of ``current`` or a deletion of
+#: manifest versions (``docs/storage-safety.md``): after that they go ahead, and only a query
+#: running at that very moment can fail (a file it listed is gone; run it again)
+READER_WAIT = timedelta(seconds=60)
+#: marker whose age is how long the catalog has been seen held, without a free moment
+BUSY_SINCE = "catalog-busy-since"
 
 
-def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | None:
+def compact_partition(*, data_dir: Path, table: str, partition: str,
+                      reader_wait: timedelta = READER_WAIT) -> Path | None:
     """Merge the current generation's files into the next generation and point ``current`` at
     it; returns the merged file. None when there is nothing to merge (one file at most, or a
-    folder without generations) or when a process holds the catalog (try again later)."""
+    folder without generations) or when a process holds the catalog and has not held it for
+    ``reader_wait`` yet (try again later). A damaged file is moved to quarantine first."""
     folder = data_dir / table / partition
     if partition == SCHEMA_DIR or not (folder / CURRENT).is_symlink():
         return None
     with partition_lock(folder):
-        files = live_files(folder)
-        if len(files) <= 1 or catalog_in_use(data_dir):
+        files = _undamaged(data_dir, live_files(folder))
+        if len(files) <= 1 or not readers_allow(data_dir, reader_wait):
             return None
         schema = arrow_schema(TABLES[table][0])
         numbers = [n for n in map(generation_number, os.listdir(folder)) if n is not None]
@@ -122,7 +133,7 @@ def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | N
 
         path = write_atomic(merge, nxt, lambda: file_name(
             compacted=True, at=datetime.now(timezone.utc), token=token))
-        if catalog_in_use(data_dir):  # connected while we merged: it may be listing current
+        if not readers_allow(data_dir, reader_wait):  # connected while we merged
             shutil.rmtree(nxt)
             return None
         link = folder / f".{CURRENT}.{token}.tmp"
@@ -131,6 +142,38 @@ def compact_partition(*, data_dir: Path, table: str, partition: str) -> Path | N
     log.info("compacted %s/%s: %d files, %d rows -> %s", table, partition, len(files),
              n_rows, path.relative_to(data_dir))
     return path
+
+
+def readers_allow(data_dir: Path, wait: timedelta, *, now: datetime | None = None) -> bool:
+    """Whether a step that can fail a running query may go ahead: no process holds the catalog,
+    or every check for ``wait`` found it held (a reader that never lets go blocks no longer)."""
+    marker = data_dir / MARKERS_DIR / BUSY_SINCE
+    if not catalog_in_use(data_dir):
+        marker.unlink(missing_ok=True)
+        return True
+    if not marker.exists():
+        _mkdir_private(marker.parent)
+        marker.touch(mode=0o600)
+    now = now or datetime.now(timezone.utc)
+    held = now - datetime.fromtimestamp(marker.stat().st_mtime, tz=timezone.utc)
+    if held < wait:
+        return False
+    log.warning("the catalog has been held open for %.0f s: compacting anyway (a query running "
+                "at this moment may fail once; run it again)", held.total_seconds())
+    return True
+
+
+def _undamaged(data_dir: Path, files: list[Path]) -> list[Path]:
+    """``files`` less the damaged ones, which go to quarantine (a merge would fail on them,
+    and deleting the old generation would delete them)."""
+    kept = []
+    for path in files:
+        reason = damage(path)
+        if reason is None:
+            kept.append(path)
+        else:
+            quarantine_file(data_dir, path, reason)
+    return kept
 
 
 def stream_merge(files: Sequence[Path], schema: pa.Schema, out: Path) -> int:
@@ -212,9 +255,11 @@ def _retired_at(number: int, numbers: list[int], merged: dict[int, datetime | No
 
 
 def remove_superseded_manifests(*, data_dir: Path, grace: timedelta,
-                                now: datetime | None = None) -> list[Path]:
+                                now: datetime | None = None,
+                                reader_wait: timedelta = READER_WAIT) -> list[Path]:
     """Delete manifest versions older than the newest whose successor is ``grace`` old, unless a
-    process holds the catalog open. Version 0 stays: it marks the partition sealed."""
+    process holds the catalog open (for less than ``reader_wait`` so far). Version 0 stays: it
+    marks the partition sealed."""
     now = now or datetime.now(timezone.utc)
     due = []
     for versions in manifest_versions(data_dir).values():
@@ -222,7 +267,7 @@ def remove_superseded_manifests(*, data_dir: Path, grace: timedelta,
             made = datetime.fromtimestamp(successor.stat().st_mtime, tz=timezone.utc)
             if made + grace <= now:
                 due.append(old)
-    if not due or catalog_in_use(data_dir):
+    if not due or not readers_allow(data_dir, reader_wait):
         return []
     with partition_lock(data_dir / "manifest"):
         for path in due:

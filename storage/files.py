@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import time
 import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -44,11 +45,15 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from storage.partitions import CURRENT, file_name, generation_dir, partition_bounds
+from storage.quarantine import DAMAGED, readable
 from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
 
 log = logging.getLogger(__name__)
 
 SCHEMA_DIR = "_schema"
+#: a hidden temporary file (``write_atomic``) this old is a killed writer's: no write takes so
+#: long between two of its appends, so removing it never pulls a file from a live writer
+STALE_TEMP_S = 600.0
 #: rows per record batch when hashing a partition at its seal
 HASH_READ_ROWS = 4096
 MANIFEST_SCHEMA = pa.schema(
@@ -278,7 +283,12 @@ def _stored_ids(data_dir: Path, table: str, partition: str) -> set[Any]:
     id_col = TABLES[table][1]
     ids: set[Any] = set()
     for f in live_files(data_dir / table / partition):
-        ids.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
+        try:
+            ids.update(pq.read_table(f, columns=[id_col]).column(id_col).to_pylist())
+        except FileNotFoundError:
+            raise
+        except DAMAGED as exc:  # its rows count as never stored: a replay rewrites them
+            log.warning("skipping damaged file %s: %s", f, exc)
     return ids
 
 
@@ -411,7 +421,34 @@ def seal_ready(
             _seal(data_dir, partition, low, partition_bounds(partition, hours=hours))
         except FileExistsError:
             log.info("partition %s was sealed meanwhile by another writer", partition)
+    if todo:  # what a writer killed during an earlier seal left behind
+        remove_stale_temps(data_dir / "manifest")
     return todo
+
+
+def remove_stale_temps(folder: Path, *, older_than_s: float = STALE_TEMP_S,
+                       now: float | None = None) -> list[Path]:
+    """Delete the hidden temporary files (``.*.tmp``: a Parquet file or a link being written)
+    in ``folder`` last modified ``older_than_s`` or more ago: a writer killed before its rename
+    leaves them, and nothing ever reads them."""
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        path = folder / name
+        if name.startswith(".") and name.endswith(".tmp"):
+            try:
+                if now - path.lstat().st_mtime >= older_than_s:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue  # renamed into place or removed meanwhile
+    if removed:
+        log.info("removed %d temporary files a killed writer left in %s", len(removed), folder)
+    return removed
 
 
 def reseal(*, data_dir: Path, partition: str, keep_sealed_at: bool = False) -> None:
@@ -433,7 +470,7 @@ def _seal(data_dir: Path, partition: str, watermark: datetime,
     """Write a manifest version. ``known``: a previous version whose hash and counts still hold
     when the files hold as many rows (a compaction moves rows, never adds or drops them; rows
     that landed meanwhile without a reseal, a writer killed in between, change the counts)."""
-    listed = {t: live_files(data_dir / t / partition) for t in SEALED_TABLES}
+    listed = {t: readable(live_files(data_dir / t / partition)) for t in SEALED_TABLES}
     if known is not None and all(
             known[f"n_{t}"] == sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
             for t, paths in listed.items()):
@@ -516,9 +553,23 @@ def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
     """Manifest rows of sealed partitions (each its newest version), oldest partition first: the
     trainer's only view of the data."""
     versions = manifest_versions(data_dir)
-    rows = [pq.read_table(versions[p][-1], schema=MANIFEST_SCHEMA).to_pylist()[0]
-            for p in sorted(versions)]
+    rows = []
+    for partition in sorted(versions):
+        row = _newest_readable(versions[partition])
+        if row is not None:
+            rows.append(row)
     return rows
+
+
+def _newest_readable(versions: Sequence[Path]) -> dict[str, Any] | None:
+    """The newest manifest version that reads (a damaged one is named in a warning)."""
+    for path in reversed(versions):
+        try:
+            row: dict[str, Any] = pq.read_table(path, schema=MANIFEST_SCHEMA).to_pylist()[0]
+            return row
+        except (pa.ArrowException, IndexError) as exc:
+            log.warning("skipping damaged manifest file %s: %s", path, exc)
+    return None
 
 
 def read_table(
@@ -535,10 +586,17 @@ def read_table(
 def _read_files(table: str, files: Sequence[Path]) -> pa.Table:
     """Rows of the given files of a table with its schema, the first of each id, in order."""
     model, id_col = TABLES[table]
-    if not files:
-        return arrow_schema(model).empty_table()
-    merged = pa.concat_tables(pq.read_table(f, schema=arrow_schema(model)) for f in files)
-    return merged.take(_first_of_each(merged.column(id_col).to_pylist()))
+    tables = [arrow_schema(model).empty_table()]
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=arrow_schema(model)))
+        except FileNotFoundError:
+            raise
+        except DAMAGED as exc:
+            log.warning("skipping damaged file %s: %s", f, exc)
+    merged = pa.concat_tables(tables)
+    return merged.take(pa.array(_first_of_each(merged.column(id_col).to_pylist()),
+                                type=pa.int64()))
 
 
 def _first_of_each(ids: list[Any]) -> list[int]:

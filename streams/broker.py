@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -58,6 +59,17 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> None:
     raise BrokerError(f"broker at {host}:{port} did not accept connections in {timeout_s:.0f}s")
 
 
+#: the only variables the broker process gets: it needs no secret of ours (pseudonym key, SASL
+#: and TLS passwords stay in this process)
+BROKER_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+
+
+def broker_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The environment of the broker process: :data:`BROKER_ENV` from ``environ``, and its log
+    level."""
+    return {**{k: environ[k] for k in BROKER_ENV if k in environ}, "RUST_LOG": "warn"}
+
+
 class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: broker.bootstrap`` -- a private broker on loopback.
 
@@ -78,7 +90,7 @@ class EmbeddedBroker:
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "RUST_LOG": "warn"})
+                                      env=broker_env(os.environ))
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s=20)
         except BrokerError:

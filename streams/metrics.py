@@ -28,6 +28,7 @@ HELP = {
                                           "max_open_sessions, by Kafka partition."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
+    "prefstream_files_quarantined": ("gauge", "Damaged data files in quarantine/ at start."),
     "prefstream_trainer_runs_total": ("counter", "Training cycles, by outcome."),
     "prefstream_trainer_sealed_partitions": ("gauge", "Sealed partitions in the manifest."),
     "prefstream_trainer_last_run_seconds": ("gauge", "Wall time of the last cycle."),

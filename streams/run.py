@@ -11,6 +11,9 @@ from pathlib import Path
 from prefstream.settings import Settings
 from storage.catalog import ensure_catalog
 from storage.files import init_data_dir
+from storage.quarantine import quarantined
+from storage.repair import repair_data_dir
+from streams import logscrub
 from streams.broker import EmbeddedBroker
 from streams.topics import ensure_topics
 
@@ -32,8 +35,10 @@ def broker_for(settings: Settings, *, log_path: Path | None = None) -> Iterator[
 
 
 def prepare(settings: Settings) -> None:
-    """Idempotent set-up shared by the worker and the demo."""
+    """Idempotent set-up shared by the worker and the demo: damaged files set aside and a
+    killed writer's temporary files removed before the catalog is written."""
     init_data_dir(settings.data_dir)
+    repair_data_dir(settings.data_dir)
     ensure_catalog(settings.data_dir)
     ensure_topics(settings)
 
@@ -48,12 +53,15 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     if memory_pool() == "mimalloc" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         log.warning("pyarrow's memory pool is mimalloc: a long-running worker's memory grows "
                     "with it; start workers with ARROW_DEFAULT_MEMORY_POOL=jemalloc")
+    logscrub.install(settings.text_storage)  # before Faust logs a payload
     warm_up()
     os.umask(OWNER_ONLY_UMASK)
     with broker_for(settings) as settings:
         prepare(settings)
         log.info("worker on Kafka %s, data in %s", settings.kafka_bootstrap, settings.data_dir)
         app = create_app(settings)
+        app.pipeline.metrics.set(  # type: ignore[attr-defined]
+            "prefstream_files_quarantined", len(quarantined(settings.data_dir)))
         worker = faust.Worker(app, loglevel=loglevel, quiet=True)
         try:
             worker.execute_from_commandline()

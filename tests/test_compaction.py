@@ -19,6 +19,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from factories import at, pair, session_row
@@ -590,8 +591,10 @@ def test_a_failed_compaction_is_logged_and_changes_nothing(data_dir, caplog):
     for i in range(2):
         write_rows(data_dir=data_dir, table="pairs", rows=[pair(f"a{i}"), pair(f"b{i}", minute=60)])
     [good, _] = live_files(data_dir / "pairs" / H12)
-    (good.parent / "part-99999999T000000000000-deadbeef.parquet").write_bytes(
-        good.read_bytes()[:40])  # no footer: a reader would fail on it too
+    rows = pq.read_table(good)  # readable, but its times cannot be cast: the merge fails
+    at_col = rows.schema.get_field_index("event_time")
+    pq.write_table(rows.set_column(at_col, "event_time", pa.array(["not a time"] * len(rows))),
+                   good.parent / "part-99999999T000000000000-deadbeef.parquet")
     listing = sorted((data_dir / "pairs" / H12).rglob("*"))
     with caplog.at_level(logging.ERROR, logger="storage.compact"):
         made = compact_after_flush(data_dir=data_dir, sealed=[H12, H13], written={},

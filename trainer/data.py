@@ -51,6 +51,16 @@ def temporal_split(manifest: Sequence[dict[str, Any]], *, eval_window: int, gap:
                  cutoff=cutoff)
 
 
+def integrity_refusal(partition: str, expected: str, found: str) -> Report | None:
+    """None when a sealed partition's rows hash to its manifest's sha256 (``expected``); else
+    the record of its refusal, kept in the version's metadata."""
+    if found == expected:
+        return None
+    return {"partition": partition, "expected_sha256": expected, "found_sha256": found,
+            "reason": "content does not match the manifest's sha256 (files altered, damaged "
+                      "or quarantined since the seal)"}
+
+
 def normalize_text(text: str) -> str:
     """Lowercase words joined by single spaces (punctuation, ``_`` and whitespace are
     separators). Coarser than the pairing rules' ``normalize_prompt``: prompts the rules see as

@@ -248,9 +248,12 @@ def _write_durably(path: Path, text: str) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    """Flush every file of a folder, then the folder, to disk (before it is renamed)."""
+    """Make every file of a folder owner-only (whatever wrote it, whatever the umask) and flush
+    it, then the folder, to disk (before it is renamed)."""
     for path in sorted(folder.rglob("*"), reverse=True):
+        path.chmod(0o700 if path.is_dir() else 0o600)
         fsync_path(path)
+    folder.chmod(0o700)
     fsync_path(folder)
 
 

@@ -26,7 +26,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from prefstream.errors import PrefstreamError
-from storage.files import live_files, read_table, sealed_partitions
+from storage.files import live_files, sealed_partitions
+from storage.verify import read_sealed
 from streams.metrics import Metrics
 from streams.metrics import serve as serve_metrics
 from trainer import Interrupted
@@ -38,6 +39,7 @@ from trainer.data import (
     Split,
     drop_eval_groups,
     drop_too_long,
+    integrity_refusal,
     length_bias,
     quality_gates,
     temporal_split,
@@ -79,6 +81,8 @@ class CycleResult:
     length_bias: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     gates: dict[str, Any] = field(default_factory=dict)
+    #: sealed partitions not used: rows that no longer hash to the manifest's sha256
+    refused_partitions: list[Report] = field(default_factory=list)
     wall_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -93,6 +97,8 @@ class Prepared:
     train: list[PairDict]
     eval: list[PairDict]
     counts: dict[str, list[Report]]
+    #: sealed partitions left out because their rows no longer match their manifest hash
+    refused: list[Report] = field(default_factory=list)
 
 
 def run_once(data_dir: Path, config: TrainConfig, *,
@@ -135,7 +141,9 @@ def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
                          partitions=_partition_info(train=split.train, gap=split.gap,
                                                     eval=split.eval),
                          length_bias={"train": length_bias(data.train),
-                                      "eval": length_bias(data.eval)})
+                                      "eval": length_bias(data.eval)},
+                         refused_partitions=data.refused)
+    result.reasons += [f"refused {r['partition']}: {r['reason']}" for r in data.refused]
     if len(data.train) < config.min_train_pairs or len(data.eval) < config.min_eval_pairs:
         result.reasons.append(f"too few pairs after the gates: {len(data.train)} train (need "
                               f"{config.min_train_pairs}), {len(data.eval)} eval (need "
@@ -153,8 +161,21 @@ def _since(started: float) -> float:
     return round(time.perf_counter() - started, 3)
 
 
-def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]]) -> list[PairDict]:
-    """Pairs of the given manifest rows (sealed partitions), oldest first."""
+def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]],
+               refused: list[Report] | None = None) -> list[PairDict]:
+    """Pairs of the given manifest rows (sealed partitions), oldest first. A partition whose
+    rows no longer hash to its manifest's sha256 is left out, logged and added to ``refused``
+    (``docs/storage-safety.md``)."""
+    pairs: list[PairDict] = []
+    for row in rows:
+        content = read_sealed(data_dir, row)
+        refusal = integrity_refusal(row["partition"], row["sha256"], content.sha256)
+        if refusal is None:
+            pairs += content.tables["pairs"].to_pylist()
+            continue
+        log.warning("refusing sealed partition %s: %s", row["partition"], refusal["reason"])
+        if refused is not None:
+            refused.append(refusal)
     for row in rows:
         listed = {f for f in row["files"] if f.startswith("pairs/")}
         present = {str(f.relative_to(data_dir))
@@ -162,21 +183,21 @@ def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]]) -> list[PairDict]
         if present != listed:
             log.warning("sealed partition %s: pairs files differ from its manifest row (%d "
                         "listed, %d present)", row["partition"], len(listed), len(present))
-    table = read_table(data_dir=data_dir, table="pairs", partitions=[r["partition"] for r in rows])
-    return sorted(table.to_pylist(), key=lambda p: (p["partition"], p["event_time"], p["pair_id"]))
+    return sorted(pairs, key=lambda p: (p["partition"], p["event_time"], p["pair_id"]))
 
 
 def prepare(data_dir: Path, split: Split, config: TrainConfig,
             tokenizer: PreTrainedTokenizerBase) -> Prepared:
     """Train and eval pairs of a split after every gate, with the counts after each gate."""
-    rows = read_pairs(data_dir, split.train + split.eval)
+    refused: list[Report] = []
+    rows = read_pairs(data_dir, split.train + split.eval, refused)
     train, in_train = within_split(rows, split.names("train"), split.cutoff)
     eval_pairs, in_eval = within_split(rows, split.names("eval"), None)
     train, grouped = drop_eval_groups(train, eval_pairs)
     train, train_gates = _gate(train, config, tokenizer)
     eval_pairs, eval_gates = _gate(eval_pairs, config, tokenizer)
     return Prepared(train, eval_pairs, {"train": [in_train, grouped, *train_gates],
-                                        "eval": [in_eval, *eval_gates]})
+                                        "eval": [in_eval, *eval_gates]}, refused)
 
 
 def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase

@@ -1,0 +1,41 @@
+"""Read a sealed partition and check it against its manifest row (``docs/storage-safety.md``).
+
+The manifest's ``sha256`` is the hash of the partition's rows when it was sealed (or resealed
+after late rows; ``storage.files.content_sha256``). A file rewritten since (rows dropped, fields
+changed), rotted pages, or a file moved to quarantine change the rows read now, hence the hash:
+the caller refuses such a partition. The rows are hashed as they are read, so what is checked is
+what is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from storage.files import content_sha256, read_table
+from storage.tables import SEALED_TABLES
+
+
+@dataclass(frozen=True)
+class SealedContent:
+    partition: str
+    tables: dict[str, pa.Table]
+    #: hash of the rows read now; equal to ``expected`` when the partition is intact
+    sha256: str
+    expected: str
+
+    @property
+    def intact(self) -> bool:
+        return self.sha256 == self.expected
+
+
+def read_sealed(data_dir: Path, row: dict[str, Any]) -> SealedContent:
+    """Every sealed table of the manifest row's partition (damaged files skipped with a
+    warning), with the hash of those rows and the manifest's."""
+    partition = row["partition"]
+    tables = {t: read_table(data_dir=data_dir, table=t, partitions=[partition])
+              for t in SEALED_TABLES}
+    return SealedContent(partition, tables, content_sha256(tables), row["sha256"])
