@@ -34,7 +34,8 @@ The design:
   compaction waits (a ``.todo`` marker for sealed partitions; the next flush for the others) and
   readers keep reading the small files, but for :data:`READER_WAIT` at most
   (:func:`readers_allow`): a session left open must not let the live files grow for as long as
-  it stays open; a query running at the very moment of the swap may then fail once. The gap left: a reader that connects *and* plans a query
+  it stays open; a query running at the very moment of the swap may then fail once.
+  The gap left: a reader that connects *and* plans a query
   in the microseconds between that check and the swap. DuckDB sessions that read the globs
   without the catalog are not covered; ``storage.catalog.live_scan_sql`` lists real paths
   instead, as the Python readers do.

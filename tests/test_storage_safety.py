@@ -21,7 +21,7 @@ from factories import at, pair
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_compaction import H12, analyst_connected
-from trainer_fixtures import build_data_dir, tiny_config, write_labels
+from trainer_fixtures import build_data_dir, tiny_config
 
 from prefstream.report import write_report
 from prefstream.settings import Settings
@@ -143,8 +143,7 @@ def test_the_trainer_refuses_a_sealed_partition_rewritten_after_its_seal(tmp_pat
         row["chosen"], row["rejected"] = row["rejected"], row["chosen"]
     pq.write_table(pq.read_table(path).schema.empty_table().from_pylist(
         rows, schema=pq.read_schema(path)), path)
-    result = run_once(data_dir, tiny_config(explicit_labels=write_labels(
-        tmp_path / "labels.jsonl", 12, agree=True)))
+    result = run_once(data_dir, tiny_config(epochs=1, probe_answers=2))
     assert result is not None and result.trained
     [refused] = result.refused_partitions
     assert refused["partition"] == "2024-05-01T01" and refused["found_sha256"] != refused[
@@ -232,7 +231,7 @@ SHAPES = [  # how libraries put a text into a log line
     lambda t: json.dumps(json.dumps({"session_id": "s", "response_text": t})),
     lambda t: json.dumps(json.dumps(json.dumps({"chosen": t}))),
     lambda t: repr({"edited_text": t, "n": 2}),
-    lambda t: "send: k=%r v=%r t=None" % (b"s-1", json.dumps({"prompt": t}).encode()),
+    lambda t: f"send: k={b's-1'!r} v={json.dumps({'prompt': t}).encode()!r} t=None",
     lambda t: f"Impression(prompt={t!r}, position=0)",
     lambda t: f"1 validation error\n  input_value={t!r}, input_type=str]",
 ]
