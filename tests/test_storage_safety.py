@@ -305,3 +305,19 @@ def test_a_worker_with_debug_logs_under_redact_starts_past_damage_and_logs_no_te
     assert metrics["prefstream_files_quarantined"] == 2.0
     assert not leftover.exists() and len(quarantined(data_dir)) == 2
     assert "quarantine   2 damaged file(s)" in format_text(collect(data_dir))
+
+
+def test_a_damaged_manifest_version_is_skipped_then_quarantined(data_dir, caplog):
+    from storage.files import manifest_versions, reseal, sealed_partitions
+
+    write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
+    write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 0, 0))
+    seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=timedelta(minutes=30))
+    reseal(data_dir=data_dir, partition=H12)
+    newest = manifest_versions(data_dir)[H12][-1]
+    newest.write_bytes(newest.read_bytes()[:30])
+    with caplog.at_level(logging.WARNING):
+        [row] = sealed_partitions(data_dir)  # the previous version answers
+    assert row["n_pairs"] == 1 and str(newest) in caplog.text
+    assert [p.name for p in repair_data_dir(data_dir)] == [newest.name]
+    assert [p.name for p in manifest_versions(data_dir)[H12]] == [f"{H12}.parquet"]

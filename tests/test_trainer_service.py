@@ -101,16 +101,16 @@ def test_unsealed_partitions_are_never_read(trained: tuple[Path, CycleResult],
     unsealed = "2024-05-01T05"
     assert (data_dir / "pairs" / unsealed).is_dir()
     assert unsealed not in json.dumps(result.summary())
-    import trainer.service as service
+    import storage.verify as verify  # the trainer reads sealed partitions through it
 
     asked: list[str] = []
-    real = service.read_table
+    real = verify.read_table
 
     def spy(**kwargs: Any) -> Any:
         asked.extend(kwargs["partitions"])
         return real(**kwargs)
 
-    monkeypatch.setattr(service, "read_table", spy)
+    monkeypatch.setattr(verify, "read_table", spy)
     split = temporal_split(sealed_partitions(data_dir), eval_window=1, gap=1)
     assert split is not None
     from transformers import AutoTokenizer
