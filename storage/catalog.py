@@ -153,24 +153,50 @@ def _write_views(path: Path, data_dir: Path) -> None:
         con.close()
 
 
-def catalog_in_use(data_dir: Path) -> bool:
-    """Whether another process holds the catalog open (DuckDB keeps a POSIX lock on the file for
-    a connection's lifetime). Asks with ``F_GETLK``, which takes no lock and blocks nobody; the
-    calling process must not hold the catalog itself (closing this descriptor would drop its
+def catalog_lock(data_dir: Path) -> int:
+    """The lock another process holds on the catalog: ``fcntl.F_UNLCK`` (none), ``F_RDLCK`` (a
+    read-only DuckDB connection) or ``F_WRLCK`` (a read-write one; DuckDB keeps its POSIX lock
+    for a connection's lifetime). Asks with ``F_GETLK``, which takes no lock and blocks nobody;
+    the calling process must not hold the catalog itself (closing this descriptor would drop its
     locks, and the kernel never reports a process's own locks)."""
     path = data_dir / CATALOG_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        return False
+        return fcntl.F_UNLCK
     try:
         probe = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
         answer = fcntl.fcntl(fd, fcntl.F_GETLK, probe)
     finally:
         os.close(fd)
-    return struct.unpack("hhqqi", answer)[0] != fcntl.F_UNLCK
+    kind: int = struct.unpack("hhqqi", answer)[0]
+    return kind
+
+
+def catalog_in_use(data_dir: Path) -> bool:
+    """Whether another process holds the catalog open (see :func:`catalog_lock`)."""
+    return catalog_lock(data_dir) != fcntl.F_UNLCK
+
+
+def free_catalog(data_dir: Path) -> bool:
+    """When a process holds the catalog read-write (every other connection is refused), put a
+    fresh copy in its place (:func:`ensure_catalog`); returns whether it did. The worker calls
+    this at each flush, so such a connection locks other readers out for one flush at most."""
+    if catalog_lock(data_dir) != fcntl.F_WRLCK:
+        return False
+    log.warning("a process holds %s read-write, locking every other reader out: writing a new "
+                "catalog in its place", data_dir / CATALOG_NAME)
+    return ensure_catalog(data_dir)
 
 
 def connect_readonly(data_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An analyst's connection: read-only, never blocks or is blocked by the worker."""
-    return duckdb.connect(str(data_dir / CATALOG_NAME), read_only=True)
+    """An analyst's connection: read-only, never blocks the worker. When a read-write connection
+    holds the catalog, a fresh copy is put in its place first (if this process may write the
+    data dir), so this one is not refused either."""
+    path = str(data_dir / CATALOG_NAME)
+    try:
+        return duckdb.connect(path, read_only=True)
+    except duckdb.IOException:
+        if not free_catalog(data_dir):
+            raise
+    return duckdb.connect(path, read_only=True)

@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from storage.catalog import catalog_in_use
+from storage.catalog import catalog_in_use, free_catalog
 from storage.files import (
     SCHEMA_DIR,
     _mkdir_private,
@@ -283,7 +283,9 @@ def compact_after_flush(*, data_dir: Path, sealed: Sequence[str],
     partition ``written`` to (table -> rows of the flush) holding more than ``max_files`` files
     and every table of the newly ``sealed`` partitions (and those left to retry), at most
     :data:`MAX_PER_PASS`; then deletes what is due. A failure is logged and skipped: the readers'
-    files stay as they were."""
+    files stay as they were. First, a catalog held read-write is replaced
+    (:func:`storage.catalog.free_catalog`): it would lock every other reader out."""
+    free_catalog(data_dir)
     for partition in sealed:
         for table in SEALED_TABLES:
             _mark(data_dir, table, partition, TODO)

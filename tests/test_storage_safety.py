@@ -178,6 +178,13 @@ con.close()
 """
 
 
+READ_ONLY_COUNT = r"""
+import sys, duckdb
+con = duckdb.connect(sys.argv[1], read_only=True)  # as ``duckdb -readonly`` does
+print(con.execute("SELECT count(*) FROM pairs").fetchone()[0])
+"""
+
+
 def test_a_read_write_analyst_locks_out_neither_readers_nor_the_worker(data_dir):
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
     ensure_catalog(data_dir)
@@ -186,16 +193,29 @@ def test_a_read_write_analyst_locks_out_neither_readers_nor_the_worker(data_dir)
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        assert ensure_catalog(data_dir)  # the worker's refresh goes through
-        con = connect_readonly(data_dir)  # and another reader gets in
+        # the worker's next flush puts a fresh catalog in place: readers of any kind get in
+        compact_after_flush(data_dir=data_dir, sealed=[], written={}, max_files=32,
+                            grace=timedelta(0))
+        other = subprocess.run([sys.executable, "-c", READ_ONLY_COUNT,
+                                str(data_dir / CATALOG_NAME)], capture_output=True, text=True)
+        assert other.stdout.strip() == "1", other.stderr
+        assert ensure_catalog(data_dir)  # the worker's refresh never waits for it either
+    finally:
+        holder.communicate("\n", timeout=30)
+    assert [p.name for p in quarantined(data_dir)] == [f"{CATALOG_NAME}.wal"]  # kept aside
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_READ_WRITE,
+                               str(data_dir / CATALOG_NAME)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:  # with no worker running, the product's own readers put the fresh copy in place
+        assert holder.stdout.readline().strip() == "ready"
+        con = connect_readonly(data_dir)
         try:
             assert con.execute("SELECT count(*) FROM pairs").fetchone() == (1,)
         finally:
             con.close()
     finally:
         holder.communicate("\n", timeout=30)
-    assert [p.name for p in quarantined(data_dir)] == [f"{CATALOG_NAME}.wal"]  # kept aside
-    con = duckdb.connect(str(data_dir / CATALOG_NAME))  # read-write again, after it closed
+    con = duckdb.connect(str(data_dir / CATALOG_NAME))  # read-write again, once both closed
     con.close()
 
 
