@@ -2,10 +2,11 @@
 
 The worker never opens this file: it writes the views into a fresh file and renames it over the
 catalog (:func:`ensure_catalog`), so no reader, whatever its mode (a default read-write
-``duckdb.connect`` included), can lock the worker out, and no reader locks out another one for
-longer than its own connection to an old copy. A reader's connection holds a lock on the file
-for as long as it is open; the worker looks for one (:func:`catalog_in_use`) before it deletes
-files a view may have listed, and waits for it a bounded time (``storage.compact``).
+``duckdb.connect`` included), can lock the worker out; a read-write connection, which refuses
+every other one, gets a fresh copy put in its place at the worker's next flush
+(:func:`free_catalog`). A reader's connection holds a lock on the file for as long as it is
+open; the worker looks for one (:func:`catalog_in_use`) before it deletes files a view may have
+listed, and waits for it a bounded time (``storage.compact``).
 Objects an analyst creates in the catalog are dropped at its next rewrite: keep them in your own
 database and ``ATTACH`` this one read-only (``docs/storage-safety.md``).
 """
