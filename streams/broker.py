@@ -41,6 +41,24 @@ def tansu_binary() -> Path:
     return path
 
 
+#: the port producers expect a local Kafka on; the embedded broker takes it when it is free
+KAFKA_PORT = 9092
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def preferred_port(port: int = KAFKA_PORT) -> int:
+    """``port`` when nothing holds it, else a free one."""
+    return port if port_is_free(port) else free_port()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,4 +130,7 @@ class EmbeddedBroker:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        if exc_type is KeyboardInterrupt:  # the user is waiting; memory storage: nothing lost
+            self.kill()
+        else:
+            self.stop()
