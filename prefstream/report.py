@@ -164,9 +164,9 @@ def _figure(pid: str, title: str, body: str, caption: str, *, empty: bool = Fals
             + (f"<figcaption>{_e(caption)}</figcaption>" if caption else "") + "</figure>")
 
 
-def no_data(pid: str, title: str, why: str) -> str:
+def no_data(pid: str, title: str, why: str, headline: str = "no data yet") -> str:
     body = (f'<rect class="frame" x="20" y="40" width="{W - 40}" height="{H - 60}" rx="8"/>'
-            f'<text class="nodata" x="{W / 2}" y="{H / 2}">no data yet</text>'
+            f'<text class="nodata" x="{W / 2}" y="{H / 2}">{_e(headline)}</text>'
             f'<text class="why" x="{W / 2}" y="{H / 2 + 24}">{_e(why)}</text>')
     return _figure(pid, title, body, "", empty=True)
 
@@ -410,18 +410,18 @@ def _model_panels(d: dict[str, Any]) -> list[str]:
     return [lines(pid, title, cats, series, unit=True, refs=refs, ylabel=ylabel,
                   xlabel="model version (* = current)", caption=caption)
             if any(v is not None for s in series for v in s[1])
-            else no_data(pid, title, _why_missing(pid, ms))
+            else no_data(pid, title, *_why_missing(pid, ms))
             for (pid, title), (series, refs, ylabel, caption) in zip(MODEL_PLOTS, specs,
                                                                       strict=True)]
 
 
-def _why_missing(pid: str, models: Sequence[dict[str, Any]]) -> str:
-    """Why a model panel is empty although versions exist: for the calibration audit, the
-    reason the newest version gives (skipped: no explicit labels), not "no data"."""
+def _why_missing(pid: str, models: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """Why a model panel is empty although versions exist, and its headline: for the
+    calibration audit, "audit skipped" and the newest version's reason, not "no data yet"."""
     reason = _get(models[-1], "gates.calibration.reason") if pid == "model-calibration" else None
     if reason:
-        return f"audit skipped for {models[-1]['version']}: {reason} (--explicit-labels)"
-    return "no version has this metric yet"
+        return (f"for {models[-1]['version']}: {reason} (--explicit-labels)", "audit skipped")
+    return "no version has this metric yet", "no data yet"
 
 
 def _tiles(d: dict[str, Any]) -> str:

@@ -35,12 +35,13 @@ def dead_letter_cause(reason: str) -> str:
     for an error of the whole message (pydantic's ``<root>``) the first clause of the error
     (``Invalid JSON``); otherwise the reason. Quoted values and numbers become ``N``."""
     first = reason.split(";", 1)[0].strip()
-    field, sep, message = first.partition(": ")
+    field, sep, message = first.partition(":")
     if not sep:
         return _VARYING.sub("N", first)
     if field != "<root>":
         return field
-    return _VARYING.sub("N", message.split(": ", 1)[0].split(",", 1)[0].strip())
+    clause = message.strip().split(": ", 1)[0].split(",", 1)[0].strip()
+    return _VARYING.sub("N", clause) or "not an event"
 
 
 def register(subparsers: Any) -> None:

@@ -69,6 +69,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
                     "with it; start workers with ARROW_DEFAULT_MEMORY_POOL=jemalloc")
     warm_up()
     os.umask(OWNER_ONLY_UMASK)
+    check_writable(settings.data_dir, needed_by="the worker")  # before starting any broker
     embedded = not settings.kafka_bootstrap
     with broker_for(settings, port=preferred_port() if embedded else None) as settings:
         prepare(settings)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -19,15 +16,9 @@ pytestmark = pytest.mark.broker
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    data_dir = tmp_path_factory.mktemp("demo") / "data"
-    out = subprocess.run(
-        [sys.executable, "-m", "prefstream.cli", "demo", "--events", "1500", "--seed", "3",
-         "--data-dir", str(data_dir), "--json", "--no-train"],
-        capture_output=True, text=True, timeout=240,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout), data_dir
+def demo(demo_run: dict) -> tuple[dict, Path]:
+    """The session's demo run (tests/conftest.py): 1,500 events, seed 0, trained."""
+    return demo_run["summary"], demo_run["data_dir"]
 
 
 def sql(data_dir: Path, query: str) -> list[tuple]:
