@@ -162,3 +162,36 @@ def test_ctrl_c_during_ingest_stops_the_demo_within_seconds(tmp_path: Path) -> N
     assert took < 8, f"took {took:.1f}s to stop"
     assert "Traceback" not in rest
     assert not (tmp_path / "d" / "models").exists()
+
+
+def test_ctrl_c_during_training_stops_the_demo_and_promotes_nothing(
+        demo_run: dict[str, Any], tmp_path: Path) -> None:
+    """The demo's trainer step under a real SIGINT (the demo's own handler, in this process):
+    it stops at the next stage or step, within seconds, and writes no version."""
+    import threading
+    from datetime import datetime
+
+    from prefstream.demo import _train
+    from streams.traffic import TrafficConfig, generate_traffic
+
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_run["data_dir"], copy, symlinks=True,
+                    ignore=shutil.ignore_patterns("models"))
+    t = demo_run["summary"]["traffic"]
+    traffic = generate_traffic(TrafficConfig(n_events=t["events"], seed=t["seed"],
+                                             end=datetime.fromisoformat(t["end"])))
+    sent: list[float] = []
+
+    def interrupt() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    timer = threading.Timer(1.5, interrupt)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _train(copy, traffic)
+    finally:
+        timer.cancel()
+    assert sent and time.monotonic() - sent[0] < 10
+    assert not [p for p in (copy / "models").iterdir() if p.name.startswith(("v0", "current"))]

@@ -129,3 +129,9 @@ def test_a_read_only_data_dir(argv: list[str], read_only_data_dir: Path,
     assert f"{read_only_data_dir} is read-only" in err and "--data-dir" in err
     assert "locked" not in err
     assert entries(read_only_data_dir) == before
+
+
+def test_an_unknown_log_format(here: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PREFSTREAM_LOG_FORMAT", "xml")
+    assert "PREFSTREAM_LOG_FORMAT='xml' is not a log format" in usage(["status"], capsys)
