@@ -95,8 +95,11 @@ class EmbeddedBroker:
         cmd = [str(tansu_binary()), "broker", "--listener-url", url,
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        # its own session: a Ctrl-C in the terminal reaches the worker, which stops its Kafka
+        # clients first and then this broker (killed with them, the clients retried for a minute)
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env={**os.environ, "RUST_LOG": "warn"})
+                                      env={**os.environ, "RUST_LOG": "warn"},
+                                      start_new_session=True)
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s=20)
         except BrokerError:

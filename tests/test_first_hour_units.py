@@ -239,3 +239,16 @@ def test_make_demo_echoes_no_command_line() -> None:
     recipe = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert out.returncode == 0
     assert "\t@$(BIN)/prefstream demo $(ARGS)" in recipe
+
+
+def test_the_embedded_broker_prefers_the_kafka_port_when_free() -> None:
+    import socket
+
+    from streams.broker import free_port, preferred_port
+
+    port = free_port()
+    assert preferred_port(port) == port
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        assert preferred_port(port) != port
