@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prefstream.datadir import DEFAULT_DATA_DIR, check_writable
-from prefstream.errors import PrefstreamError
+from prefstream.datadir import DEFAULT_DATA_DIR, HINT, check_writable
+from prefstream.errors import PrefstreamError, StorageError
 from prefstream.settings import Settings
 from prefstream.status import dead_letter_cause
 from storage.catalog import connect_readonly, ensure_catalog
@@ -43,6 +44,23 @@ DEMO_ENV = {
     # (measured: 23 s with the default 45 s, 3 s with 6 s); heartbeats still go every second
     "PREFSTREAM_SESSION_TIMEOUT_S": "6",
 }
+
+
+#: marks a data dir the demo made: a later demo may replace it, nobody else's data
+DEMO_MARK = ".prefstream-demo"
+
+
+def fresh_demo_dir(data_dir: Path) -> None:
+    """Make room for a demo run: a previous demo's data dir is removed (its broker is gone,
+    so its offsets and state would not match the new run's); a folder holding anything else
+    is refused (:class:`StorageError`, exit 2), never touched."""
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        return
+    if not (data_dir / DEMO_MARK).exists():
+        raise StorageError(f"{data_dir} already holds data the demo did not write: give the "
+                           f"demo an empty or new folder {HINT}")
+    print(f"demo: replacing the previous demo's data in {data_dir}", file=sys.stderr)
+    shutil.rmtree(data_dir)
 
 
 def traffic_end(now: datetime, settings: Settings) -> datetime:
@@ -212,11 +230,13 @@ def run_demo(args: argparse.Namespace) -> int:
     os.umask(OWNER_ONLY_UMASK)  # logs, catalog and models in the data dir: owner-only
     data_dir = Path(args.data_dir)
     check_writable(data_dir, needed_by="prefstream demo")
+    fresh_demo_dir(data_dir)
     settings = Settings(**{"data_dir": data_dir, "metrics_port": free_port(),
                            **_demo_overrides()})
     end = traffic_end(datetime.now(timezone.utc), settings)
     traffic = generate_traffic(TrafficConfig(n_events=args.events, seed=args.seed, end=end))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (data_dir / DEMO_MARK).touch()
     print(f"demo: data in {data_dir.resolve()}", file=sys.stderr, flush=True)
     worker_metrics = _ingest(settings, traffic, args.timeout)
     ensure_catalog(data_dir)

@@ -135,3 +135,23 @@ def test_an_unknown_log_format(here: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("PREFSTREAM_LOG_FORMAT", "xml")
     assert "PREFSTREAM_LOG_FORMAT='xml' is not a log format" in usage(["status"], capsys)
+
+
+def test_the_demo_never_overwrites_data_it_did_not_write(here: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    init_data_dir(here / "prefstream-data")  # a worker's, say
+    before = entries(here / "prefstream-data")
+    err = usage(["demo"], capsys)
+    assert "prefstream-data already holds data the demo did not write" in err
+    assert entries(here / "prefstream-data") == before
+
+
+def test_the_demo_replaces_its_own_previous_data(tmp_path: Path) -> None:
+    from prefstream.demo import DEMO_MARK, fresh_demo_dir
+
+    old = tmp_path / "prefstream-data"
+    init_data_dir(old)
+    (old / DEMO_MARK).touch()
+    fresh_demo_dir(old)
+    assert not old.exists()
