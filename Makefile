@@ -13,8 +13,9 @@ $(BIN)/prefstream: pyproject.toml $(CONSTRAINTS)
 
 install: $(BIN)/prefstream
 
+# `@`: make echoes no command line, so `make demo ARGS=--json` prints JSON only
 demo: install
-	$(BIN)/prefstream demo $(ARGS)
+	@$(BIN)/prefstream demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q $(ARGS)
@@ -50,4 +51,4 @@ bench: install
 	$(BIN)/python benchmarks/report.py --reused "$(subst $(comma), ,$(BENCH_SKIP))"
 
 clean:
-	rm -rf $(VENV) .pytest_cache demo-data
+	rm -rf $(VENV) .pytest_cache prefstream-data

@@ -1,6 +1,7 @@
 """``prefstream``: one console script, one subcommand per job.
 
-Exit codes: 0 ok, 1 the job ran and failed a check, 2 bad usage or configuration.
+Exit codes: 0 ok, 1 the job ran and failed a check, 2 bad usage or configuration (one line on
+stderr naming the flag or variable to change, nothing created), 130 stopped by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -8,10 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
+import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 # Before anything imports pyarrow, which picks its memory pool once, from this variable: with
@@ -22,6 +24,7 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 from pydantic import ValidationError  # noqa: E402
 
 from prefstream.errors import PrefstreamError  # noqa: E402
+from prefstream.logs import log_format, setup_logging  # noqa: E402
 
 #: modules adding subcommands through ``register(subparsers)``
 COMMAND_MODULES = (
@@ -34,6 +37,45 @@ SETTINGS_FLAGS = (
     "max_events_per_session", "max_open_sessions", "max_future_s", "max_message_bytes",
     "metrics_host", "metrics_port",
 )
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with bad usage on one line: ``prefstream demo: argument --events: ...``."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """A settings error on one line, naming each field's flag and variable."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        name = "__".join(str(p) for p in err["loc"]) or "settings"
+        where = f"--{name.replace('_', '-')} or PREFSTREAM_{name.upper()}"
+        parts.append(f"{name} ({where}): {err['msg'].removeprefix('Value error, ')}")
+    return "invalid configuration: " + "; ".join(parts)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
@@ -78,7 +120,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prefstream", description=__doc__.splitlines()[0])
+    from prefstream.datadir import DATA_DIR_ENV, default_data_dir
+
+    parser = Parser(prog="prefstream", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -91,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("demo", help="embedded broker + worker + traffic generator, end to end")
-    p.add_argument("--events", type=int, default=5000, help="events to generate [default: 5000]")
+    p.add_argument("--events", type=positive_int, default=5000,
+                   help="events to generate [default: 5000]")
     p.add_argument("--seed", type=int, default=0, help="traffic seed [default: 0]")
-    p.add_argument("--data-dir", default="demo-data", help="output data dir [default: demo-data]")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
+                   help=f"data dir, the one every command reads [env: {DATA_DIR_ENV}] "
+                        "[default: prefstream-data]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--timeout", type=positive_float, default=300.0,
                    help="give up waiting for the worker after this many seconds [default: 300]")
     p.add_argument("--no-train", action="store_true", help="skip the trainer cycle at the end")
     p.set_defaults(func=_cmd_demo)
@@ -114,21 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)  # every file a command writes (data, models, reports) is owner-only
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("kafka", "aiokafka"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
+        setup_logging(verbose=args.verbose, fmt=log_format())
         return int(args.func(args))
     except ValidationError as exc:
-        print(f"prefstream: invalid configuration:\n{exc}", file=sys.stderr)
+        print(f"prefstream {args.command}: {describe_validation(exc)}", file=sys.stderr)
         return 2
     except PrefstreamError as exc:
-        print(f"prefstream: {exc}", file=sys.stderr)
+        print(f"prefstream {args.command}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(f"prefstream {args.command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +23,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from prefstream.errors import PrefstreamError
+from prefstream.datadir import DEFAULT_DATA_DIR, HINT, check_writable
+from prefstream.errors import PrefstreamError, StorageError
 from prefstream.settings import Settings
+from prefstream.status import dead_letter_cause
 from storage.catalog import connect_readonly, ensure_catalog
 from storage.files import Watermark, read_watermarks
 from streams.broker import free_port
@@ -43,6 +46,23 @@ DEMO_ENV = {
 }
 
 
+#: marks a data dir the demo made: a later demo may replace it, nobody else's data
+DEMO_MARK = ".prefstream-demo"
+
+
+def fresh_demo_dir(data_dir: Path) -> None:
+    """Make room for a demo run: a previous demo's data dir is removed (its broker is gone,
+    so its offsets and state would not match the new run's); a folder holding anything else
+    is refused (:class:`StorageError`, exit 2), never touched."""
+    if not data_dir.is_dir() or not any(data_dir.iterdir()):
+        return
+    if not (data_dir / DEMO_MARK).exists():
+        raise StorageError(f"{data_dir} already holds data the demo did not write: give the "
+                           f"demo an empty or new folder {HINT}")
+    print(f"demo: replacing the previous demo's data in {data_dir}", file=sys.stderr)
+    shutil.rmtree(data_dir)
+
+
 def traffic_end(now: datetime, settings: Settings) -> datetime:
     """Latest event time such that every demo partition can seal once input goes idle."""
     hours = settings.rules.partition_hours
@@ -52,21 +72,25 @@ def traffic_end(now: datetime, settings: Settings) -> datetime:
 
 
 def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
+    """The worker in its own session: a Ctrl-C reaches the demo alone, which stops it."""
     env = {**os.environ, **settings.as_env()}  # settings already hold the demo timings
     loglevel = os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")
     cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", loglevel]
     with open(log_path, "ab") as log_file:
-        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def produce(settings: Settings, traffic: Traffic) -> None:
     producer = FeedbackProducer(str(settings.kafka_bootstrap), topic=settings.events_topic,
                                 max_block_ms=10_000, security=settings.kafka_security())
-    for key, value in tqdm(traffic.messages, desc="producing", unit="ev", file=sys.stderr,
-                           leave=False):
-        producer.send_raw(key, value)
-    producer.flush()
-    producer.close()
+    try:
+        for key, value in tqdm(traffic.messages, desc="producing", unit="ev", file=sys.stderr,
+                               leave=False):
+            producer.send_raw(key, value)
+        producer.flush()
+    finally:
+        producer.close(timeout_s=1)
     if producer.failed:
         raise PrefstreamError(f"{producer.failed} events could not be sent: {producer.errors[:3]}")
 
@@ -75,6 +99,7 @@ def end_offsets(settings: Settings) -> dict[int, int]:
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
+                             enable_auto_commit=False,  # no group: nothing to commit
                              **settings.kafka_client_config())
     try:
         tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
@@ -129,11 +154,12 @@ def scrape(settings: Settings) -> dict[str, float]:
     return {name: float(value) for name, value in samples}
 
 
-def stop(worker: subprocess.Popen[bytes]) -> None:
+def stop(worker: subprocess.Popen[bytes], *, timeout_s: float = 30) -> None:
+    """SIGTERM, then SIGKILL after ``timeout_s`` (a few seconds when the user interrupted)."""
     if worker.poll() is None:
         worker.send_signal(signal.SIGTERM)
         try:
-            worker.wait(timeout=30)
+            worker.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait()
@@ -160,11 +186,19 @@ def funnel(data_dir: Path) -> dict[str, Any]:
                 "SELECT reason, count(*) FROM refusals GROUP BY 1 ORDER BY 2 DESC"),
             "partitions": one("SELECT count(*) FROM partitions"),
             "partitions_sealed": one("SELECT count(*) FROM partitions WHERE sealed"),
-            "dead_letter_reasons": by(
-                "SELECT split_part(reason, ':', 1), count(*) FROM dead_letters GROUP BY 1"),
+            "dead_letter_reasons": _causes(by(
+                "SELECT reason, count(*) FROM dead_letters GROUP BY 1")),
         }
     finally:
         con.close()
+
+
+def _causes(reasons: dict[str, int]) -> dict[str, int]:
+    """Dead-letter counts by cause (``prefstream status`` groups them the same way)."""
+    causes: dict[str, int] = {}
+    for reason, n in reasons.items():
+        causes[dead_letter_cause(reason)] = causes.get(dead_letter_cause(reason), 0) + n
+    return dict(sorted(causes.items(), key=lambda c: (-c[1], c[0])))
 
 
 def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
@@ -190,24 +224,21 @@ def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """The demo; Ctrl-C stops it within seconds in any phase (``KeyboardInterrupt``, exit 130
+    in ``main``) and promotes nothing."""
     started = time.monotonic()
     os.umask(OWNER_ONLY_UMASK)  # logs, catalog and models in the data dir: owner-only
     data_dir = Path(args.data_dir)
+    check_writable(data_dir, needed_by="prefstream demo")
+    fresh_demo_dir(data_dir)
     settings = Settings(**{"data_dir": data_dir, "metrics_port": free_port(),
                            **_demo_overrides()})
     end = traffic_end(datetime.now(timezone.utc), settings)
     traffic = generate_traffic(TrafficConfig(n_events=args.events, seed=args.seed, end=end))
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with broker_for(settings, log_path=data_dir / "broker.log") as settings:
-        prepare(settings)
-        worker = start_worker(settings, data_dir / "worker.log")
-        try:
-            produce(settings, traffic)
-            targets = end_offsets(settings)
-            wait_until_drained(settings, targets, worker, args.timeout)
-            worker_metrics = scrape(settings)
-        finally:
-            stop(worker)
+    (data_dir / DEMO_MARK).touch()
+    print(f"demo: data in {data_dir.resolve()}", file=sys.stderr, flush=True)
+    worker_metrics = _ingest(settings, traffic, args.timeout)
     ensure_catalog(data_dir)
     summary = {"traffic": {"seed": args.seed, "events": args.events, "end": end.isoformat()},
                "events_produced": len(traffic.messages), **funnel(data_dir),
@@ -223,7 +254,41 @@ def run_demo(args: argparse.Namespace) -> int:
     if not args.no_train:
         summary["training"] = _train(data_dir, traffic)
     _print(summary, as_json=args.json)
+    print(next_steps(data_dir), file=sys.stderr)
     return 0 if summary["balanced"] else 1
+
+
+def _ingest(settings: Settings, traffic: Traffic, timeout_s: float) -> dict[str, float]:
+    """Broker, worker, traffic, until stored; the worker's metrics at the end."""
+    data_dir = settings.data_dir
+    with broker_for(settings, log_path=data_dir / "broker.log") as settings:
+        prepare(settings)
+        worker = start_worker(settings, data_dir / "worker.log")
+        patience = 30.0
+        try:
+            produce(settings, traffic)
+            targets = end_offsets(settings)
+            wait_until_drained(settings, targets, worker, timeout_s)
+            return scrape(settings)
+        except KeyboardInterrupt:
+            patience = 3.0  # the user is waiting: the worker's state need not survive
+            raise
+        finally:
+            stop(worker, timeout_s=patience)
+
+
+def next_steps(data_dir: Path) -> str:
+    """What to try after the demo, with this data dir (every command's default when it is
+    ``prefstream-data``)."""
+    flag = "" if data_dir == DEFAULT_DATA_DIR else f" --data-dir {data_dir}"
+    return "\n".join([
+        f"demo: data in {data_dir.resolve()} (docs/first-hour.md). Next:",
+        f"  prefstream status{flag}                 # partitions, rows, models",
+        f"  cd {data_dir} && duckdb -readonly prefstream.duckdb "
+        '"SELECT rule, count(*) FROM pairs GROUP BY 1"',
+        f"  prefstream score{flag} --prompt 'How do I reverse a list?' --answer 'reversed(xs)'",
+        f"  prefstream report{flag}                 # HTML plots",
+    ])
 
 
 def _demo_overrides() -> dict[str, Any]:
@@ -231,11 +296,22 @@ def _demo_overrides() -> dict[str, Any]:
 
 
 def _train(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
+    """One trainer cycle; Ctrl-C (SIGINT) or SIGTERM stops it at the next training step with
+    nothing written, then ends the demo as an interrupt."""
     try:
+        from trainer import Interrupted
+        from trainer.control import stop_on_signals
         from trainer.demo import train_after_demo
     except ImportError as exc:
         return {"skipped": f"trainer unavailable: {exc}"}
-    return train_after_demo(data_dir, traffic)
+    with stop_on_signals() as stop:
+        try:
+            result = train_after_demo(data_dir, traffic, should_stop=stop.is_set)
+        except Interrupted:
+            raise KeyboardInterrupt from None
+    if stop.is_set():  # a version was already being registered: it stands, the demo stops
+        raise KeyboardInterrupt
+    return result
 
 
 def _print(summary: dict[str, Any], *, as_json: bool) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import duckdb
 
 import trainer.registry  # noqa: F401  (defines the ``models`` view body; no torch)
+from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
 from storage.catalog import CATALOG_NAME, EXTRA_VIEWS, connect_readonly
 from trainer.config import TrainConfig
@@ -163,9 +164,9 @@ def _figure(pid: str, title: str, body: str, caption: str, *, empty: bool = Fals
             + (f"<figcaption>{_e(caption)}</figcaption>" if caption else "") + "</figure>")
 
 
-def no_data(pid: str, title: str, why: str) -> str:
+def no_data(pid: str, title: str, why: str, headline: str = "no data yet") -> str:
     body = (f'<rect class="frame" x="20" y="40" width="{W - 40}" height="{H - 60}" rx="8"/>'
-            f'<text class="nodata" x="{W / 2}" y="{H / 2}">no data yet</text>'
+            f'<text class="nodata" x="{W / 2}" y="{H / 2}">{_e(headline)}</text>'
             f'<text class="why" x="{W / 2}" y="{H / 2 + 24}">{_e(why)}</text>')
     return _figure(pid, title, body, "", empty=True)
 
@@ -267,14 +268,17 @@ def lines(pid: str, title: str, cats: Sequence[str], series: Sequence[Series], *
     grid = _hgrid(yt, sy, box[0], box[1], _pct if unit else _num)
     if log:
         grid += f'<text class="tick end" x="{box[0] - 6}" y="{sy(0) + 4:.1f}">0</text>'
-    body = (grid + xt + "".join(_series(s, sx, sy, len(cats) <= 60) for s in series)
+    body = (grid + xt + "".join(_series(s, sx, sy, len(cats) <= 60, radius=max(2.5, 6.0 - 1.5 * i))
+                   for i, s in enumerate(series))
             + _legend(series) + _refs(refs, sy, box, vertical=False)
             + _labels(xlabel, ylabel, box))
     return _figure(pid, title, body, caption)
 
 
 def _series(s: Series, sx: Callable[[int], float], sy: Callable[[float], float],
-            dots: bool) -> str:
+            dots: bool, radius: float = 3.5) -> str:
+    """A line with dots; a larger ``radius`` for earlier series, so a point drawn first stays
+    visible as a ring around an equal point drawn over it."""
     name, values, color, dash = s
     pts = [(sx(i), sy(v), v) for i, v in enumerate(values) if v is not None]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in pts)
@@ -282,8 +286,9 @@ def _series(s: Series, sx: Callable[[int], float], sy: Callable[[float], float],
     out = (f'<polyline class="mark" fill="none" stroke="{color}"{dashed} points="{line}"/>'
            if len(pts) > 1 else "")
     if dots or len(pts) == 1:
-        out += "".join(f'<circle class="mark" fill="{color}" cx="{x:.1f}" cy="{y:.1f}" r="3.5">'
-                       f"<title>{_e(name)}: {v:.3g}</title></circle>" for x, y, v in pts)
+        out += "".join(f'<circle class="mark" fill="{color}" cx="{x:.1f}" cy="{y:.1f}" '
+                       f'r="{radius}"><title>{_e(name)}: {v:.3g}</title></circle>'
+                       for x, y, v in pts)
     return out
 
 
@@ -405,9 +410,18 @@ def _model_panels(d: dict[str, Any]) -> list[str]:
     return [lines(pid, title, cats, series, unit=True, refs=refs, ylabel=ylabel,
                   xlabel="model version (* = current)", caption=caption)
             if any(v is not None for s in series for v in s[1])
-            else no_data(pid, title, "no version has this metric yet")
+            else no_data(pid, title, *_why_missing(pid, ms))
             for (pid, title), (series, refs, ylabel, caption) in zip(MODEL_PLOTS, specs,
                                                                       strict=True)]
+
+
+def _why_missing(pid: str, models: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """Why a model panel is empty although versions exist, and its headline: for the
+    calibration audit, "audit skipped" and the newest version's reason, not "no data yet"."""
+    reason = _get(models[-1], "gates.calibration.reason") if pid == "model-calibration" else None
+    if reason:
+        return (f"for {models[-1]['version']}: {reason} (--explicit-labels)", "audit skipped")
+    return "no version has this metric yet", "no data yet"
 
 
 def _tiles(d: dict[str, Any]) -> str:
@@ -501,8 +515,7 @@ def register(subparsers: Any) -> None:
     """Add ``report`` to the ``prefstream`` script."""
     p = subparsers.add_parser("report", help="write a self-contained HTML page of plots: funnel, "
                               "rules, refusals, confidence, length bias, model versions")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(os.environ.get(DATA_DIR_ENV, "prefstream-data")),
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help=f"data dir to report on [env: {DATA_DIR_ENV}] [default: prefstream-data]")
     p.add_argument("--out", type=Path, default=None,
                    help="HTML file to write [default: <data-dir>/report.html]")
@@ -510,5 +523,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    print(write_report(args.data_dir, args.out or args.data_dir / "report.html"))
+    out = args.out or args.data_dir / "report.html"
+    check_data_dir(args.data_dir)
+    check_writable(out.parent, needed_by="prefstream report (--out)")
+    print(write_report(args.data_dir, out))
     return 0

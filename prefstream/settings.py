@@ -21,6 +21,7 @@ from pydantic import (
     FilePath,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -155,6 +156,15 @@ def faust_credentials(security: KafkaSecurity, context: ssl.SSLContext | None) -
     return None
 
 
+def check_host_port(server: str) -> None:
+    """``ValueError`` unless ``server`` is ``host:port`` with a port from 1 to 65535."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{server!r} is not host:port (e.g. localhost:9092)")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{server!r}: port {port!r} is not a number from 1 to 65535")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PREFSTREAM_", env_nested_delimiter="__", extra="ignore",
@@ -185,6 +195,9 @@ class Settings(BaseSettings):
     pseudonym_key: SecretStr | None = Field(
         None, description="Key of the HMAC-SHA256 that replaces every user id before anything "
         "is stored; unset = user ids stored as sent. Never logged or printed.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines of every prefstream process: text, or json (one object "
+        "a line: ts, level, logger, message, exc) for log shippers.")
     text_storage: TextStorage = Field(
         "full", description="Prompts and answers in stored rows, dead letters and late events: "
         "full, redact (hash and length) or drop. The trainer needs full.")
@@ -234,6 +247,14 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port of GET /metrics "
                               "(Prometheus text); 0 disables it.")
     rules: RuleConfig = Field(default_factory=RuleConfig)
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _host_ports(cls, value: str | None) -> str | None:
+        if value is not None:
+            for server in value.split(","):
+                check_host_port(server.strip())
+        return value
 
     @model_validator(mode="after")
     def _hours_divide_day(self) -> Settings:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from prefstream.errors import StorageError
+from prefstream.datadir import DATA_DIR_ENV, check_data_dir, default_data_dir
 from storage.catalog import CATALOG_NAME, live_scan_sql
 from storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
 from storage.partitions import partition_bounds
@@ -27,20 +27,28 @@ from storage.quarantine import quarantined
 from storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
 from trainer.registry import current_version, list_versions, read_metadata
 
-DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
-#: folders ``storage.files.init_data_dir`` creates: their absence means "not a data dir"
-LAYOUT = ("manifest", "watermarks")
-#: a dead letter's cause: the field before the first ':' (``ts``, ``<root>``...), else the reason
-#: with numbers collapsed (``message of N bytes over max_message_bytes``)
-REASON_KIND_SQL = ("CASE WHEN strpos(reason, ':') > 0 THEN split_part(reason, ':', 1) "
-                   "ELSE regexp_replace(reason, '[0-9]+', 'N', 'g') END")
+#: what varies inside one cause: quoted values, numbers
+_VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")
+
+
+def dead_letter_cause(reason: str) -> str:
+    """A dead letter's cause, to group by: the failing field (``ts``, ``impression.position``);
+    for an error of the whole message (pydantic's ``<root>``) the first clause of the error
+    (``Invalid JSON``); otherwise the reason. Quoted values and numbers become ``N``."""
+    first = reason.split(";", 1)[0].strip()
+    field, sep, message = first.partition(":")
+    if not sep:
+        return _VARYING.sub("N", first)
+    if field != "<root>":
+        return field
+    clause = message.strip().split(": ", 1)[0].split(",", 1)[0].strip()
+    return _VARYING.sub("N", clause) or "not an event"
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="state of a data dir: partitions, rows, watermarks, "
                               "dead letters, models")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(os.environ.get(DATA_DIR_ENV, "prefstream-data")),
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(),
                    help=f"the worker's data dir [env: {DATA_DIR_ENV}] [default: prefstream-data]")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=run_status)
@@ -50,15 +58,6 @@ def run_status(args: argparse.Namespace) -> int:
     report = collect(args.data_dir)
     print(json.dumps(report, indent=2, default=str) if args.json else format_text(report))
     return 0
-
-
-def check_data_dir(data_dir: Path) -> None:
-    """``StorageError`` (exit 2) unless ``data_dir`` has the layout a worker creates."""
-    missing = [name for name in LAYOUT if not (data_dir / name).is_dir()]
-    if not data_dir.is_dir() or missing:
-        why = "no such folder" if not data_dir.is_dir() else f"no {', '.join(missing)} folder"
-        raise StorageError(f"{data_dir} is not a prefstream data dir ({why}); give the folder a "
-                           f"worker writes to (prefstream worker --data-dir {data_dir})")
 
 
 def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
@@ -73,9 +72,12 @@ def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
                   for t in TABLES}
         per_kafka = {t: dict(_query(con, data_dir, t, "kafka_partition, count(*)",
                                     "kafka_partition")) for t in ("sessions", *SIDE_TABLES)}
-        kinds = _query(con, data_dir, "dead_letters", f"{REASON_KIND_SQL}, count(*)", "1")
+        reasons = _query(con, data_dir, "dead_letters", "reason, count(*)", "1")
     finally:
         con.close()
+    kinds: dict[str, int] = {}
+    for reason, n in reasons:
+        kinds[dead_letter_cause(reason)] = kinds.get(dead_letter_cause(reason), 0) + n
     return {
         "data_dir": str(data_dir.resolve()),
         "catalog": (data_dir / CATALOG_NAME).exists(),
@@ -84,7 +86,7 @@ def collect(data_dir: Path, *, now: datetime | None = None) -> dict[str, Any]:
         "rows": {t: sum(counts[t].values()) for t in TABLES},
         "kafka_partitions": _kafka(marks, per_kafka),
         "dead_letters": {"total": sum(counts["dead_letters"].values()),
-                         "by_kind": dict(sorted(kinds, key=lambda k: (-k[1], k[0])))},
+                         "by_kind": dict(sorted(kinds.items(), key=lambda k: (-k[1], k[0])))},
         "late_events": sum(counts["late_events"].values()),
         "models": _models(data_dir),
         "quarantined": [str(f.relative_to(data_dir)) for f in quarantined(data_dir)],
@@ -221,7 +223,9 @@ def format_text(r: dict[str, Any]) -> str:
         side = "past" if past is not None and past >= 0 else "before"
         wm = "no watermark yet" if past is None else \
             f"lowest watermark {abs(past) / 60:.0f} min {side} its end"
-        lines.append(f"  unsealed {u['partition']}  ended {_ago(u['age_s'])}, {wm}; "
+        when = f"ended {_ago(u['age_s'])}" if u["age_s"] >= 0 else \
+            f"ends {_ago(u['age_s'])}, still filling"
+        lines.append(f"  unsealed {u['partition']}  {when}, {wm}; "
                      + ", ".join(f"{t} {n}" for t, n in u["rows"].items()))
     lines.append("rows         " + ", ".join(f"{t} {n}" for t, n in r["rows"].items()))
     lines.append("kafka        " + ("no watermark files yet" if not r["kafka_partitions"] else ""))

@@ -9,6 +9,17 @@ open; the worker looks for one (:func:`catalog_in_use`) before it deletes files 
 listed, and waits for it a bounded time (``storage.compact``).
 Objects an analyst creates in the catalog are dropped at its next rewrite: keep them in your own
 database and ``ATTACH`` this one read-only (``docs/storage-safety.md``).
+
+Two properties keep the catalog readable wherever it goes (docs/analysts.md):
+
+- It is written in DuckDB's storage format of version 1.0 (:data:`STORAGE_VERSION`), which
+  every DuckDB from 1.0 on opens, 2.x included: analysts' CLIs, notebooks and GUI tools still
+  on 1.x read it. Each rewrite makes a fresh file, so a catalog an older prefstream wrote in
+  a newer format is replaced at the worker's first start.
+- Views name their files relative to the data dir (``pairs/*/current/*.parquet``), so a copied
+  or moved data dir reads its own files. DuckDB resolves a relative path against the reader's
+  working directory or its ``file_search_path``: :func:`connect_readonly` sets the latter; in
+  the ``duckdb`` CLI run from the data dir (or ``-cmd "SET file_search_path='DIR'"``).
 """
 
 from __future__ import annotations
@@ -29,6 +40,12 @@ from storage.tables import TABLES
 log = logging.getLogger(__name__)
 
 CATALOG_NAME = "prefstream.duckdb"
+#: DuckDB storage format the catalog is written in: readable by DuckDB 1.0 and every later one
+STORAGE_VERSION = "v1.0.0"
+#: the version number DuckDB writes in the file header for :data:`STORAGE_VERSION`
+STORAGE_NUMBER = 64
+#: where a DuckDB file's header keeps its storage version number (after the magic ``DUCK``)
+_HEADER_MAGIC, _HEADER_VERSION_AT = b"DUCK", 12
 #: extra views other packages register (name -> SQL body using {root} for the data dir)
 EXTRA_VIEWS: dict[str, str] = {}
 
@@ -37,11 +54,17 @@ def _quote(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
 
-def table_view_sql(data_dir: Path, table: str) -> str:
+def _root(data_dir: Path, relative: bool) -> Path:
+    """Where view paths start: ``.`` (the data dir, for the catalog) or the absolute folder."""
+    return Path(".") if relative else data_dir.resolve()
+
+
+def table_view_sql(data_dir: Path, table: str, *, relative: bool = False) -> str:
     """A plain scan (the writer stores each id once, ``storage.files.IdIndex``) of each
     partition's current generation, through its ``current`` link, and of the partitions written
-    before generations existed. A folder matches one glob or the other, never both."""
-    root = data_dir.resolve() / table
+    before generations existed. A folder matches one glob or the other, never both. With
+    ``relative`` the paths start at the data dir (the catalog's views)."""
+    root = _root(data_dir, relative) / table
     globs = ", ".join(_quote(root / "*" / part) for part in ("*.parquet", "current/*.parquet"))
     return (f"SELECT * FROM read_parquet([{globs}], hive_partitioning = false, "
             f"union_by_name = true)")
@@ -68,12 +91,12 @@ MANIFEST_VERSION_SQL = ("coalesce(TRY_CAST(regexp_extract(filename, '[.]v([0-9]+
 _MANIFEST_COLUMNS = ("sealed_at", "watermark", "sha256")
 
 
-def partitions_view_sql(data_dir: Path) -> str:
+def partitions_view_sql(data_dir: Path, *, relative: bool = False) -> str:
     """Every partition holding pairs or sessions, with its sealed state from the newest version
     of its manifest row (``storage.files.reseal`` adds versions, never rewrites a file). An
     aggregate, not a window: DuckDB plans ``max(..) OVER (PARTITION BY ..)`` as a self-join that
     globs the folder twice, and two listings may differ."""
-    root = data_dir.resolve()
+    root = _root(data_dir, relative)
     newest = ", ".join(f"max_by({c}, version) AS {c}" for c in _MANIFEST_COLUMNS)
     manifest = _quote(root / "manifest" / "*.parquet")
     counts = " UNION ALL ".join(
@@ -103,13 +126,30 @@ def partitions_view_sql(data_dir: Path) -> str:
     """
 
 
-FUNNEL_SQL = """
-    SELECT partition,
-           sum(n_events) AS events, sum(n_duplicates) AS duplicates, count(*) AS sessions,
-           sum(n_candidates) AS candidates, sum(n_pairs) AS pairs, sum(n_ties) AS ties,
-           sum(n_unpaired) AS unpaired, sum(n_refusals) AS refusals
-    FROM sessions GROUP BY partition ORDER BY partition
+def funnel_view_sql(data_dir: Path, *, relative: bool = False) -> str:
+    """Per hour: the funnel counts, and ``sealed`` (in the manifest: final) or not (still
+    filling; its counts can grow)."""
+    manifest = _quote(_root(data_dir, relative) / "manifest" / "*.parquet")
+    return f"""
+    SELECT f.partition,
+           f.partition IN (SELECT partition FROM read_parquet({manifest})) AS sealed,
+           f.* EXCLUDE (partition)
+    FROM (SELECT partition,
+                 sum(n_events) AS events, sum(n_duplicates) AS duplicates, count(*) AS sessions,
+                 sum(n_candidates) AS candidates, sum(n_pairs) AS pairs, sum(n_ties) AS ties,
+                 sum(n_unpaired) AS unpaired, sum(n_refusals) AS refusals
+          FROM sessions GROUP BY partition) AS f
+    ORDER BY f.partition
 """
+
+
+def storage_number(path: Path) -> int | None:
+    """The storage version number in a DuckDB file's header (None: not a DuckDB file)."""
+    with open(path, "rb") as fh:
+        header = fh.read(_HEADER_VERSION_AT + 8)
+    if header[8:12] != _HEADER_MAGIC or len(header) < _HEADER_VERSION_AT + 8:
+        return None
+    return int(struct.unpack_from("<Q", header, _HEADER_VERSION_AT)[0])
 
 
 def ensure_catalog(data_dir: Path) -> bool:
@@ -119,7 +159,7 @@ def ensure_catalog(data_dir: Path) -> bool:
     path = data_dir / CATALOG_NAME
     tmp = data_dir / f".{CATALOG_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        _write_views(tmp, data_dir)
+        _write_views(data_dir, tmp)
         tmp.chmod(0o600)  # owner-only whatever the umask: the views name the data
         fsync_path(tmp)
         os.replace(tmp, path)
@@ -141,15 +181,22 @@ def _set_aside_wal(data_dir: Path) -> None:
                         "into prefstream.duckdb over a read-write connection")
 
 
-def _write_views(path: Path, data_dir: Path) -> None:
-    con = duckdb.connect(str(path))
+def _write_views(data_dir: Path, path: Path) -> None:
+    """Create or replace every view in the DuckDB file ``path``, paths relative to the data
+    dir (resolved while creating through ``file_search_path``, as readers do)."""
+    con = duckdb.connect(config={"file_search_path": str(data_dir.resolve())})
     try:
+        con.execute(f"ATTACH {_quote(path)} AS prefstream_catalog "
+                    f"(STORAGE_VERSION '{STORAGE_VERSION}')")
+        con.execute("USE prefstream_catalog")
         for table in TABLES:
-            con.execute(f"CREATE OR REPLACE VIEW {table} AS {table_view_sql(data_dir, table)}")
-        con.execute(f"CREATE OR REPLACE VIEW partitions AS {partitions_view_sql(data_dir)}")
-        con.execute(f"CREATE OR REPLACE VIEW funnel AS {FUNNEL_SQL}")
-        for name, body in EXTRA_VIEWS.items():
-            con.execute(f"CREATE OR REPLACE VIEW {name} AS {body.format(root=data_dir.resolve())}")
+            sql = table_view_sql(data_dir, table, relative=True)
+            con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
+        views = {"partitions": partitions_view_sql(data_dir, relative=True),
+                 "funnel": funnel_view_sql(data_dir, relative=True),
+                 **{name: body.format(root=".") for name, body in EXTRA_VIEWS.items()}}
+        for name, sql in views.items():
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     finally:
         con.close()
 
@@ -191,13 +238,15 @@ def free_catalog(data_dir: Path) -> bool:
 
 
 def connect_readonly(data_dir: Path) -> duckdb.DuckDBPyConnection:
-    """An analyst's connection: read-only, never blocks the worker. When a read-write connection
-    holds the catalog, a fresh copy is put in its place first (if this process may write the
-    data dir), so this one is not refused either."""
+    """An analyst's connection: read-only, never blocks the worker; the views' relative paths
+    resolve in ``data_dir`` wherever the process runs. When a read-write connection holds the
+    catalog, a fresh copy is put in its place first (if this process may write the data dir), so
+    this one is not refused either."""
     path = str(data_dir / CATALOG_NAME)
+    config = {"file_search_path": str(data_dir.resolve())}
     try:
-        return duckdb.connect(path, read_only=True)
+        return duckdb.connect(path, read_only=True, config=config)
     except duckdb.IOException:
         if not free_catalog(data_dir):
             raise
-    return duckdb.connect(path, read_only=True)
+    return duckdb.connect(path, read_only=True, config=config)

@@ -218,8 +218,9 @@ def create_app(settings: Settings) -> faust.App:
             if end is not None:
                 pipeline.metrics.set("prefstream_lag_messages", max(0, end - next_offset),
                                      partition=str(tp.partition))
-        if batch.counts:
-            log.info("flushed batch: %s", dict(batch.counts))
+        done = {name: n for name, n in batch.counts.items() if n}  # idle flushes: no line
+        if done:
+            log.info("flushed batch: %s", done)
 
     async def commit_through(targets: dict[TP, int]) -> dict[TP, int]:
         """Commit exactly these offsets (next offset per partition) for the consumer group.

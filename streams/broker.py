@@ -42,6 +42,24 @@ def tansu_binary() -> Path:
     return path
 
 
+#: the port producers expect a local Kafka on; the embedded broker takes it when it is free
+KAFKA_PORT = 9092
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def preferred_port(port: int = KAFKA_PORT) -> int:
+    """``port`` when nothing holds it, else a free one."""
+    return port if port_is_free(port) else free_port()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -89,8 +107,10 @@ class EmbeddedBroker:
         cmd = [str(tansu_binary()), "broker", "--listener-url", url,
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
+        # its own session: a Ctrl-C in the terminal reaches the worker, which stops its Kafka
+        # clients first and then this broker (killed with them, the clients retried for a minute)
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env=broker_env(os.environ))
+                                      env=broker_env(os.environ), start_new_session=True)
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s=20)
         except BrokerError:
@@ -124,4 +144,7 @@ class EmbeddedBroker:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
+        if exc_type is KeyboardInterrupt:  # the user is waiting; memory storage: nothing lost
+            self.kill()
+        else:
+            self.stop()

@@ -17,6 +17,7 @@ worker's processes, ``Settings().kafka_security()``); kafka-python's own keyword
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import uuid
 from collections import deque
@@ -77,6 +78,7 @@ class FeedbackProducer:
         config = {"api_version": (2, 8), "acks": "all", "linger_ms": 5, "enable_idempotence": False,
                   **_security_config(security, kafka_config), **kafka_config}
         self._hint = _security_hint(security, config)
+        self.bootstrap = bootstrap
         try:
             self._producer = KafkaProducer(
                 bootstrap_servers=bootstrap, max_block_ms=max_block_ms, **config
@@ -92,6 +94,11 @@ class FeedbackProducer:
             future = self._producer.send(self.topic, key=key, value=value)
         except KafkaError as exc:
             self._record_failure(key, value, exc)
+            if not any(answers(server) for server in self.bootstrap.split(",")):
+                raise ProducerError(
+                    f"no Kafka broker answers at {self.bootstrap}: nothing listens there (start "
+                    "one, e.g. `prefstream worker`, which runs an embedded broker on "
+                    "localhost:9092, or give the address a broker prints)") from None
             raise ProducerError(f"event not queued within max_block_ms: {exc}{self._hint}"
                                 ) from exc
         except BaseException:  # bad arguments, not an event: undo the count
@@ -198,6 +205,17 @@ class FeedbackProducer:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self._producer.close(timeout=timeout_s)
+
+
+def answers(server: str, timeout_s: float = 0.5) -> bool:
+    """Whether anything accepts a TCP connection at ``host:port``."""
+    host, _, port = server.strip().rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]") or "localhost", int(port)),
+                                      timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _security_config(security: KafkaSecurity | None, kafka_config: dict[str, Any]

@@ -8,13 +8,17 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from prefstream.datadir import check_writable
+from prefstream.errors import BrokerError
+from prefstream.logs import faust_logging_config
 from prefstream.settings import Settings
 from storage.catalog import ensure_catalog
 from storage.files import init_data_dir
 from storage.quarantine import quarantined
 from storage.repair import repair_data_dir
 from streams import logscrub
-from streams.broker import EmbeddedBroker
+from streams.broker import KAFKA_PORT, EmbeddedBroker, preferred_port
+from streams.producer import answers
 from streams.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -25,22 +29,38 @@ OWNER_ONLY_UMASK = 0o077
 
 
 @contextlib.contextmanager
-def broker_for(settings: Settings, *, log_path: Path | None = None) -> Iterator[Settings]:
-    """Yield settings with a bootstrap server: the configured Kafka, or an embedded Tansu."""
+def broker_for(settings: Settings, *, log_path: Path | None = None,
+               port: int | None = None) -> Iterator[Settings]:
+    """Yield settings with a bootstrap server: the configured Kafka, or an embedded Tansu (on
+    ``port``, else a free one)."""
     if settings.kafka_bootstrap:
         yield settings
         return
-    with EmbeddedBroker(log_path=log_path) as broker:
+    with EmbeddedBroker(log_path=log_path, port=port) as broker:
         yield settings.model_copy(update={"kafka_bootstrap": broker.bootstrap})
 
 
 def prepare(settings: Settings) -> None:
-    """Idempotent set-up shared by the worker and the demo: damaged files set aside and a
-    killed writer's temporary files removed before the catalog is written."""
+    """Idempotent set-up shared by the worker and the demo; first the checks of what a user
+    gave (a writable data dir, a broker that answers), so bad usage creates nothing; then
+    damaged files set aside and a killed writer's temporary files removed before the
+    catalog is written."""
+    check_writable(settings.data_dir, needed_by="the worker")
+    servers = str(settings.kafka_bootstrap).split(",")
+    if not any(answers(server, timeout_s=2.0) for server in servers):
+        raise BrokerError(f"no Kafka broker answers at {settings.kafka_bootstrap} "
+                          "(--kafka-bootstrap or PREFSTREAM_KAFKA_BOOTSTRAP)")
     init_data_dir(settings.data_dir)
     repair_data_dir(settings.data_dir)
     ensure_catalog(settings.data_dir)
     ensure_topics(settings)
+
+
+def _embedded_banner(bootstrap: str) -> str:
+    port = bootstrap.rsplit(":", 1)[1]
+    note = "" if port == str(KAFKA_PORT) else f" ({KAFKA_PORT} was taken)"
+    return (f"embedded Kafka broker listening on localhost:{port}{note}; producers: "
+            f'FeedbackProducer("localhost:{port}"); stop with Ctrl-C')
 
 
 def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
@@ -56,13 +76,18 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     logscrub.install(settings.text_storage)  # before Faust logs a payload
     warm_up()
     os.umask(OWNER_ONLY_UMASK)
-    with broker_for(settings) as settings:
+    check_writable(settings.data_dir, needed_by="the worker")  # before starting any broker
+    embedded = not settings.kafka_bootstrap
+    with broker_for(settings, port=preferred_port() if embedded else None) as settings:
         prepare(settings)
+        if embedded:  # on stdout, apart from the logs: what a producer needs to know
+            print(_embedded_banner(str(settings.kafka_bootstrap)), flush=True)
         log.info("worker on Kafka %s, data in %s", settings.kafka_bootstrap, settings.data_dir)
         app = create_app(settings)
         app.pipeline.metrics.set(  # type: ignore[attr-defined]
             "prefstream_files_quarantined", len(quarantined(settings.data_dir)))
-        worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+        worker = faust.Worker(app, loglevel=loglevel, quiet=True,
+                              logging_config=faust_logging_config(settings.log_format, loglevel))
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -14,3 +19,18 @@ def broker() -> Iterator[EmbeddedBroker]:
     """One embedded Tansu broker per test module (memory storage: each module starts empty)."""
     with EmbeddedBroker() as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``prefstream demo`` as the README runs it, once per test session: no ``--data-dir`` (the
+    default ``prefstream-data`` in its working directory), training included. Shared by
+    tests/test_demo.py and tests/test_first_hour.py."""
+    cwd = tmp_path_factory.mktemp("first-hour")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFSTREAM_")}
+    out = subprocess.run(
+        [sys.executable, "-m", "prefstream.cli", "demo", "--events", "1500", "--seed", "0",
+         "--json"], cwd=cwd, env=env, capture_output=True, text=True, timeout=480)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {"summary": json.loads(out.stdout), "cwd": cwd, "data_dir": cwd / "prefstream-data",
+            "stderr": out.stderr, "env": env}

@@ -333,7 +333,7 @@ def test_collect_reads_the_views(data_dir: Path) -> None:
 
 def test_cli_without_a_catalog_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", "--data-dir", str(tmp_path)]) == 2
-    assert "no catalog" in capsys.readouterr().err
+    assert "is not a prefstream data dir" in capsys.readouterr().err
     assert not (tmp_path / "report.html").exists()
 
 

@@ -31,7 +31,7 @@ from prefstream.cli import main
 from prefstream.errors import ConfigError
 from prefstream.settings import KafkaSecurity, Settings, faust_credentials, kafka_python_config
 from schemas.events import EVENT_ADAPTER, MAX_ID_CHARS
-from storage.catalog import ensure_catalog
+from storage.catalog import connect_readonly, ensure_catalog
 from storage.files import init_data_dir
 from storage.tables import TABLES
 from streams.outputs import pseudonym, scrub_raw, scrub_text
@@ -314,7 +314,7 @@ def _replay(data_dir: Path, **privacy: Any) -> dict[str, list[dict[str, Any]]]:
     replay(settings, _records(traffic.messages + EXTRA, 2),
            final_tick_ms=int(T0.timestamp() * 1000) + 10**9)
     ensure_catalog(data_dir)
-    con = duckdb.connect(str(data_dir / "prefstream.duckdb"), read_only=True)
+    con = connect_readonly(data_dir)
     try:
         return {t: _rows(con, t) for t in TABLES}
     finally:
@@ -453,7 +453,7 @@ def test_no_secret_in_any_output_log_file_or_row(tls_demo: dict[str, Any]) -> No
     for secret in SECRETS:
         assert not any(secret in text for text in texts), secret
         assert not any(secret.encode() in p.read_bytes() for p in files), secret
-    con = duckdb.connect(str(tls_demo["data_dir"] / "prefstream.duckdb"), read_only=True)
+    con = connect_readonly(tls_demo["data_dir"])
     try:
         cells = [str(v) for t in TABLES for row in con.execute(f"SELECT * FROM {t}").fetchall()
                  for v in row]
@@ -470,7 +470,7 @@ def test_the_demo_stores_pseudonyms_and_redacted_texts(tls_demo: dict[str, Any])
         end=datetime.fromisoformat(summary["traffic"]["end"])))
     raw_users = {json.loads(v)["user_id"] for _, v in traffic.messages
                  if v.startswith(b"{") and '"user_id":"' in v.decode()}
-    con = duckdb.connect(str(tls_demo["data_dir"] / "prefstream.duckdb"), read_only=True)
+    con = connect_readonly(tls_demo["data_dir"])
     try:
         stored = {u for (u,) in con.execute("SELECT user_id FROM sessions UNION "
                                             "SELECT user_id FROM pairs").fetchall()}

@@ -128,7 +128,7 @@ def test_defaults_and_ranges_come_from_the_fields() -> None:
     assert table["PREFSTREAM_KAFKA_BOOTSTRAP"].default == "unset"
     assert table["PREFSTREAM_RULES__THUMBS_CONFIDENCE"].flags == ()
     lines = render(rows()).splitlines()
-    assert "`--data-dir` (worker, trainer," in next(x for x in lines if "_DATA_DIR`" in x)
+    assert "`--data-dir` (worker, demo, trainer," in next(x for x in lines if "_DATA_DIR`" in x)
     assert "| `worker --gap-s` |" in next(x for x in lines if "PREFSTREAM_GAP_S`" in x)
     assert "| env only |" in next(x for x in lines if "RULES__THUMBS_CONFIDENCE" in x)
     line = next(x for x in render(rows()).splitlines() if "PREFSTREAM_TRAIN_DEVICE" in x)

@@ -447,8 +447,8 @@ def test_a_reader_in_another_process_sees_growing_deduplicated_pairs(data_dir, t
     catalog = data_dir / CATALOG_NAME
     out = tmp_path / "reader.out"
     with open(out, "w") as fh:
-        reader = subprocess.Popen([sys.executable, "-c", READER, str(catalog), "3"], stdout=fh,
-                                  stderr=subprocess.STDOUT)
+        reader = subprocess.Popen([sys.executable, "-c", READER, CATALOG_NAME, "3"], stdout=fh,
+                                  stderr=subprocess.STDOUT, cwd=data_dir)  # as an analyst
     try:
         deadline = time.monotonic() + 20
         while not out.read_text().startswith("ready"):

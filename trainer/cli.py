@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 import trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
+from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
 from trainer import Interrupted
 from trainer.config import ENV_PREFIX, TrainConfig
@@ -33,6 +34,26 @@ from trainer.control import PAUSE_ENV, pause_points, stop_on_signals
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_PROMOTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
+
+
+def usage_error(command: str, message: object) -> int:
+    """Bad usage: one line naming what to change, exit code 2."""
+    print(f"prefstream {command}: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _checked_data_dir(args: argparse.Namespace, command: str, *, writes: bool = False
+                      ) -> bool:
+    """Whether ``--data-dir`` is a data dir (and writable when the command writes there);
+    prints the usage error when not, before anything is created."""
+    try:
+        check_data_dir(args.data_dir)
+        if writes:
+            check_writable(args.data_dir, needed_by=f"prefstream {command}")
+    except PrefstreamError as exc:
+        usage_error(command, exc)
+        return False
+    return True
 
 
 def register(subparsers: Any) -> None:
@@ -77,8 +98,7 @@ def _scoring_parsers(subparsers: Any) -> None:
 
 
 def _data_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path,
-                        default=Path(os.environ.get(DATA_DIR_ENV, "prefstream-data")),
+    parser.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help=f"Data dir of the stored pairs and models [env: {DATA_DIR_ENV}]")
 
 
@@ -94,7 +114,11 @@ def _config(args: argparse.Namespace) -> TrainConfig | None:
     try:
         return TrainConfig(**flags)
     except ValidationError as exc:
-        print(f"invalid trainer config:\n{exc}", file=sys.stderr)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))} (--{'-'.join(map(str, e['loc'])).replace('_', '-')}"
+            f" or {ENV_PREFIX}{'_'.join(map(str, e['loc'])).upper()}): "
+            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors(include_url=False))
+        usage_error("trainer", f"invalid trainer config: {problems}")
         return None
 
 
@@ -108,8 +132,7 @@ def run_trainer(args: argparse.Namespace) -> int:
     config = _config(args)
     if config is None:
         return EXIT_USAGE
-    if not args.data_dir.is_dir():
-        print(f"no data dir at {args.data_dir}", file=sys.stderr)
+    if not _checked_data_dir(args, "trainer", writes=True):
         return EXIT_USAGE
     try:
         pause_at = pause_points(os.environ.get(PAUSE_ENV, ""))
@@ -148,6 +171,8 @@ def _load_model(args: argparse.Namespace, command: str) -> Any:
 
 
 def run_score(args: argparse.Namespace) -> int:
+    if not _checked_data_dir(args, "score"):
+        return EXIT_USAGE
     model = _load_model(args, "score")
     if model is None:
         return EXIT_ERROR
@@ -156,6 +181,8 @@ def run_score(args: argparse.Namespace) -> int:
 
 
 def run_rerank(args: argparse.Namespace) -> int:
+    if not _checked_data_dir(args, "rerank"):
+        return EXIT_USAGE
     model = _load_model(args, "rerank")
     if model is None:
         return EXIT_ERROR
@@ -167,6 +194,8 @@ def run_rerank(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from trainer.export import export_kto, export_preferences
 
+    if not _checked_data_dir(args, "export"):
+        return EXIT_USAGE
     try:
         if args.format == "kto":
             n = export_kto(args.data_dir, args.out, partitions=args.partitions)

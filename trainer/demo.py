@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,14 +28,16 @@ class HasQuality(Protocol):
     quality: dict[str, float]
 
 
-def train_after_demo(data_dir: Path, traffic: HasQuality) -> dict[str, Any]:
-    """Run one cycle with ground-truth calibration labels; a short summary for printing."""
+def train_after_demo(data_dir: Path, traffic: HasQuality, *,
+                     should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+    """Run one cycle with ground-truth calibration labels; a short summary for printing.
+    ``Interrupted`` when ``should_stop()`` turns true before a version is written."""
     unset = {k: v for k, v in DEMO_DEFAULTS.items() if f"{ENV_PREFIX}{k.upper()}" not in os.environ}
     config = TrainConfig(**unset)
     labels = write_truth_labels(data_dir, traffic.quality, config)
     if labels is not None:
         config = config.model_copy(update={"explicit_labels": labels})
-    result = run_once(data_dir, config)
+    result = run_once(data_dir, config, should_stop=should_stop)
     return {"status": "no new sealed partitions"} if result is None else brief(result)
 
 

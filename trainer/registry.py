@@ -2,8 +2,9 @@
 
 Layout::
 
-    models/v0001/               save_pretrained (model + tokenizer) + metadata.json
-    models/current              the promoted version's name, replaced atomically on promotion
+    models/v0001/               save_pretrained (model + tokenizer) + metadata.json + README.md
+    models/current -> v0001     symlink to the promoted version, replaced atomically on promotion:
+                                ``from_pretrained("<data-dir>/models/current")`` loads it
     models/.v0002.<hex>.tmp/    a version being written, renamed into place once complete
     models/.current.next        a promotion staged before the rename, switched in after it
     models/.lock                flock of the one trainer working on this data dir (holder's pid)
@@ -33,6 +34,7 @@ from typing import Any, Protocol
 from storage.catalog import EXTRA_VIEWS, ensure_catalog
 from storage.files import fsync_path
 from trainer import TrainerError
+from trainer.card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +44,11 @@ NEXT = ".current.next"
 METADATA = "metadata.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
+CARD = "README.md"
+# ``curren[t]``: a glob, so no promoted version yet reads as no row instead of an error
 EXTRA_VIEWS["models"] = """
-    WITH cur AS (SELECT trim(content, E' \\n\\r\\t') AS version
-                 FROM read_text('{root}/models/current'))
+    WITH cur AS (SELECT content->>'$.version' AS version
+                 FROM read_text('{root}/models/curren[t]/metadata.json'))
     SELECT content->>'$.version' AS version,
            CAST(content->>'$.created_at' AS TIMESTAMPTZ) AS created_at,
            CAST(content->>'$.promoted' AS BOOLEAN) AS promoted,
@@ -96,7 +100,13 @@ def latest_metadata(data_dir: Path) -> dict[str, Any] | None:
 
 
 def current_version(data_dir: Path) -> str | None:
+    """The promoted version: the target of the ``current`` link (a text file naming it in data
+    dirs written before the link, converted by :func:`recover`)."""
     path = models_dir(data_dir) / CURRENT
+    if path.is_symlink():
+        return Path(os.readlink(path)).name or None
+    if path.is_dir():  # a copy that followed the link
+        return str(json.loads((path / METADATA).read_text())["version"])
     if not path.exists():
         return None
     return path.read_text().strip() or None
@@ -158,6 +168,11 @@ def recover(data_dir: Path) -> list[str]:
     """
     root = models_dir(data_dir)
     done: list[str] = []
+    old = root / CURRENT
+    if old.is_file() and not old.is_symlink() and (version := current_version(data_dir)):
+        _write_durably(root / NEXT, version + "\n")  # the text file of older releases: a link
+        _switch_current(root)
+        done.append(f"linked current to {version}")
     staged = root / NEXT
     if staged.exists():
         version = staged.read_text().strip()
@@ -179,6 +194,8 @@ def clean_partial(data_dir: Path) -> list[str]:
     for path in removed:
         log.warning("removing half-written model version %s", path)
         shutil.rmtree(path)
+    for link in root.glob(f".{CURRENT}.*.link") if root.is_dir() else []:
+        link.unlink()  # a link made for a switch that was killed before its rename
     return [p.name for p in removed]
 
 
@@ -206,6 +223,7 @@ def save_version(data_dir: Path, version: str, *, model: Saveable, tokenizer: Sa
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, default=json_default))
+        (tmp / CARD).write_text(model_card(metadata))
         _fsync_tree(tmp)
         pause("write")
         if promote:
@@ -236,7 +254,14 @@ def promote(data_dir: Path, version: str) -> None:
 
 
 def _switch_current(root: Path) -> None:
-    os.replace(root / NEXT, root / CURRENT)
+    """Point ``current`` at the staged version: a new relative link renamed over the old one
+    (readers see the old version or the new one), then the staged name removed."""
+    version = (root / NEXT).read_text().strip()
+    link = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}.link"
+    os.symlink(version, link)
+    os.replace(link, root / CURRENT)
+    fsync_path(root)
+    (root / NEXT).unlink()
     fsync_path(root)
 
 
