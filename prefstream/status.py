@@ -237,7 +237,7 @@ def format_text(r: dict[str, Any]) -> str:
     kinds = ", ".join(f"{kind} {n}" for kind, n in r["dead_letters"]["by_kind"].items())
     lines.append(f"dead letters {r['dead_letters']['total']}" + (f" ({kinds})" if kinds else ""))
     lines.append(f"late events  {r['late_events']}")
-    if r["quarantined"]:  # storage.quarantine: damaged files the worker set aside
+    if r.get("quarantined"):  # storage.quarantine: damaged files the worker set aside
         lines.append(f"quarantine   {len(r['quarantined'])} damaged file(s) set aside, never "
                      f"deleted: {', '.join(r['quarantined'])}")
     models = r["models"]

@@ -155,7 +155,10 @@ def storage_number(path: Path) -> int | None:
 def ensure_catalog(data_dir: Path) -> bool:
     """(Re)create the views in a new file, then rename it over the catalog: readers connected
     to the old file keep it (and its views) until they close; new connections get the new one.
-    Never waits for a reader; returns True."""
+    Never waits for a reader; returns False only for a folder that is not a data dir (no
+    schema files for the views to fall back on)."""
+    if not all((data_dir / table / SCHEMA_DIR).is_dir() for table in TABLES):
+        return False
     path = data_dir / CATALOG_NAME
     tmp = data_dir / f".{CATALOG_NAME}.{uuid.uuid4().hex[:8]}.tmp"
     try:

@@ -197,7 +197,7 @@ def test_a_read_write_analyst_locks_out_neither_readers_nor_the_worker(data_dir)
         compact_after_flush(data_dir=data_dir, sealed=[], written={}, max_files=32,
                             grace=timedelta(0))
         other = subprocess.run([sys.executable, "-c", READ_ONLY_COUNT,
-                                str(data_dir / CATALOG_NAME)], capture_output=True, text=True)
+                                CATALOG_NAME], capture_output=True, text=True, cwd=data_dir)
         assert other.stdout.strip() == "1", other.stderr
         assert ensure_catalog(data_dir)  # the worker's refresh never waits for it either
     finally:
