@@ -17,8 +17,11 @@ install: $(BIN)/prefstream
 demo: install
 	@$(BIN)/prefstream demo $(ARGS)
 
+# Most tests wait on a broker, a worker or a subprocess: three pytest-xdist workers keep two
+# cores busy. TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 test: install
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .

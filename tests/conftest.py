@@ -34,3 +34,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     assert out.returncode == 0, out.stderr[-3000:]
     return {"summary": json.loads(out.stdout), "cwd": cwd, "data_dir": cwd / "prefstream-data",
             "stderr": out.stderr, "env": env}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 3 --dist loadgroup``) the tests that share
+    the session's ``demo_run`` go to one worker, so the demo runs once."""
+    for item in items:
+        if "demo_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("demo"))

@@ -338,8 +338,8 @@ def test_cli_without_a_catalog_exits_2(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_a_report_in_progress_never_blocks_the_writer(data_dir: Path, tmp_path: Path) -> None:
-    """While the report reads, the worker still writes Parquet and its catalog refresh returns
-    at once (keeping the views) instead of waiting."""
+    """While the report reads, the worker still writes Parquet and its catalog refresh goes
+    through at once (a new catalog file renamed over the one the report holds)."""
     copy = shutil.copytree(data_dir, tmp_path / "data")
     ensure_catalog(copy)
     refresh = ("import sys, time; from pathlib import Path; from storage.catalog import "
@@ -353,7 +353,7 @@ def test_a_report_in_progress_never_blocks_the_writer(data_dir: Path, tmp_path: 
     finally:
         con.close()
     ok, seconds = done.stdout.split()
-    assert ok == "False" and float(seconds) < 2, done.stdout
+    assert ok == "True" and float(seconds) < 2, done.stdout
     assert report.collect(copy)["totals"]["pairs"] == sum(10 + 3 * h for h in range(HOURS)) + 1
 
 
