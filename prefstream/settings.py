@@ -185,6 +185,10 @@ class Settings(BaseSettings):
     pseudonym_key: SecretStr | None = Field(
         None, description="Key of the HMAC-SHA256 that replaces every user id before anything "
         "is stored; unset = user ids stored as sent. Never logged or printed.")
+    tick_key: SecretStr | None = Field(
+        None, description="Key of the HMAC that signs the workers' watermark ticks (only signed "
+        "ticks move a partition's clock); unset = a random key kept in <data-dir>/tick.key, "
+        "shared by the workers of that data dir. Never logged or printed.")
     text_storage: TextStorage = Field(
         "full", description="Prompts and answers in stored rows, dead letters and late events: "
         "full, redact (hash and length) or drop. The trainer needs full.")

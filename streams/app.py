@@ -21,7 +21,6 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from prefstream.settings import Settings
-from schemas.events import Tick
 from streams import metrics
 from streams.consumer import App
 from streams.crashpoints import CrashPoints
@@ -29,6 +28,7 @@ from streams.logwatch import LogWatch, TopicIds
 from streams.offsetguard import DROP, HANDLE, OffsetGuard
 from streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
+from streams.ticks import sign_tick
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +303,9 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(interval=settings.tick_interval_s)
     async def tick() -> None:
-        value = Tick(wall_ms=pipeline.wall_ms()).model_dump_json().encode()
+        wall_ms = pipeline.wall_ms()
         for p in range(settings.partitions):
+            value = sign_tick(pipeline.tick_key, settings.events_topic, p, wall_ms)
             await events.send(partition=p, value=value)
 
     watch = LogWatch(settings.partitions)

@@ -19,7 +19,7 @@ from typing import Protocol
 from pydantic import BaseModel, ValidationError
 
 from prefstream.settings import Settings
-from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent, Tick
+from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent
 from schemas.records import ClosedSession, DeadLetter, LateEvent
 from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
@@ -31,6 +31,7 @@ from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from streams.pairing import session_to_pairs
 from streams.sessionize import EPOCH, Clock, SessionSlot
 from streams.state import PartitionSessions
+from streams.ticks import sign_tick, tick_key, verify_tick
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Pipeline:
         self.metrics = Metrics()
         self.stored = IdIndex(settings.data_dir)
         self.crash = crash or CrashPoints({})
+        self.tick_key = tick_key(settings)
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int, offset: int | None = None) -> PartitionSessions:
@@ -162,20 +164,26 @@ class Pipeline:
         self.batch.applied[partition] = offset
         self._events_since_flush += 1
         raw = value or b""
+        # A producer sets its record timestamps: they count only up to this worker's clock, so
+        # a client clock ahead of it moves neither the clock of the partition nor the
+        # future-time bound (see docs/hostile-input.md).
+        arrival_ms = timestamp_ms  # a bogus one stays bogus: dead-lettered as such
+        if arrival_time(timestamp_ms) is not None:
+            arrival_ms = min(timestamp_ms, self._wall_ms())
         if raw.startswith(TICK_PREFIX):
-            try:
-                state.on_tick(Tick.model_validate_json(raw).wall_ms)
+            wall_ms, reason = verify_tick(self.tick_key, topic, partition, raw)
+            if wall_ms is not None:
+                state.on_tick(wall_ms)
                 return []
-            except ValidationError:
-                pass  # not a well-formed tick: validated (and dead-lettered) below
-        event, reason = self._validate(raw, key, timestamp_ms)
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
+        event, reason = self._validate(raw, key, arrival_ms)
         if event is None:
-            return [self._dead_letter(topic, partition, offset, key, raw, reason, timestamp_ms)]
-        outcome = state.on_event(event, offset=offset, arrival_ms=timestamp_ms)
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
+        outcome = state.on_event(event, offset=offset, arrival_ms=arrival_ms)
         self.batch.counts[outcome] += 1
         self.metrics.inc("prefstream_events_total", outcome=outcome)
         if outcome == "late":
-            return [self._late(event, state.clock, partition, offset, raw, timestamp_ms)]
+            return [self._late(event, state.clock, partition, offset, raw, arrival_ms)]
         return []
 
     def _validate(self, raw: bytes, key: bytes | None,
@@ -372,10 +380,10 @@ class Pipeline:
     # -- runs without Kafka (replays, references) -----------------------------------------
     def tick_all(self, wall_ms: int) -> None:
         """A watermark tick on every partition at ``wall_ms``, as the worker's timer sends."""
-        tick = Tick(wall_ms=wall_ms).model_dump_json().encode()
+        topic = self.settings.events_topic
         for p in range(self.settings.partitions):
-            self.handle(topic=self.settings.events_topic, partition=p, offset=1 << 40,
-                        key=None, value=tick, timestamp_ms=wall_ms)
+            self.handle(topic=topic, partition=p, offset=1 << 40, key=None,
+                        value=sign_tick(self.tick_key, topic, p, wall_ms), timestamp_ms=wall_ms)
 
     def flush_and_forget(self, committed: dict[int, int] | None = None) -> Batch:
         """Write the batch, checkpoint, then forget as after a commit of ``committed`` (see

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 
 from schemas.events import FeedbackEvent
 from schemas.records import ClosedSession
@@ -157,7 +157,10 @@ class PartitionSessions:
         if outcome in ("accepted", "duplicate"):
             self._put(event.session_id, slot)
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
-            self.clock = self.clock.observe(event.ts, self.rules.grace)
+            # An event counts for the clock only up to its arrival: a producer's clock ahead
+            # of the others' must not make their events late (docs/hostile-input.md).
+            arrival = datetime.fromtimestamp(arrival_ms / 1000, tz=timezone.utc)
+            self.clock = self.clock.observe(min(event.ts, arrival), self.rules.grace)
             self._expire()
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)

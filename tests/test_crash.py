@@ -32,6 +32,7 @@ from streams.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
 from streams.pipeline import TICK_PREFIX, replay
 from streams.producer import FeedbackProducer
 from streams.run import prepare
+from streams.ticks import with_tick_key_of
 from streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
@@ -119,7 +120,8 @@ def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Pa
     """The stored rows equal the pure pipeline's over the same records; returns rows compared."""
     records = recorded(settings)
     assert sum(not r[3].startswith(TICK_PREFIX) for r in records) == n_messages
-    ref = settings.model_copy(update={"data_dir": ref_dir})
+    # the reference trusts the ticks the workers signed (their key is in their data dir)
+    ref = with_tick_key_of(settings.model_copy(update={"data_dir": ref_dir}), settings)
     init_data_dir(ref_dir)
     replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
     got, want = rows(settings.data_dir), rows(ref_dir)
