@@ -200,7 +200,7 @@ def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules
         return slot
     kept = tuple(i for i in session.events if all(i is not j for j in full.events))
     still_open = _with_events(session, kept) if kept else None
-    closed = ClosedSession(session=full, reason="max_events")
+    closed = ClosedSession(session=full.model_copy(update={"cut": True}), reason="max_events")
     return SessionSlot(open=still_open, pending=slot.pending, held=(*slot.held, closed))
 
 

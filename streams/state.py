@@ -50,7 +50,7 @@ def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
     """
     if slot.open is None:
         return slot
-    closed = tuple(ClosedSession(session=group, reason="evicted")
+    closed = tuple(ClosedSession(session=group.model_copy(update={"cut": True}), reason="evicted")
                    for group in clusters(slot.open, rules.gap))
     return SessionSlot(pending=(*slot.pending, *closed), held=slot.held)
 
