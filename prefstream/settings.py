@@ -210,6 +210,12 @@ class Settings(BaseSettings):
         "closes the open session with the oldest last event early (close reason evicted, "
         "counted in prefstream_sessions_evicted_total). Per Kafka partition, not per worker, so "
         "the output does not depend on how partitions are assigned to workers.")
+    max_session_bytes: int = Field(
+        900_000, ge=64 * 1024, le=950_000, description="State one session id may hold (its "
+        "changelog record, under the producer's 1 MB request limit). A session closes early "
+        "(close reason max_bytes, counted in prefstream_sessions_max_bytes_total) before its "
+        "events pass half of it; an event that would still take the state over it is "
+        "dead-lettered. A message counts as its JSON-escaped length plus 128 bytes.")
     max_session_duration_s: float = Field(6 * 3600.0, gt=0)
     max_future_s: float = Field(300.0, ge=0, description="Tolerated clock skew into the future.")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Larger messages dead-letter.")
@@ -296,4 +302,5 @@ class Settings(BaseSettings):
             idle=timedelta(seconds=self.idle_s),
             max_events=self.max_events_per_session,
             max_duration=timedelta(seconds=self.max_session_duration_s),
+            max_bytes=self.max_session_bytes,
         )

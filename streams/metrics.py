@@ -26,6 +26,11 @@ HELP = {
     "prefstream_sessions_open": ("gauge", "Open sessions, by Kafka partition."),
     "prefstream_sessions_evicted_total": ("counter", "Open sessions closed early by "
                                           "max_open_sessions, by Kafka partition."),
+    "prefstream_sessions_max_bytes_total": ("counter", "Sessions closed early because their "
+                                            "state reached max_session_bytes / 2, by Kafka "
+                                            "partition."),
+    "prefstream_starts_at_same_offset": ("gauge", "Takeovers in a row of a Kafka partition "
+                                         "that read from the same offset (3 or more: stuck)."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
     "prefstream_trainer_runs_total": ("counter", "Training cycles, by outcome."),

@@ -29,7 +29,8 @@ from streams.crashpoints import CrashPoints
 from streams.metrics import Metrics
 from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from streams.pairing import session_to_pairs
-from streams.sessionize import EPOCH, Clock, SessionSlot
+from streams.sessionize import EPOCH, Clock, SessionSlot, state_bytes
+from streams.starts import StartLog
 from streams.state import PartitionSessions
 from streams.ticks import sign_tick, tick_key, verify_tick
 
@@ -120,6 +121,7 @@ class Pipeline:
         self.stored = IdIndex(settings.data_dir)
         self.crash = crash or CrashPoints({})
         self.tick_key = tick_key(settings)
+        self.starts = StartLog(settings.data_dir)
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int, offset: int | None = None) -> PartitionSessions:
@@ -130,6 +132,9 @@ class Pipeline:
                 clock, self.rules, slots, max_open=self.settings.max_open_sessions)
             if offset is not None:
                 self.resume_offsets[kafka_partition] = offset
+                n = self.starts.started(kafka_partition, offset)
+                self.metrics.set("prefstream_starts_at_same_offset", n,
+                                 partition=str(kafka_partition))
             log.info("partition %d: recovered %d session slots, watermark %s; reading from "
                      "offset %s", kafka_partition, len(slots), clock.watermark.isoformat(), offset)
         return self.partitions[kafka_partition]
@@ -179,7 +184,13 @@ class Pipeline:
         event, reason = self._validate(raw, key, arrival_ms)
         if event is None:
             return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
-        outcome = state.on_event(event, offset=offset, arrival_ms=arrival_ms)
+        outcome = state.on_event(event, offset=offset, arrival_ms=arrival_ms,
+                                 size=state_bytes(raw))
+        if outcome == "oversized":
+            reason = (f"session_id: the state of session {event.session_id} would exceed "
+                      f"max_session_bytes={self.settings.max_session_bytes} (closed groups wait "
+                      "for the next flush); its open session was closed early (max_bytes)")
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
         self.batch.counts[outcome] += 1
         self.metrics.inc("prefstream_events_total", outcome=outcome)
         if outcome == "late":
@@ -338,6 +349,9 @@ class Pipeline:
             m.set("prefstream_sessions_open", state.open_sessions, partition=str(p))
             m.set("prefstream_watermark_seconds", state.clock.watermark.timestamp(),
                   partition=str(p))
+            if n := state.take_over_bytes():
+                batch.counts["closed_max_bytes"] += n
+                m.inc("prefstream_sessions_max_bytes_total", n, partition=str(p))
             if n := state.take_evicted():
                 evicted[p] = n
                 m.inc("prefstream_sessions_evicted_total", n, partition=str(p))

@@ -5,19 +5,23 @@ the real pipeline over a real data dir, without a broker."""
 from __future__ import annotations
 
 import json
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from factories import event
+import pytest
+from factories import event, kafka_records
+from faust.serializers import codecs
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from prefstream.settings import Settings
-from schemas.events import MAX_WALL_MS
-from storage.files import init_data_dir
-from streams.pipeline import MemoryStore, Pipeline, SideMessage
+from schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
+from storage.files import init_data_dir, read_table
+from streams.pipeline import MemoryStore, Pipeline, SideMessage, replay
+from streams.sessionize import Clock, SessionSlot
 from streams.ticks import sign_tick, tick_key
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
@@ -129,3 +133,145 @@ def test_a_producer_clock_ahead_never_makes_another_users_recent_event_late(
     canary = message(ts=NOW - timedelta(seconds=30), session_id="canary", user_id="b")
     assert feed.send(*canary) == []
     assert pipeline.batch.counts["accepted"] == 1 + (ahead_s <= 300)
+
+
+# --- finding 3: poison sessions ---------------------------------------------------------------
+
+class MeasuredStore(MemoryStore):
+    """A state store that measures each slot's changelog record as the worker's Faust table
+    encodes it (a ``str`` value through Faust's json codec)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def save(self, kafka_partition: int, clock: Clock,
+             slots: dict[str, SessionSlot | None]) -> None:
+        for slot in slots.values():
+            if slot is not None:
+                record = codecs.dumps("json", slot.model_dump_json())
+                self.largest = max(self.largest, len(record))
+        super().save(kafka_partition, clock, slots)
+
+
+def accounted(data_dir: Path) -> int:
+    """Messages the stored rows account for: events and duplicates in sessions, dead letters."""
+    sessions = read_table(data_dir=data_dir, table="sessions").to_pylist()
+    dead = read_table(data_dir=data_dir, table="dead_letters").num_rows
+    return sum(s["n_events"] + s["n_duplicates"] for s in sessions) + dead
+
+
+def impression(n: int, text: str, *, ts: datetime, session_id: str = "poison",
+               event_id: str | None = None) -> tuple[bytes, bytes]:
+    return message("impression", ts=ts, session_id=session_id, event_id=event_id or f"i{n}",
+                   response_id=f"r{n}", prompt=text[:MAX_TEXT_CHARS],
+                   response_text=text[:MAX_TEXT_CHARS])
+
+
+def test_a_session_of_huge_impressions_closes_early_and_its_state_stays_checkpointable(
+        tmp_path: Path) -> None:
+    """The issue's case: 20 impressions of 66 KB in one session, the worker flushing every five
+    messages; the largest changelog record stays under max_session_bytes (main: 1.3 MB, over the
+    producer's 1 MB limit, and the worker crashed at every checkpoint)."""
+    store = MeasuredStore()
+    init_data_dir(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", partitions=2, metrics_port=0)
+    pipeline = Pipeline(settings, store, clock_ms=lambda: NOW_MS)
+    feed = Feed(pipeline)
+    for n in range(20):
+        feed.send(*impression(n, "x" * MAX_TEXT_CHARS, ts=NOW - timedelta(minutes=50)))
+        if n % 5 == 4:
+            pipeline.flush_and_forget()
+    pipeline.tick_all(NOW_MS + 10**9)
+    pipeline.flush_and_forget()
+    assert 0 < store.largest <= settings.max_session_bytes
+    assert accounted(settings.data_dir) == 20
+    reasons = {s["close_reason"] for s in read_table(data_dir=settings.data_dir,
+                                                       table="sessions").to_pylist()}
+    assert "max_bytes" in reasons
+    assert pipeline.metrics.value("prefstream_sessions_max_bytes_total", partition="0") > 0
+
+
+texts = st.tuples(st.sampled_from(["x", "é", "語", "😀", '"', "\\", "\n"]),
+                  st.integers(1, MAX_TEXT_CHARS)).map(lambda t: t[0] * t[1])
+
+
+@hsettings(max_examples=15, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(plan=st.lists(st.tuples(st.integers(0, 3), st.one_of(texts, st.none()), st.booleans()),
+                     min_size=1, max_size=40),
+       cap=st.integers(2, 30))
+def test_no_session_outgrows_its_bound_and_every_message_is_accounted_for(
+        tmp_path: Path, plan: list[tuple[int, str | None, bool]], cap: int) -> None:
+    """Any mix of big and small events, re-sent copies and flushes, in one session at one time:
+    no changelog record passes max_session_bytes, and every message is stored in exactly one
+    session or dead-lettered with its reason."""
+    data_dir = tmp_path / f"d{uuid.uuid4().hex[:6]}"
+    init_data_dir(data_dir)
+    settings = Settings(data_dir=data_dir, partitions=2, metrics_port=0,
+                        max_session_bytes=64 * 1024, max_events_per_session=cap)
+    store = MeasuredStore()
+    pipeline = Pipeline(settings, store, clock_ms=lambda: NOW_MS)
+    feed = Feed(pipeline)
+    ts = NOW - timedelta(minutes=50)
+    sent: list[tuple[bytes, bytes]] = []
+    for n, (copy_of, text, flush) in enumerate(plan):
+        msg = sent[copy_of % len(sent)] if text is None and sent else impression(
+            n, text or "short", ts=ts)
+        sent.append(msg)
+        feed.send(*msg)
+        if flush:
+            pipeline.flush_and_forget()
+    pipeline.tick_all(NOW_MS + 10**9)
+    pipeline.flush_and_forget()
+    assert store.largest <= settings.max_session_bytes
+    assert accounted(data_dir) == len(plan)
+    assert all(r.startswith("session_id: the state of session") for r in feed.reasons())
+
+
+# --- finding 4: capped groups -----------------------------------------------------------------
+
+def test_every_event_of_a_session_split_by_the_cap_in_one_millisecond_is_stored(
+        tmp_path: Path) -> None:
+    """The issue's case: 2,010 events of one session at one time, cap 500 (main stored 510)."""
+    settings = Settings(data_dir=tmp_path / "data", partitions=2, metrics_port=0)
+    init_data_dir(settings.data_dir)
+    ts = NOW - timedelta(minutes=50)
+    messages = [message("click", ts=ts, session_id="busy", event_id=f"c{n}", response_id="a")
+                for n in range(2010)]
+    replay(settings, kafka_records(messages, 2, NOW_MS), final_tick_ms=NOW_MS + 10**9)
+    sessions = read_table(data_dir=settings.data_dir, table="sessions").to_pylist()
+    assert sum(s["n_events"] for s in sessions) == 2010
+    assert sorted(s["n_events"] for s in sessions) == [10, 500, 500, 500, 500]
+    assert len({s["session_key"] for s in sessions}) == 5
+
+
+@hsettings(max_examples=12, deadline=None, suppress_health_check=FIXTURE_OK)
+@given(n=st.integers(2, 80), cap=st.integers(2, 12),
+       times=st.lists(st.integers(0, 2), min_size=80, max_size=80))
+def test_each_accepted_event_lands_in_exactly_one_stored_session(
+        tmp_path: Path, n: int, cap: int, times: list[int]) -> None:
+    data_dir = tmp_path / f"d{uuid.uuid4().hex[:6]}"
+    settings = Settings(data_dir=data_dir, partitions=2, metrics_port=0,
+                        max_events_per_session=cap)
+    init_data_dir(data_dir)
+    base = NOW - timedelta(minutes=50)
+    messages = [message("click", ts=base + timedelta(milliseconds=times[i]), session_id="busy",
+                        event_id=f"c{i}", response_id="a") for i in range(n)]
+    replay(settings, kafka_records(messages, 2, NOW_MS), final_tick_ms=NOW_MS + 10**9)
+    sessions = read_table(data_dir=data_dir, table="sessions").to_pylist()
+    assert sum(s["n_events"] for s in sessions) == n
+
+
+# --- finding 3: a worker stuck at one offset says so ------------------------------------------
+
+def test_starts_at_the_same_offset_are_counted_across_restarts_and_reported(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data_dir = tmp_path / "data"
+    counts = []
+    for offset in (7, 7, 7, 9):  # a new worker process each time: a restart
+        pipeline = pipeline_at(data_dir)
+        pipeline.state(1, offset)
+        counts.append(pipeline.metrics.value("prefstream_starts_at_same_offset", partition="1"))
+    assert counts == [1, 2, 3, 1]
+    stuck = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(stuck) == 1 and "start 3 in a row at offset 7" in stuck[0].getMessage()
