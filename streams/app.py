@@ -196,7 +196,14 @@ def create_app(settings: Settings) -> faust.App:
     async def complete(job: FlushJob, state: Checkpoint, targets: dict[TP, int]) -> None:
         try:
             await durable_flush(job, state, targets)
-        except Exception as exc:  # not durable or not committed: stop; a restart replays
+        except (Exception, asyncio.CancelledError) as exc:
+            if app.should_stop:  # a requested stop took the producer or consumer away
+                log.info("stopping: the last batch is not committed (%r); the next worker "
+                         "reads it again and its rows are not stored twice", exc)
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # not durable or not committed: stop; a restart replays
             log.critical("flush failed, stopping the worker: %r", exc)
             await app.crash(exc)
             raise
