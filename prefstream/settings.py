@@ -217,6 +217,10 @@ class Settings(BaseSettings):
         "events pass half of it; an event that would still take the state over it is "
         "dead-lettered. A message counts as its JSON-escaped length plus 128 bytes.")
     max_session_duration_s: float = Field(6 * 3600.0, gt=0)
+    dedupe_horizon_s: float = Field(
+        3600.0, ge=0, description="How long (event time after its session's last event) an "
+        "event id stays known once its session was stored: a new event re-using it within "
+        "that is dead-lettered (prefstream_stored_duplicates_total). Kept in <data-dir>/dedupe.")
     max_future_s: float = Field(300.0, ge=0, description="Tolerated clock skew into the future.")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Larger messages dead-letter.")
     flush_interval_s: float = Field(2.0, gt=0, description="Longest a closed session waits for "

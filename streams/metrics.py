@@ -31,6 +31,9 @@ HELP = {
                                             "partition."),
     "prefstream_starts_at_same_offset": ("gauge", "Takeovers in a row of a Kafka partition "
                                          "that read from the same offset (3 or more: stuck)."),
+    "prefstream_stored_duplicates_total": ("counter", "Events refused because their id was "
+                                           "stored within dedupe_horizon_s, by Kafka "
+                                           "partition."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
     "prefstream_trainer_runs_total": ("counter", "Training cycles, by outcome."),

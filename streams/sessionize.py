@@ -175,7 +175,7 @@ def clusters(session: Session, gap: timedelta) -> list[Session]:
             for m in members]
 
 
-def _find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
+def find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
     sessions = [c.session for c in (*slot.pending, *slot.held)] + (
         [slot.open] if slot.open else [])
     for session in sessions:
@@ -227,7 +227,7 @@ def add_event(
     written yet, or one huge event) is ``oversized``: refused, to be dead-lettered.
     """
     slot = slot or SessionSlot()
-    seen = _find(slot, event.event_id, offset)
+    seen = find(slot, event.event_id, offset)
     if seen == "redelivered":  # replay after a restart: already applied
         return slot, seen
     if clock.is_late(event.ts):  # before the duplicate check: a copy of an event of a closed

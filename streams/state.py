@@ -29,6 +29,7 @@ from streams.sessionize import (
     add_event,
     close_early,
     expire,
+    find,
     flushed,
     next_deadline,
 )
@@ -168,6 +169,12 @@ class PartitionSessions:
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)
         return outcome
+
+    def holds(self, session_id: str, event_id: str) -> bool:
+        """Whether the state of ``session_id`` holds an event with this id (open, held or
+        pending): a copy of it is the session rules' to count."""
+        slot = self.slots.get(session_id)
+        return slot is not None and find(slot, event_id, -1) is not None
 
     def on_tick(self, wall_ms: int) -> None:
         self.clock = self.clock.tick(wall_ms, self.rules)

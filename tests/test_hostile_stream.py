@@ -225,7 +225,8 @@ def test_no_session_outgrows_its_bound_and_every_message_is_accounted_for(
     pipeline.flush_and_forget()
     assert store.largest <= settings.max_session_bytes
     assert accounted(data_dir) == len(plan)
-    assert all(r.startswith("session_id: the state of session") for r in feed.reasons())
+    assert all(r.startswith("session_id: the state of session") or "was stored already" in r
+               for r in feed.reasons())  # a copy of an event of a group closed and written
 
 
 # --- finding 4: capped groups -----------------------------------------------------------------
@@ -275,3 +276,48 @@ def test_starts_at_the_same_offset_are_counted_across_restarts_and_reported(
     assert counts == [1, 2, 3, 1]
     stuck = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(stuck) == 1 and "start 3 in a row at offset 7" in stuck[0].getMessage()
+
+
+# --- finding 5: ids re-used after their session was stored ------------------------------------
+
+def test_an_id_reused_after_its_session_was_stored_is_refused_within_the_horizon(
+        tmp_path: Path) -> None:
+    """A session is stored and forgotten; its event ids come back with fresh times, in time:
+    refused as duplicates of stored events, after a restart too, and accepted again only once
+    the watermark passed the stored session's last event by the horizon."""
+    init_data_dir(tmp_path / "data")
+    settings = Settings(data_dir=tmp_path / "data", partitions=2, metrics_port=0,
+                        dedupe_horizon_s=3600)
+    wall = [NOW_MS]
+    store = MemoryStore()
+    first = Pipeline(settings, store, clock_ms=lambda: wall[0])
+    feed = Feed(first)
+    t = NOW - timedelta(minutes=40)
+    original = [message("copy", ts=t, session_id="s", event_id=f"e{n}") for n in range(3)]
+    for m in original:
+        feed.send(*m)
+    first.tick_all(NOW_MS + 60_000)  # idle: watermark NOW - 4 min, past t + gap: stored
+    first.flush_and_forget()
+    assert first.partitions[0].slots == {}
+    again = [message("copy", ts=NOW - timedelta(minutes=1), session_id="s", event_id=f"e{n}")
+             for n in range(3)]
+    for m in again[:2]:
+        assert len(feed.send(*m)) == 1
+    assert len(feed.reasons()) == 2 and all("was stored already" in r for r in feed.reasons())
+    assert first.metrics.value("prefstream_stored_duplicates_total", partition="0") == 2
+    first.flush_and_forget()
+
+    restarted = Pipeline(settings, store, clock_ms=lambda: wall[0])  # state from the changelog
+    feed2 = Feed(restarted)
+    feed2.offsets = feed.offsets
+    assert len(feed2.send(*again[2])) == 1  # stored ids count after a restart
+    feed2.offsets[0] = 0  # the original records read again (a replay): never refused as stored
+    for m in original:
+        feed2.send(*m)
+    assert sum("was stored already" in r for r in feed2.reasons()) == 1
+
+    wall[0] = NOW_MS + 40 * 60_000
+    restarted.tick_all(wall[0] + 60_000)  # watermark NOW + 36 min: past t + 1 h
+    later = message("copy", ts=NOW + timedelta(minutes=38), session_id="s", event_id="e0")
+    assert feed2.send(*later, timestamp_ms=wall[0]) == []
+    assert restarted.batch.counts["accepted"] == 1
