@@ -307,4 +307,5 @@ class Settings(BaseSettings):
             max_events=self.max_events_per_session,
             max_duration=timedelta(seconds=self.max_session_duration_s),
             max_bytes=self.max_session_bytes,
+            tick_slack=timedelta(seconds=2 * self.tick_interval_s),
         )

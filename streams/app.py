@@ -109,13 +109,15 @@ def _slot_partition(slot: SessionSlot) -> int:
 
 def _clock_to_json(clock: Clock) -> str:
     return json.dumps({"p": clock.kafka_partition, "max": clock.max_event_ts.isoformat(),
-                       "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms})
+                       "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms,
+                       "tick": clock.last_tick_ms})
 
 
 def _clock_from_json(raw: bytes | str) -> Clock:
     d = json.loads(raw)
     return Clock(kafka_partition=d["p"], max_event_ts=datetime.fromisoformat(d["max"]),
-                 watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"])
+                 watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"],
+                 last_tick_ms=d.get("tick", 0))
 
 
 def create_app(settings: Settings) -> faust.App:

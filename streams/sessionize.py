@@ -59,6 +59,8 @@ class SessionRules:
     #: state one session id may hold (its changelog record); None: no bound. A session closes
     #: early (``max_bytes``) before its events pass half of it; see :func:`add_event`
     max_bytes: int | None = None
+    #: how long after a worker tick the next one is certainly appended (two tick intervals)
+    tick_slack: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Clock:
     max_event_ts: datetime = EPOCH
     watermark: datetime = EPOCH
     last_arrival_ms: int = 0
+    #: wall time of the last worker tick read from the partition (0: none yet)
+    last_tick_ms: int = 0
 
     def observe(self, ts: datetime, grace: timedelta) -> Clock:
         """An accepted event at ``ts`` moves event time forward (the same clock when it does
@@ -77,20 +81,32 @@ class Clock:
         watermark = max(self.watermark, top - grace)
         if top == self.max_event_ts and watermark == self.watermark:
             return self
-        return Clock(self.kafka_partition, top, watermark, self.last_arrival_ms)
+        return replace(self, max_event_ts=top, watermark=watermark)
 
     def arrived(self, arrival_ms: int) -> Clock:
         """Any valid message (late and duplicate ones too) shows the partition is not idle."""
         if arrival_ms <= self.last_arrival_ms:
             return self
-        return Clock(self.kafka_partition, self.max_event_ts, self.watermark, arrival_ms)
+        return replace(self, last_arrival_ms=arrival_ms)
 
     def tick(self, wall_ms: int, rules: SessionRules) -> Clock:
         """With no event for ``idle`` wall time, event time is assumed to follow the wall clock."""
+        clock = self if wall_ms <= self.last_tick_ms else replace(self, last_tick_ms=wall_ms)
         if wall_ms - self.last_arrival_ms < rules.idle.total_seconds() * 1000:
-            return self
+            return clock
         wall = datetime.fromtimestamp(wall_ms / 1000, tz=timezone.utc)
-        return replace(self, watermark=max(self.watermark, wall - rules.grace))
+        return replace(clock, watermark=max(self.watermark, wall - rules.grace))
+
+    def bound_ms(self, arrival_ms: int, rules: SessionRules) -> int:
+        """The latest time an event that arrived at ``arrival_ms`` may move the clock to: its
+        arrival, and no later than the last worker tick before it in the partition plus
+        ``rules.tick_slack`` (it was appended after that tick, and before the next one).
+
+        Ticks are in the log, so the bound is the same on every replay; it holds whatever a
+        producer sets as its record timestamps, and however far behind the worker reads."""
+        if not self.last_tick_ms:
+            return arrival_ms
+        return min(arrival_ms, self.last_tick_ms + int(rules.tick_slack.total_seconds() * 1000))
 
     def is_late(self, ts: datetime) -> bool:
         return ts < self.watermark

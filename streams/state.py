@@ -163,8 +163,9 @@ class PartitionSessions:
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
-            arrival = datetime.fromtimestamp(arrival_ms / 1000, tz=timezone.utc)
-            self.clock = self.clock.observe(min(event.ts, arrival), self.rules.grace)
+            bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
+            bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
+            self.clock = self.clock.observe(min(event.ts, bound), self.rules.grace)
             self._expire()
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)
