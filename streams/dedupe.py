@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 DEDUPE_DIR = "dedupe"
 #: files of one partition beyond which they are merged into one at the next flush
 MERGE_FILES = 64
-#: entries added since the last merge into the sorted arrays beyond which they are merged
+#: entries added since the last merge into the sorted array beyond which they are merged (or an
+#: eighth of the sorted ones, if more: a merge costs the whole array, so it stays amortized)
 MERGE_ENTRIES = 4096
 ENTRY = np.dtype([("fp", "<i8"), ("until", "<i8"), ("offset", "<i8")])
 
@@ -58,7 +59,7 @@ class StoredEvents:
         self._recent: dict[int, tuple[int, int]] = {}  # fp -> (until µs, offset)
         files = self._files()
         if files:
-            self._add(np.concatenate([self._read(f) for f in files]))
+            self._fold(np.concatenate([self._read(f) for f in files]), None)
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._recent)
@@ -99,22 +100,25 @@ class StoredEvents:
 
     def remember(self, entries: np.ndarray, watermark: datetime) -> None:
         """Add entries written by a flush (on the event loop, after it)."""
-        self._add(entries)
-        if len(self._recent) >= MERGE_ENTRIES:
-            self._merge(_micros(watermark))
+        self._add(entries, _micros(watermark))
 
-    def _add(self, entries: np.ndarray) -> None:
+    def _add(self, entries: np.ndarray, now: int | None = None) -> None:
         for fp, until, offset in entries.tolist():
             old = self._recent.get(fp)
             if old is None or old[0] < until:
                 self._recent[fp] = (until, offset)
-        if len(self._recent) >= MERGE_ENTRIES:
-            self._merge(None)
+        if len(self._recent) >= max(MERGE_ENTRIES, len(self._sorted) // 8):
+            self._merge(now)
 
     def _merge(self, now: int | None) -> None:
-        """Fold the recent entries into the sorted arrays, dropping expired ones."""
+        """Fold the recent entries into the sorted array."""
         recent = np.array([(fp, u, o) for fp, (u, o) in self._recent.items()], dtype=ENTRY)
-        merged = np.concatenate([self._sorted, recent]) if len(self._sorted) else recent
+        self._recent = {}
+        self._fold(recent, now)
+
+    def _fold(self, entries: np.ndarray, now: int | None) -> None:
+        """Merge ``entries`` into the sorted array, dropping those expired at ``now``."""
+        merged = np.concatenate([self._sorted, entries]) if len(self._sorted) else entries
         if now is not None:
             merged = merged[merged["until"] >= now]
         order = np.lexsort((-merged["until"], merged["fp"]))  # per fp, the latest expiry first
@@ -122,7 +126,6 @@ class StoredEvents:
         keep = np.ones(len(merged), dtype=bool)
         keep[1:] = merged["fp"][1:] != merged["fp"][:-1]
         self._sorted = merged[keep]
-        self._recent = {}
 
     def _files(self) -> list[Path]:
         try:

@@ -198,8 +198,8 @@ class Pipeline:
                                  size=state_bytes(raw))
         if outcome == "oversized":
             reason = (f"session_id: the state of session {event.session_id} would exceed "
-                      f"max_session_bytes={self.settings.max_session_bytes} (closed groups wait "
-                      "for the next flush); its open session was closed early (max_bytes)")
+                      f"max_session_bytes={self.settings.max_session_bytes}: refused until its "
+                      "closed groups are written (see docs/hostile-input.md)")
             return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
         self.batch.counts[outcome] += 1
         self.metrics.inc("prefstream_events_total", outcome=outcome)
@@ -235,12 +235,12 @@ class Pipeline:
                           offset: int) -> str:
         """Why ``event`` is refused as a re-used id of a stored event ("" if it is not): not
         late, not in the state, its id stored within the dedupe horizon at another offset."""
-        if state.clock.is_late(event.ts) or state.holds(event.session_id, event.event_id):
-            return ""  # the session rules decide: late, or a duplicate counted on its session
         at = self.stored_ids.stored_at(partition, event.session_id, event.event_id,
                                        state.clock.watermark)
         if at is None or at == offset:  # the same record read again replays what was stored
             return ""
+        if state.clock.is_late(event.ts) or state.holds(event.session_id, event.event_id):
+            return ""  # the session rules decide: late, or a duplicate counted on its session
         self.metrics.inc("prefstream_stored_duplicates_total", partition=str(partition))
         return (f"event_id: {event.event_id} of session {event.session_id} was stored already "
                 f"(read at offset {at}); ids are kept dedupe_horizon_s="
