@@ -80,7 +80,7 @@ def compact(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-@hsettings(max_examples=60, deadline=None, suppress_health_check=FIXTURE_OK)
+@hsettings(max_examples=30, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(forged=forged_ticks)
 def test_a_forged_tick_is_dead_lettered_and_moves_no_clock(tmp_path: Path, forged: bytes) -> None:
     feed = Feed(pipeline_at(tmp_path / "data"))
@@ -117,7 +117,7 @@ def test_the_tick_key_is_created_once_owner_only_and_shared(tmp_path: Path) -> N
 
 # --- finding 2: producer clocks ---------------------------------------------------------------
 
-@hsettings(max_examples=40, deadline=None, suppress_health_check=FIXTURE_OK)
+@hsettings(max_examples=25, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(ahead_s=st.floats(0, 10 * 365 * 86_400), same_record_time=st.booleans(),
        lag_s=st.floats(0, 600))
 def test_a_producer_clock_ahead_never_makes_another_users_recent_event_late(
