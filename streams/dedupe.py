@@ -144,10 +144,12 @@ class StoredEvents:
         return np.empty(0, dtype=ENTRY)
 
     def _write_file(self, entries: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, mode=0o700, exist_ok=True)
+        for folder in (self.folder.parent, self.folder):  # owner-only, as the data dir
+            folder.mkdir(mode=0o700, exist_ok=True)
+            folder.chmod(0o700)
         name = f"{int(entries['until'].max()):020d}-{uuid.uuid4().hex[:8]}.npy"
         tmp = self.folder / f".{name}.tmp"
-        with open(tmp, "wb") as fh:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as fh:
             np.save(fh, entries, allow_pickle=False)
             fh.flush()
             os.fsync(fh.fileno())

@@ -50,8 +50,11 @@ class StartLog:
     def _write(self, path: Path, offset: int, count: int) -> None:
         try:
             self.folder.mkdir(mode=0o700, exist_ok=True)
+            self.folder.chmod(0o700)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"offset": offset, "count": count}))
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # owner-only
+            with open(fd, "w") as fh:
+                fh.write(json.dumps({"offset": offset, "count": count}))
             os.replace(tmp, path)
         except OSError as exc:  # a note for the operator: never a reason to stop
             log.warning("cannot record the start of %s: %s", path.name, exc)

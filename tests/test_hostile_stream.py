@@ -314,6 +314,8 @@ def test_an_id_reused_after_its_session_was_stored_is_refused_within_the_horizon
     assert len(feed.reasons()) == 2 and all("was stored already" in r for r in feed.reasons())
     assert first.metrics.value("prefstream_stored_duplicates_total", partition="0") == 2
     first.flush_and_forget()
+    kept = [p for p in (tmp_path / "data").rglob("*") if "dedupe" in p.parts]
+    assert kept and {p.stat().st_mode & 0o777 for p in kept} == {0o700, 0o600}
 
     restarted = Pipeline(settings, store, clock_ms=lambda: wall[0])  # state from the changelog
     feed2 = Feed(restarted)
