@@ -227,4 +227,7 @@ def test_every_producer_attack_at_once_leaves_the_canaries_and_the_worker_alone(
     assert restarts == 0 and starts == [1] * PARTITIONS
     for quiet in ("CRITICAL", "Traceback", "flush failed"):
         assert quiet not in text
+    print(f"{produced} messages ({attacker.sent} hostile), {len(canary_pairs)} canary pairs "
+          f"stored {on_time_s:.1f} s after the last canary, dead letters: {n_ticks} forged "
+          f"ticks, {refused} oversized, {len(dead)} in all; restarts {restarts}")
     assert kafka_partition(b"evil-count", PARTITIONS) in range(PARTITIONS)
