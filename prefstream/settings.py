@@ -198,6 +198,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines of every prefstream process: text, or json (one object "
         "a line: ts, level, logger, message, exc) for log shippers.")
+    tick_key: SecretStr | None = Field(
+        None, description="Key of the HMAC that signs the workers' watermark ticks (only signed "
+        "ticks move a partition's clock); unset = a random key kept in <data-dir>/tick.key, "
+        "shared by the workers of that data dir. Never logged or printed.")
     text_storage: TextStorage = Field(
         "full", description="Prompts and answers in stored rows, dead letters and late events: "
         "full, redact (hash and length) or drop. The trainer needs full.")
@@ -219,7 +223,17 @@ class Settings(BaseSettings):
         "closes the open session with the oldest last event early (close reason evicted, "
         "counted in prefstream_sessions_evicted_total). Per Kafka partition, not per worker, so "
         "the output does not depend on how partitions are assigned to workers.")
+    max_session_bytes: int = Field(
+        900_000, ge=64 * 1024, le=950_000, description="State one session id may hold (its "
+        "changelog record, under the producer's 1 MB request limit). A session closes early "
+        "(close reason max_bytes, counted in prefstream_sessions_max_bytes_total) before its "
+        "events pass half of it; an event that would still take the state over it is "
+        "dead-lettered. A message counts as its JSON-escaped length plus 128 bytes.")
     max_session_duration_s: float = Field(6 * 3600.0, gt=0)
+    dedupe_horizon_s: float = Field(
+        3600.0, ge=0, description="How long (event time after its session's last event) an "
+        "event id stays known once its session was stored: a new event re-using it within "
+        "that is dead-lettered (prefstream_stored_duplicates_total). Kept in <data-dir>/dedupe.")
     max_future_s: float = Field(300.0, ge=0, description="Tolerated clock skew into the future.")
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Larger messages dead-letter.")
     flush_interval_s: float = Field(2.0, gt=0, description="Longest a closed session waits for "
@@ -313,4 +327,6 @@ class Settings(BaseSettings):
             idle=timedelta(seconds=self.idle_s),
             max_events=self.max_events_per_session,
             max_duration=timedelta(seconds=self.max_session_duration_s),
+            max_bytes=self.max_session_bytes,
+            tick_slack=timedelta(seconds=2 * self.tick_interval_s),
         )

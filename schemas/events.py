@@ -118,12 +118,18 @@ POSITIVE_TYPES = frozenset({"click", "copy", "thumbs_up"})
 
 
 class Tick(BaseModel):
-    """Control message the worker sends to every partition so watermarks advance when idle."""
+    """Control message the worker sends to every partition so watermarks advance when idle.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``mac`` signs the topic, ``partition`` and ``wall_ms`` with the workers' key (see
+    ``streams/ticks.py``): a tick without a valid one is dead-lettered, not obeyed.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     type: Literal["_tick"] = "_tick"
     wall_ms: int = Field(ge=0, lt=MAX_WALL_MS)
+    partition: int = Field(ge=0)
+    mac: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 def event_json_schema() -> dict[str, object]:

@@ -14,7 +14,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.events import FeedbackEvent
 
-CloseReason = Literal["gap", "session_end", "max_events", "max_duration", "evicted"]
+CloseReason = Literal["gap", "session_end", "max_events", "max_duration", "evicted", "max_bytes"]
 TieKind = Literal["both_accepted", "both_rejected"]
 
 
@@ -27,6 +27,7 @@ class SessionEvent(_Record):
 
     offset: int
     event: FeedbackEvent
+    n_bytes: int = Field(default=0, description="state size counted for it (0: before counting)")
 
 
 class Session(_Record):
@@ -42,11 +43,20 @@ class Session(_Record):
     duplicates: tuple[tuple[int, str], ...] = Field(
         default=(), description="(offset, event_id) of each re-sent copy of an event")
     ended_at: AwareDatetime | None = Field(default=None, description="ts of a session_end event")
+    cut: bool = Field(default=False, description="closed by a cap (events, bytes) or evicted "
+                      "rather than by event time: other groups of its id may start with it")
+    n_bytes: int = Field(default=0, description="state size of its events, as counted against "
+                         "max_session_bytes")
 
     @property
     def key(self) -> str:
-        """Identity of this session: an id may be reused after an inactivity gap."""
-        return f"{self.session_id}@{self.start.timestamp():.3f}"
+        """Identity of this session: an id may be reused after an inactivity gap. A group cut
+        off early may share its id and first millisecond with the next group of its session:
+        its key also names its first Kafka offset (each event is in one group only)."""
+        key = f"{self.session_id}@{self.start.timestamp():.3f}"
+        if self.cut:
+            key += f"#{min(item.offset for item in self.events)}"
+        return key
 
 
 class ClosedSession(_Record):

@@ -21,7 +21,6 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from prefstream.settings import Settings
-from schemas.events import Tick
 from streams import metrics
 from streams.consumer import App
 from streams.crashpoints import CrashPoints
@@ -29,6 +28,7 @@ from streams.logwatch import LogWatch, TopicIds
 from streams.offsetguard import DROP, HANDLE, OffsetGuard
 from streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
 from streams.sessionize import Clock, SessionSlot
+from streams.ticks import sign_tick
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,15 @@ def _slot_partition(slot: SessionSlot) -> int:
 
 def _clock_to_json(clock: Clock) -> str:
     return json.dumps({"p": clock.kafka_partition, "max": clock.max_event_ts.isoformat(),
-                       "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms})
+                       "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms,
+                       "tick": clock.last_tick_ms})
 
 
 def _clock_from_json(raw: bytes | str) -> Clock:
     d = json.loads(raw)
     return Clock(kafka_partition=d["p"], max_event_ts=datetime.fromisoformat(d["max"]),
-                 watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"])
+                 watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"],
+                 last_tick_ms=d.get("tick", 0))
 
 
 def create_app(settings: Settings) -> faust.App:
@@ -196,7 +198,14 @@ def create_app(settings: Settings) -> faust.App:
     async def complete(job: FlushJob, state: Checkpoint, targets: dict[TP, int]) -> None:
         try:
             await durable_flush(job, state, targets)
-        except Exception as exc:  # not durable or not committed: stop; a restart replays
+        except (Exception, asyncio.CancelledError) as exc:
+            if app.should_stop:  # a requested stop took the producer or consumer away
+                log.info("stopping: the last batch is not committed (%r); the next worker "
+                         "reads it again and its rows are not stored twice", exc)
+                return
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            # not durable or not committed: stop; a restart replays
             log.critical("flush failed, stopping the worker: %r", exc)
             await app.crash(exc)
             raise
@@ -304,8 +313,9 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(interval=settings.tick_interval_s)
     async def tick() -> None:
-        value = Tick(wall_ms=pipeline.wall_ms()).model_dump_json().encode()
+        wall_ms = pipeline.wall_ms()
         for p in range(settings.partitions):
+            value = sign_tick(pipeline.tick_key, settings.events_topic, p, wall_ms)
             await events.send(partition=p, value=value)
 
     watch = LogWatch(settings.partitions)

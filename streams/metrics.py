@@ -26,6 +26,14 @@ HELP = {
     "prefstream_sessions_open": ("gauge", "Open sessions, by Kafka partition."),
     "prefstream_sessions_evicted_total": ("counter", "Open sessions closed early by "
                                           "max_open_sessions, by Kafka partition."),
+    "prefstream_sessions_max_bytes_total": ("counter", "Sessions closed early because their "
+                                            "state reached max_session_bytes / 2, by Kafka "
+                                            "partition."),
+    "prefstream_starts_at_same_offset": ("gauge", "Takeovers in a row of a Kafka partition "
+                                         "that read from the same offset (3 or more: stuck)."),
+    "prefstream_stored_duplicates_total": ("counter", "Events refused because their id was "
+                                           "stored within dedupe_horizon_s, by Kafka "
+                                           "partition."),
     "prefstream_watermark_seconds": ("gauge", "Event-time watermark, by Kafka partition."),
     "prefstream_lag_messages": ("gauge", "Messages behind the partition end, by partition."),
     "prefstream_files_quarantined": ("gauge", "Damaged data files in quarantine/ at start."),

@@ -3,8 +3,10 @@
 "Before" means earlier in (ts, offset) order. Rules (``RULES``) and refusal reasons
 (``REFUSAL_REASONS``), each candidate or ambiguous signal refused with exactly one reason:
 
-- exposure: a signal on an answer with no earlier impression -> ``not_exposed``; a rejected answer
-  is always one shown before the decisive signal (negatives are never invented).
+- exposure: a signal on an answer with no earlier impression -> ``not_exposed``; a signal naming
+  another request than the one that showed the answer -> ``request_mismatch`` (a signal pairs only
+  with what its own request showed); a rejected answer is always one shown before the decisive
+  signal (negatives are never invented).
 - ``thumbs``: up on A vs down on B with the same normalized prompt (else ``context_mismatch``); two
   ups / two downs on one prompt are ties; up and down on one answer -> ``conflicting_signals``, and
   that answer takes part in no pair, tie or unpaired row.
@@ -48,8 +50,8 @@ RULES = (
     "reformulate_same_intent",
 )
 REFUSAL_REASONS = (
-    "not_exposed", "context_mismatch", "identical_candidates", "conflicting_signals",
-    "below_last_click", "click_without_dwell", "regenerate_without_accept",
+    "not_exposed", "request_mismatch", "context_mismatch", "identical_candidates",
+    "conflicting_signals", "below_last_click", "click_without_dwell", "regenerate_without_accept",
     "reformulation_new_intent", "slow_reformulation", "reformulation_without_accept", "abandoned",
     "contradictory_pair", "low_confidence",
 )
@@ -215,6 +217,11 @@ def _add_signal(ctx: _Ctx, idx: int, ev: Signal) -> None:
     detail = f"{ev.type} {ev.event_id}"
     if shown is None:  # replay order: only earlier impressions are in ``shown``
         ctx.refuse("not_exposed", rule, ev.request_id, (ev.response_id,), detail, ev.ts, False)
+        return
+    if ev.request_id != shown.request_id:  # exposure is per request: what this request showed
+        ctx.refuse("request_mismatch", rule, ev.request_id, (ev.response_id,),
+                   f"{detail} names request {ev.request_id}; the answer was shown in "
+                   f"{shown.request_id}", ev.ts, False)
         return
     ctx.touched.add(shown.request_id)
     if isinstance(ev, sch.Click) and ev.dwell_ms < ctx.rules.min_dwell_ms:

@@ -14,23 +14,26 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from prefstream.settings import Settings
-from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent, Tick
+from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent
 from schemas.records import ClosedSession, DeadLetter, LateEvent
 from storage.compact import compact_after_flush
 from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from storage.partitions import partition_for
 from storage.tables import release_free_memory
 from streams.crashpoints import CrashPoints
+from streams.dedupe import StoredIds
 from streams.metrics import Metrics
 from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from streams.pairing import session_to_pairs
-from streams.sessionize import EPOCH, Clock, SessionSlot
+from streams.sessionize import EPOCH, Clock, SessionSlot, state_bytes
+from streams.starts import StartLog
 from streams.state import PartitionSessions
+from streams.ticks import sign_tick, tick_key, verify_tick
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,9 @@ class FlushJob:
     #: per Kafka partition, the pending groups of each session as the job took them
     written: dict[int, dict[str, tuple[ClosedSession, ...]]] = field(default_factory=dict)
     marks: list[Watermark] = field(default_factory=list)
+    #: per Kafka partition: the watermark as the job was taken, and the stored ids it wrote
+    watermarks: dict[int, datetime] = field(default_factory=dict)
+    stored_ids: dict[int, Any] = field(default_factory=dict)
 
 
 class StateStore(Protocol):
@@ -118,16 +124,24 @@ class Pipeline:
         self.metrics = Metrics()
         self.stored = IdIndex(settings.data_dir)
         self.crash = crash or CrashPoints({})
+        self.tick_key = tick_key(settings)
+        self.starts = StartLog(settings.data_dir)
+        self.stored_ids = StoredIds(settings.data_dir,
+                                    timedelta(seconds=settings.dedupe_horizon_s))
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int, offset: int | None = None) -> PartitionSessions:
         if kafka_partition not in self.partitions:
             clock, slots = self.store.load(kafka_partition)
             clock = clock or Clock(kafka_partition=kafka_partition)
+            self.stored_ids.load(kafka_partition)
             self.partitions[kafka_partition] = PartitionSessions(
                 clock, self.rules, slots, max_open=self.settings.max_open_sessions)
             if offset is not None:
                 self.resume_offsets[kafka_partition] = offset
+                n = self.starts.started(kafka_partition, offset)
+                self.metrics.set("prefstream_starts_at_same_offset", n,
+                                 partition=str(kafka_partition))
             log.info("partition %d: recovered %d session slots, watermark %s; reading from "
                      "offset %s", kafka_partition, len(slots), clock.watermark.isoformat(), offset)
         return self.partitions[kafka_partition]
@@ -137,6 +151,7 @@ class Pipeline:
         for p in kafka_partitions:
             self.partitions.pop(p, None)
             self.resume_offsets.pop(p, None)
+            self.stored_ids.drop(p)
         # Another worker may write the same hours while the partition is away: reload ids.
         self.stored = IdIndex(self.settings.data_dir)
 
@@ -162,20 +177,34 @@ class Pipeline:
         self.batch.applied[partition] = offset
         self._events_since_flush += 1
         raw = value or b""
+        # A producer sets its record timestamps: they count only up to this worker's clock, so
+        # a client clock ahead of it moves neither the clock of the partition nor the
+        # future-time bound (see docs/hostile-input.md).
+        arrival_ms = timestamp_ms  # a bogus one stays bogus: dead-lettered as such
+        if arrival_time(timestamp_ms) is not None:
+            arrival_ms = min(timestamp_ms, self._wall_ms())
         if raw.startswith(TICK_PREFIX):
-            try:
-                state.on_tick(Tick.model_validate_json(raw).wall_ms)
+            wall_ms, reason = verify_tick(self.tick_key, topic, partition, raw)
+            if wall_ms is not None:
+                state.on_tick(wall_ms)
                 return []
-            except ValidationError:
-                pass  # not a well-formed tick: validated (and dead-lettered) below
-        event, reason = self._validate(raw, key, timestamp_ms)
-        if event is None:
-            return [self._dead_letter(topic, partition, offset, key, raw, reason, timestamp_ms)]
-        outcome = state.on_event(event, offset=offset, arrival_ms=timestamp_ms)
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
+        event, reason = self._validate(raw, key, arrival_ms)
+        if event is not None:
+            reason = self._stored_duplicate(state, event, partition, offset)
+        if event is None or reason:
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
+        outcome = state.on_event(event, offset=offset, arrival_ms=arrival_ms,
+                                 size=state_bytes(raw))
+        if outcome == "oversized":
+            reason = (f"session_id: the state of session {event.session_id} would exceed "
+                      f"max_session_bytes={self.settings.max_session_bytes}: refused until its "
+                      "closed groups are written (see docs/hostile-input.md)")
+            return [self._dead_letter(topic, partition, offset, key, raw, reason, arrival_ms)]
         self.batch.counts[outcome] += 1
         self.metrics.inc("prefstream_events_total", outcome=outcome)
         if outcome == "late":
-            return [self._late(event, state.clock, partition, offset, raw, timestamp_ms)]
+            return [self._late(event, state.clock, partition, offset, raw, arrival_ms)]
         return []
 
     def _validate(self, raw: bytes, key: bytes | None,
@@ -201,6 +230,21 @@ class Pipeline:
             event = event.model_copy(
                 update={"user_id": pseudonym(event.user_id, self.settings.pseudonym_key)})
         return event, ""
+
+    def _stored_duplicate(self, state: PartitionSessions, event: FeedbackEvent, partition: int,
+                          offset: int) -> str:
+        """Why ``event`` is refused as a re-used id of a stored event ("" if it is not): not
+        late, not in the state, its id stored within the dedupe horizon at another offset."""
+        at = self.stored_ids.stored_at(partition, event.session_id, event.event_id,
+                                       state.clock.watermark)
+        if at is None or at == offset:  # the same record read again replays what was stored
+            return ""
+        if state.clock.is_late(event.ts) or state.holds(event.session_id, event.event_id):
+            return ""  # the session rules decide: late, or a duplicate counted on its session
+        self.metrics.inc("prefstream_stored_duplicates_total", partition=str(partition))
+        return (f"event_id: {event.event_id} of session {event.session_id} was stored already "
+                f"(read at offset {at}); ids are kept dedupe_horizon_s="
+                f"{self.settings.dedupe_horizon_s:g} after their session's last event")
 
     def _dead_letter(self, topic: str, partition: int, offset: int, key: bytes | None,
                      raw: bytes, reason: str, timestamp_ms: int) -> SideMessage:
@@ -247,7 +291,10 @@ class Pipeline:
     def flush_rows(self) -> Batch:
         """Write the batch's rows durably, record watermarks, seal; returns the batch written
         (:meth:`start_flush` and :meth:`write_flush` in one go)."""
-        return self.write_flush(self.start_flush())
+        job = self.start_flush()
+        batch = self.write_flush(job)
+        self.stored_ids.remember(job.stored_ids, job.watermarks)
+        return batch
 
     def start_flush(self) -> FlushJob:
         """Take the batch and the closed sessions to write, as of now; a new batch starts.
@@ -266,6 +313,7 @@ class Pipeline:
             state = self.partitions.get(p)
             if state is not None:
                 job.marks.append(Watermark(p, state.clock.watermark, offset, state.unfinished))
+        job.watermarks = {p: state.clock.watermark for p, state in self.partitions.items()}
         self._count_state(batch)
         if n := batch.counts["dead_letter"]:  # one line per flush: a flood must not flood the log
             log.warning("%d messages set aside as dead letters since the last flush (in %s and "
@@ -291,6 +339,7 @@ class Pipeline:
             if rows:
                 write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
                 self.crash.reach("write")
+        job.stored_ids = self.stored_ids.write(job.closed, job.watermarks)
         self._count_rows(batch)  # before the watermark files: they tell readers we are done
         for mark in job.marks:
             write_watermark(data_dir=data_dir, mark=mark)
@@ -311,6 +360,7 @@ class Pipeline:
         is: forget the sessions the job wrote (see :meth:`forget_flushed`); sessions closed
         since it started stay, to be written by the next one."""
         self.resume_offsets.update(committed)
+        self.stored_ids.remember(job.stored_ids, job.watermarks)  # before their sessions go
         for p, state in self.partitions.items():
             state.forget_flushed(self.resume_offsets.get(p), written=job.written.get(p, {}))
 
@@ -330,6 +380,9 @@ class Pipeline:
             m.set("prefstream_sessions_open", state.open_sessions, partition=str(p))
             m.set("prefstream_watermark_seconds", state.clock.watermark.timestamp(),
                   partition=str(p))
+            if n := state.take_over_bytes():
+                batch.counts["closed_max_bytes"] += n
+                m.inc("prefstream_sessions_max_bytes_total", n, partition=str(p))
             if n := state.take_evicted():
                 evicted[p] = n
                 m.inc("prefstream_sessions_evicted_total", n, partition=str(p))
@@ -372,10 +425,10 @@ class Pipeline:
     # -- runs without Kafka (replays, references) -----------------------------------------
     def tick_all(self, wall_ms: int) -> None:
         """A watermark tick on every partition at ``wall_ms``, as the worker's timer sends."""
-        tick = Tick(wall_ms=wall_ms).model_dump_json().encode()
+        topic = self.settings.events_topic
         for p in range(self.settings.partitions):
-            self.handle(topic=self.settings.events_topic, partition=p, offset=1 << 40,
-                        key=None, value=tick, timestamp_ms=wall_ms)
+            self.handle(topic=topic, partition=p, offset=1 << 40, key=None,
+                        value=sign_tick(self.tick_key, topic, p, wall_ms), timestamp_ms=wall_ms)
 
     def flush_and_forget(self, committed: dict[int, int] | None = None) -> Batch:
         """Write the batch, checkpoint, then forget as after a commit of ``committed`` (see

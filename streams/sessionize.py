@@ -19,6 +19,7 @@ merged.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Literal
@@ -28,9 +29,24 @@ from pydantic import BaseModel, ConfigDict
 from schemas.events import FeedbackEvent
 from schemas.records import ClosedSession, CloseReason, Session, SessionEvent
 
-Outcome = Literal["accepted", "duplicate", "redelivered", "late"]
+Outcome = Literal["accepted", "duplicate", "redelivered", "late", "oversized"]
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TICK = timedelta(microseconds=1)  # the smallest step of event time
+#: state bytes counted per event beyond its message (offset, sizes, fields the model adds)
+EVENT_OVERHEAD_BYTES = 128
+#: state bytes counted per duplicate recorded: (offset, event id), as the changelog holds it
+DUPLICATE_OVERHEAD_BYTES = 48
+
+
+def state_bytes(raw: bytes) -> int:
+    """What one event adds to its session's changelog record, at most: the record is the slot's
+    JSON encoded once more as a JSON string (ASCII, escaped), so the message counts as that of
+    its own text, plus :data:`EVENT_OVERHEAD_BYTES`."""
+    return len(json.dumps(raw.decode("utf-8", errors="replace"))) + EVENT_OVERHEAD_BYTES
+
+
+def duplicate_bytes(event_id: str) -> int:
+    return len(event_id) + DUPLICATE_OVERHEAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -40,6 +56,11 @@ class SessionRules:
     idle: timedelta = timedelta(seconds=30)
     max_events: int = 500
     max_duration: timedelta = timedelta(hours=6)
+    #: state one session id may hold (its changelog record); None: no bound. A session closes
+    #: early (``max_bytes``) before its events pass half of it; see :func:`add_event`
+    max_bytes: int | None = None
+    #: how long after a worker tick the next one is certainly appended (two tick intervals)
+    tick_slack: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,8 @@ class Clock:
     max_event_ts: datetime = EPOCH
     watermark: datetime = EPOCH
     last_arrival_ms: int = 0
+    #: wall time of the last worker tick read from the partition (0: none yet)
+    last_tick_ms: int = 0
 
     def observe(self, ts: datetime, grace: timedelta) -> Clock:
         """An accepted event at ``ts`` moves event time forward (the same clock when it does
@@ -58,20 +81,32 @@ class Clock:
         watermark = max(self.watermark, top - grace)
         if top == self.max_event_ts and watermark == self.watermark:
             return self
-        return Clock(self.kafka_partition, top, watermark, self.last_arrival_ms)
+        return replace(self, max_event_ts=top, watermark=watermark)
 
     def arrived(self, arrival_ms: int) -> Clock:
         """Any valid message (late and duplicate ones too) shows the partition is not idle."""
         if arrival_ms <= self.last_arrival_ms:
             return self
-        return Clock(self.kafka_partition, self.max_event_ts, self.watermark, arrival_ms)
+        return replace(self, last_arrival_ms=arrival_ms)
 
     def tick(self, wall_ms: int, rules: SessionRules) -> Clock:
         """With no event for ``idle`` wall time, event time is assumed to follow the wall clock."""
+        clock = self if wall_ms <= self.last_tick_ms else replace(self, last_tick_ms=wall_ms)
         if wall_ms - self.last_arrival_ms < rules.idle.total_seconds() * 1000:
-            return self
+            return clock
         wall = datetime.fromtimestamp(wall_ms / 1000, tz=timezone.utc)
-        return replace(self, watermark=max(self.watermark, wall - rules.grace))
+        return replace(clock, watermark=max(self.watermark, wall - rules.grace))
+
+    def bound_ms(self, arrival_ms: int, rules: SessionRules) -> int:
+        """The latest time an event that arrived at ``arrival_ms`` may move the clock to: its
+        arrival, and no later than the last worker tick before it in the partition plus
+        ``rules.tick_slack`` (it was appended after that tick, and before the next one).
+
+        Ticks are in the log, so the bound is the same on every replay; it holds whatever a
+        producer sets as its record timestamps, and however far behind the worker reads."""
+        if not self.last_tick_ms:
+            return arrival_ms
+        return min(arrival_ms, self.last_tick_ms + int(rules.tick_slack.total_seconds() * 1000))
 
     def is_late(self, ts: datetime) -> bool:
         return ts < self.watermark
@@ -98,26 +133,28 @@ def _seen(session: Session, event_id: str, offset: int) -> Outcome | None:
     return None
 
 
-def _start(event: FeedbackEvent, offset: int, kafka_partition: int) -> Session:
+def _start(event: FeedbackEvent, offset: int, kafka_partition: int, size: int) -> Session:
     return Session(
         session_id=event.session_id,
         user_id=event.user_id,
         kafka_partition=kafka_partition,
         start=event.ts,
         last=event.ts,
-        events=(SessionEvent(offset=offset, event=event),),
+        events=(SessionEvent(offset=offset, event=event, n_bytes=size),),
         ended_at=event.ts if event.type == "session_end" else None,
+        n_bytes=size,
     )
 
 
-def _append(session: Session, event: FeedbackEvent, offset: int) -> Session:
+def _append(session: Session, event: FeedbackEvent, offset: int, size: int) -> Session:
     """``_with_events`` with one more event, updated in place of recomputed (the hot path)."""
     ts, ended = event.ts, session.ended_at
     if event.type == "session_end":
         ended = ts if ended is None else max(ended, ts)
     return session.model_copy(update={
         "start": min(session.start, ts), "last": max(session.last, ts), "ended_at": ended,
-        "events": (*session.events, SessionEvent(offset=offset, event=event)),
+        "events": (*session.events, SessionEvent(offset=offset, event=event, n_bytes=size)),
+        "n_bytes": session.n_bytes + size,
     })
 
 
@@ -127,9 +164,13 @@ def _with_events(template: Session, items: tuple[SessionEvent, ...]) -> Session:
     times = [i.event.ts for i in items]
     ends = [i.event.ts for i in items if i.event.type == "session_end"]
     dups = tuple(d for d in template.duplicates if d[1] in ids)
+    size = sum(i.n_bytes for i in items)
+    if size:  # sizes are counted (the worker's pipeline): each duplicate recorded counts too
+        size += sum(duplicate_bytes(d[1]) for d in dups)
     return template.model_copy(update={
         "start": min(times), "last": max(times), "events": items,
         "ended_at": max(ends) if ends else None, "duplicates": dups, "n_duplicates": len(dups),
+        "n_bytes": size,
     })
 
 
@@ -150,7 +191,7 @@ def clusters(session: Session, gap: timedelta) -> list[Session]:
             for m in members]
 
 
-def _find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
+def find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
     sessions = [c.session for c in (*slot.pending, *slot.held)] + (
         [slot.open] if slot.open else [])
     for session in sessions:
@@ -160,6 +201,26 @@ def _find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
     return None
 
 
+def slot_bytes(slot: SessionSlot) -> int:
+    """The state a session id holds, as counted against ``SessionRules.max_bytes``."""
+    groups = [c.session for c in (*slot.pending, *slot.held)]
+    return sum(g.n_bytes for g in groups) + (slot.open.n_bytes if slot.open else 0)
+
+
+def _over(slot: SessionSlot, size: int, rules: SessionRules) -> bool:
+    return rules.max_bytes is not None and slot_bytes(slot) + size > rules.max_bytes
+
+
+def close_early(slot: SessionSlot, rules: SessionRules, reason: CloseReason) -> SessionSlot:
+    """Close the open session of ``slot`` now, each gap-separated group on its own (as the
+    watermark would have split it), to be written at the next flush."""
+    if slot.open is None:
+        return slot
+    closed = tuple(ClosedSession(session=group.model_copy(update={"cut": True}), reason=reason)
+                   for group in clusters(slot.open, rules.gap))
+    return SessionSlot(pending=(*slot.pending, *closed), held=slot.held)
+
+
 def add_event(
     slot: SessionSlot | None,
     event: FeedbackEvent,
@@ -167,25 +228,39 @@ def add_event(
     offset: int,
     clock: Clock,
     rules: SessionRules,
+    size: int = 0,
 ) -> tuple[SessionSlot | None, Outcome]:
     """Merge one validated event into its session slot.
 
     Returns the new slot and what happened to the event. Events not older than the watermark
     join the open session (which may span several gap-separated groups until the watermark
     closes them); a group reaching ``rules.max_events`` closes at once.
+
+    ``size`` (:func:`state_bytes`) is what the event adds to the state of its session id. With
+    ``rules.max_bytes`` set, an open session whose events would pass half of it closes first
+    (close reason ``max_bytes``, written at the next flush) and the event starts the next one;
+    an event or duplicate that would still take the state over ``max_bytes`` (closed groups not
+    written yet, or one huge event) is ``oversized``: refused, to be dead-lettered.
     """
     slot = slot or SessionSlot()
-    seen = _find(slot, event.event_id, offset)
+    seen = find(slot, event.event_id, offset)
     if seen == "redelivered":  # replay after a restart: already applied
         return slot, seen
     if clock.is_late(event.ts):  # before the duplicate check: a copy of an event of a closed
         return slot, "late"      # session is late whether or not that session was flushed yet
     if seen == "duplicate":
-        return _count_duplicate(slot, event.event_id, offset), seen
+        if size and _over(slot, duplicate_bytes(event.event_id), rules):
+            return slot, "oversized"
+        return _count_duplicate(slot, event.event_id, offset, counted=bool(size)), seen
+    if (rules.max_bytes is not None and slot.open is not None
+            and slot.open.n_bytes + size > rules.max_bytes // 2):
+        slot = close_early(slot, rules, "max_bytes")
+    if _over(slot, size, rules):
+        return (None if slot == SessionSlot() else slot), "oversized"
     if slot.open is None:
-        session = _start(event, offset, clock.kafka_partition)
+        session = _start(event, offset, clock.kafka_partition, size)
     else:
-        session = _append(slot.open, event, offset)
+        session = _append(slot.open, event, offset, size)
     slot = slot.model_copy(update={"open": session})
     if len(session.events) >= rules.max_events:  # only then can one group reach the cap
         slot = _cap(slot, session, event.event_id, rules)
@@ -200,17 +275,21 @@ def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules
         return slot
     kept = tuple(i for i in session.events if all(i is not j for j in full.events))
     still_open = _with_events(session, kept) if kept else None
-    closed = ClosedSession(session=full, reason="max_events")
+    closed = ClosedSession(session=full.model_copy(update={"cut": True}), reason="max_events")
     return SessionSlot(open=still_open, pending=slot.pending, held=(*slot.held, closed))
 
 
-def _count_duplicate(slot: SessionSlot, event_id: str, offset: int) -> SessionSlot:
-    """Record the duplicate on the session that holds the original event."""
+def _count_duplicate(slot: SessionSlot, event_id: str, offset: int,
+                     counted: bool = False) -> SessionSlot:
+    """Record the duplicate on the session that holds the original event (``counted``: its
+    bytes too)."""
+    extra = duplicate_bytes(event_id) if counted else 0
     def mark(session: Session) -> Session:
         if _seen(session, event_id, offset) is None:
             return session
         dups = (*session.duplicates, (offset, event_id))
-        return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups)})
+        return session.model_copy(update={"duplicates": dups, "n_duplicates": len(dups),
+                                          "n_bytes": session.n_bytes + extra})
 
     def mark_all(closed: tuple[ClosedSession, ...]) -> tuple[ClosedSession, ...]:
         marked = [(c, mark(c.session)) for c in closed]  # a group left alone stays the same object

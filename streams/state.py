@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 
 from schemas.events import FeedbackEvent
 from schemas.records import ClosedSession
@@ -27,8 +27,9 @@ from streams.sessionize import (
     SessionRules,
     SessionSlot,
     add_event,
-    clusters,
+    close_early,
     expire,
+    find,
     flushed,
     next_deadline,
 )
@@ -48,11 +49,7 @@ def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
     Each gap-separated group closes on its own, as the watermark would have closed it: pairs
     never join events a gap apart, whichever way a session closed.
     """
-    if slot.open is None:
-        return slot
-    closed = tuple(ClosedSession(session=group, reason="evicted")
-                   for group in clusters(slot.open, rules.gap))
-    return SessionSlot(pending=(*slot.pending, *closed), held=slot.held)
+    return close_early(slot, rules, "evicted")
 
 
 class PartitionSessions:
@@ -79,6 +76,7 @@ class PartitionSessions:
         self._by_last: list[tuple[datetime, str]] = []
         self._n_open = 0
         self._evicted = 0
+        self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
@@ -148,20 +146,36 @@ class PartitionSessions:
             self._pending.discard(session_id)
         self._dirty.add(session_id)
 
-    def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int) -> Outcome:
-        slot, outcome = add_event(
-            self.slots.get(event.session_id), event, offset=offset, clock=self.clock,
-            rules=self.rules,
-        )
+    def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int,
+                 size: int = 0) -> Outcome:
+        """Apply one event; ``size``: its state bytes (:func:`~streams.sessionize.state_bytes`,
+        0 = not counted)."""
+        before = self.slots.get(event.session_id)
+        slot, outcome = add_event(before, event, offset=offset, clock=self.clock,
+                                  rules=self.rules, size=size)
         self.clock = self.clock.arrived(arrival_ms)
-        if outcome in ("accepted", "duplicate"):
+        if outcome in ("accepted", "duplicate", "oversized") and slot is not before and (
+                slot is not None or before is not None):
+            if slot is not None:  # a closure appends to pending: count the byte bound's
+                added = slot.pending[len(before.pending) if before else 0:]
+                self._over_bytes += sum(c.reason == "max_bytes" for c in added)
             self._put(event.session_id, slot)
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
-            self.clock = self.clock.observe(event.ts, self.rules.grace)
+            # An event counts for the clock only up to its arrival: a producer's clock ahead
+            # of the others' must not make their events late (docs/hostile-input.md).
+            bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
+            bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
+            self.clock = self.clock.observe(min(event.ts, bound), self.rules.grace)
             self._expire()
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)
         return outcome
+
+    def holds(self, session_id: str, event_id: str) -> bool:
+        """Whether the state of ``session_id`` holds an event with this id (open, held or
+        pending): a copy of it is the session rules' to count."""
+        slot = self.slots.get(session_id)
+        return slot is not None and find(slot, event_id, -1) is not None
 
     def on_tick(self, wall_ms: int) -> None:
         self.clock = self.clock.tick(wall_ms, self.rules)
@@ -200,6 +214,11 @@ class PartitionSessions:
             self._evicted += 1
         for entry in held:
             heapq.heappush(self._by_last, entry)
+
+    def take_over_bytes(self) -> int:
+        """Sessions closed early by the byte bound since the last call (for the metric)."""
+        n, self._over_bytes = self._over_bytes, 0
+        return n
 
     def take_evicted(self) -> int:
         """Sessions evicted since the last call (for the metric and the warning of a flush)."""

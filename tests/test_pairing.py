@@ -297,7 +297,8 @@ def test_reformulation_after_accepting_is_conflicting():
 # --- abandonment, merging, confidence --------------------------------------------------------
 
 def test_abandoned():
-    res = run(imp("a", 0, 0), imp("b", 1, 1), imp("c", 0, 2, req="q2"), ev("copy", "c", 3))
+    res = run(imp("a", 0, 0), imp("b", 1, 1), imp("c", 0, 2, req="q2"),
+              ev("copy", "c", 3, req="q2"))
     assert res.pairs == () and reasons(res) == ["abandoned"]
     assert (res.refusals[0].request_id, res.refusals[0].response_ids) == ("q1", "a,b")
     assert res.refusals[0].event_time == T0 + timedelta(seconds=1)
@@ -335,7 +336,17 @@ def test_partition_follows_session_last():
 
 def test_constants():
     assert len(set(RULES)) == len(RULES) == 6
-    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 13
+    assert len(set(REFUSAL_REASONS)) == len(REFUSAL_REASONS) == 14
+
+
+def test_a_signal_naming_another_request_pairs_with_nothing_that_request_did_not_show():
+    """q1 showed a and b; thumbs that name q2 for them are no evidence about q1's answers."""
+    res = run(imp("a", 0, 0), imp("b", 1, 1), ev("thumbs_up", "b", 2, req="q2"),
+              ev("thumbs_down", "a", 3, req="q2"), ev("copy", "b", 4, req="q2"))
+    assert res.pairs == () and res.unpaired == ()
+    assert reasons(res) == ["abandoned"] + ["request_mismatch"] * 3
+    mismatch = [r for r in res.refusals if r.reason == "request_mismatch"]
+    assert {r.request_id for r in mismatch} == {"q2"}
 
 
 # --- properties ------------------------------------------------------------------------------
@@ -395,3 +406,25 @@ def test_properties(cs: ClosedSession):
     assert {r.session_id for r in rows} <= {s.session_id}
     in_pairs = {rid for p in res.pairs for rid in (p.chosen_response_id, p.rejected_response_id)}
     assert not in_pairs & {u.response_id for u in res.unpaired}
+
+
+@settings(max_examples=100, deadline=None)
+@given(random_sessions(), st.data())
+def test_signals_naming_another_request_change_no_pair_tie_or_unpaired_row(
+        cs: ClosedSession, data: st.DataObject):
+    """The exposure constraint per request: the same session with some signals re-labelled to a
+    request that showed nothing yields the rows of the session without those signals."""
+    items = cs.session.events
+    wrong = [se.event.type in SIGNALS and data.draw(st.booleans()) for se in items]
+    moved = tuple(se.model_copy(update={"event": se.event.model_copy(
+        update={"request_id": "q9"})}) if w else se for se, w in zip(items, wrong, strict=True))
+    kept = tuple(se for se, w in zip(items, wrong, strict=True) if not w)
+    rules = RuleConfig()
+
+    def result(events: tuple[SessionEvent, ...]) -> PairingResult:
+        return session_to_pairs(cs.model_copy(update={"session": cs.session.model_copy(
+            update={"events": events})}), rules)
+
+    got, want = result(moved), result(kept)
+    assert (got.pairs, got.ties, got.unpaired) == (want.pairs, want.ties, want.unpaired)
+    assert sum(r.reason == "request_mismatch" for r in got.refusals) <= sum(wrong)
