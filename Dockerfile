@@ -10,7 +10,7 @@ WORKDIR /app
 # CUDA wheels (GB of layers); a GPU image would install torch from its CUDA index here instead.
 RUN pip install torch --index-url https://download.pytorch.org/whl/cpu
 
-# Only what the package needs: pyproject's [tool.setuptools.packages.find] include list.
+# Only what the package needs: the folders of pyproject's [tool.setuptools.package-dir].
 COPY pyproject.toml README.md ./
 COPY prefstream ./prefstream
 COPY streams ./streams

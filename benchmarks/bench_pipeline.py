@@ -51,11 +51,11 @@ from workers import Deadline, StageError, metric_sum, start_worker, stop_worker 
 
 from prefstream.demo import end_offsets, scrape, traffic_end  # noqa: E402
 from prefstream.settings import Settings  # noqa: E402
-from storage.files import read_watermarks  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
-from streams.producer import FeedbackProducer  # noqa: E402
-from streams.run import prepare  # noqa: E402
-from streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+from prefstream.storage.files import read_watermarks  # noqa: E402
+from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from prefstream.streams.producer import FeedbackProducer  # noqa: E402
+from prefstream.streams.run import prepare  # noqa: E402
+from prefstream.streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
 
 PARTITIONS = 4
 STAGES = ("throughput", "freshness", "memory")

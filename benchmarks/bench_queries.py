@@ -42,10 +42,10 @@ from machine import (  # noqa: E402
     write_result,
 )
 
-from storage.catalog import connect_readonly, ensure_catalog  # noqa: E402
-from storage.files import _write_part, init_data_dir, live_files  # noqa: E402
-from storage.partitions import PARTITION_FORMAT  # noqa: E402
-from storage.tables import TABLES, arrow_schema  # noqa: E402
+from prefstream.storage.catalog import connect_readonly, ensure_catalog  # noqa: E402
+from prefstream.storage.files import _write_part, init_data_dir, live_files  # noqa: E402
+from prefstream.storage.partitions import PARTITION_FORMAT  # noqa: E402
+from prefstream.storage.tables import TABLES, arrow_schema  # noqa: E402
 
 RULES = ("copy_over_skipped", "thumbs", "reformulate_same_intent", "edit",
          "click_over_skipped_above", "regenerate_accept")

@@ -67,8 +67,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from trainer.data import normalize_text  # noqa: E402
-from trainer.evaluate import split_dialogue_pair  # noqa: E402
+from prefstream.trainer.data import normalize_text  # noqa: E402
+from prefstream.trainer.evaluate import split_dialogue_pair  # noqa: E402
 
 TRL_EOS = "[SEP]"  # the MiniLM tokenizer has no eos token; TRL needs one (RewardConfig.eos_token)
 RUNS = {  # name -> (library, head_epochs; None = TRL)
@@ -231,10 +231,10 @@ def mcnemar(a: Sequence[int], b: Sequence[int]) -> dict[str, Any]:
 def run_prefstream(train: Sequence[Triple], eval_pairs: Sequence[Triple], args: argparse.Namespace,
                    head_epochs: float | None) -> dict[str, Any]:
     """prefstream's own pipeline: setup, tokenize + length gate, fit; then held-out scoring."""
-    from trainer.config import TrainConfig
-    from trainer.data import drop_too_long
-    from trainer.fit import fit, setup
-    from trainer.model import attach_tokens, n_tokens
+    from prefstream.trainer.config import TrainConfig
+    from prefstream.trainer.data import drop_too_long
+    from prefstream.trainer.fit import fit, setup
+    from prefstream.trainer.model import attach_tokens, n_tokens
 
     fields: dict[str, Any] = dict(backbone=args.backbone, max_length=args.max_length,
                                   batch_size=args.batch_size, lr=args.lr, epochs=args.epochs,
@@ -520,7 +520,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
     if args.backbone is None:
-        from trainer.config import default_backbone
+        from prefstream.trainer.config import default_backbone
 
         args.backbone = default_backbone()
     return args

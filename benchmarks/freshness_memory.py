@@ -31,13 +31,13 @@ from workers import (
     wait_consuming,
 )
 
+from prefstream.schemas.events import Impression
 from prefstream.settings import Settings
-from schemas.events import Impression
-from storage.catalog import connect_readonly
-from storage.files import read_watermarks
-from streams.producer import FeedbackProducer
-from streams.run import prepare
-from streams.traffic import Traffic, TrafficConfig, generate_traffic
+from prefstream.storage.catalog import connect_readonly
+from prefstream.storage.files import read_watermarks
+from prefstream.streams.producer import FeedbackProducer
+from prefstream.streams.run import prepare
+from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic
 
 HOURS = 2
 POLL_S = 0.25

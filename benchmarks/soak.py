@@ -48,11 +48,11 @@ from workers import Deadline, memory_mb, start_worker, stop_worker  # noqa: E402
 
 from prefstream.demo import scrape  # noqa: E402
 from prefstream.settings import Settings  # noqa: E402
-from storage.files import read_watermarks  # noqa: E402
-from streams.broker import EmbeddedBroker, free_port  # noqa: E402
-from streams.producer import FeedbackProducer  # noqa: E402
-from streams.run import prepare  # noqa: E402
-from streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+from prefstream.storage.files import read_watermarks  # noqa: E402
+from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
+from prefstream.streams.producer import FeedbackProducer  # noqa: E402
+from prefstream.streams.run import prepare  # noqa: E402
+from prefstream.streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
 
 CHUNK_S = 60.0  # wall seconds per generated chunk of traffic
 #: a shorter steady window gives a slope but no memory verdict: one allocator step (pyarrow,

@@ -28,7 +28,7 @@ from prefstream.logs import log_format, setup_logging  # noqa: E402
 
 #: modules adding subcommands through ``register(subparsers)``
 COMMAND_MODULES = (
-    "trainer.cli", "prefstream.simulate", "prefstream.evaluate", "prefstream.status",
+    "prefstream.trainer.cli", "prefstream.simulate", "prefstream.evaluate", "prefstream.status",
     "prefstream.report",
 )
 SETTINGS_FLAGS = (
@@ -101,14 +101,14 @@ def settings_from(args: argparse.Namespace, names: Sequence[str], **overrides: A
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
-    from schemas.events import event_json_schema
+    from prefstream.schemas.events import event_json_schema
 
     print(json.dumps(event_json_schema(), indent=2))
     return 0
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from streams.run import run_worker
+    from prefstream.streams.run import run_worker
 
     return run_worker(settings_from(args, SETTINGS_FLAGS), loglevel=args.loglevel)
 

@@ -27,12 +27,12 @@ from prefstream.datadir import DEFAULT_DATA_DIR, HINT, check_writable
 from prefstream.errors import PrefstreamError, StorageError
 from prefstream.settings import Settings
 from prefstream.status import dead_letter_cause
-from storage.catalog import connect_readonly, ensure_catalog
-from storage.files import Watermark, read_watermarks
-from streams.broker import free_port
-from streams.producer import FeedbackProducer
-from streams.run import OWNER_ONLY_UMASK, broker_for, prepare
-from streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
+from prefstream.storage.catalog import connect_readonly, ensure_catalog
+from prefstream.storage.files import Watermark, read_watermarks
+from prefstream.streams.broker import free_port
+from prefstream.streams.producer import FeedbackProducer
+from prefstream.streams.run import OWNER_ONLY_UMASK, broker_for, prepare
+from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
 
 #: demo timing: seconds instead of production minutes so the run ends quickly
 DEMO_ENV = {
@@ -299,9 +299,9 @@ def _train(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
     """One trainer cycle; Ctrl-C (SIGINT) or SIGTERM stops it at the next training step with
     nothing written, then ends the demo as an interrupt."""
     try:
-        from trainer import Interrupted
-        from trainer.control import stop_on_signals
-        from trainer.demo import train_after_demo
+        from prefstream.trainer import Interrupted
+        from prefstream.trainer.control import stop_on_signals
+        from prefstream.trainer.demo import train_after_demo
     except ImportError as exc:
         return {"skipped": f"trainer unavailable: {exc}"}
     with stop_on_signals() as stop:

@@ -25,9 +25,9 @@ from prefstream.cli import settings_from
 from prefstream.demo import _print, funnel
 from prefstream.errors import ConfigError
 from prefstream.simulate import TRUTH_FILE, read_truth
-from storage.catalog import CATALOG_NAME, connect_readonly
-from streams.pairing import RuleConfig
-from streams.traffic import prefers
+from prefstream.storage.catalog import CATALOG_NAME, connect_readonly
+from prefstream.streams.pairing import RuleConfig
+from prefstream.streams.traffic import prefers
 
 #: confidence thresholds of the curve: 0.50, 0.55, ..., 0.95
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -127,9 +127,9 @@ def read_pair_rows(data_dir: Path) -> list[dict[str, Any]]:
 def train_and_audit(data_dir: Path, truth_path: Path, truth: Mapping[str, Any],
                     overrides: Mapping[str, Any]) -> dict[str, Any]:
     """One trainer cycle; its summary plus the calibration audit on the held-out labels."""
-    from trainer.config import TrainConfig
-    from trainer.demo import brief, write_truth_labels
-    from trainer.service import run_once
+    from prefstream.trainer.config import TrainConfig
+    from prefstream.trainer.demo import brief, write_truth_labels
+    from prefstream.trainer.service import run_once
 
     config = TrainConfig(**overrides)
     labels = truth_path.with_name(truth["holdout_labels"]) if truth["holdout_labels"] else None

@@ -22,11 +22,11 @@ from typing import Any
 
 import duckdb
 
-import trainer.registry  # noqa: F401  (defines the ``models`` view body; no torch)
+import prefstream.trainer.registry  # noqa: F401  (defines the ``models`` view body; no torch)
 from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
-from storage.catalog import CATALOG_NAME, EXTRA_VIEWS, connect_readonly
-from trainer.config import TrainConfig
+from prefstream.storage.catalog import CATALOG_NAME, EXTRA_VIEWS, connect_readonly
+from prefstream.trainer.config import TrainConfig
 
 DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
 W, H = 600, 330

@@ -27,8 +27,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefstream.errors import ConfigError
-from streams.pairing import RuleConfig
-from streams.sessionize import SessionRules
+from prefstream.streams.pairing import RuleConfig
+from prefstream.streams.sessionize import SessionRules
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from pydantic_settings import BaseSettings
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 #: modules holding settings models, in table order; then those of ``cli.COMMAND_MODULES``
-SETTINGS_MODULES = ("prefstream.settings", "trainer.config")
+SETTINGS_MODULES = ("prefstream.settings", "prefstream.trainer.config")
 ENV_IN_HELP = re.compile(r"\[env: (PREFSTREAM_\w+)\]")
 BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
 

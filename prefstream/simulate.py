@@ -42,12 +42,12 @@ from prefstream.demo import (
     wait_until_drained,
 )
 from prefstream.settings import Settings
-from storage.catalog import ensure_catalog
-from storage.files import read_watermarks
-from streams.content import write_labels
-from streams.run import broker_for, prepare
-from streams.topics import ensure_topics
-from streams.traffic import Traffic, TrafficConfig, generate_traffic
+from prefstream.storage.catalog import ensure_catalog
+from prefstream.storage.files import read_watermarks
+from prefstream.streams.content import write_labels
+from prefstream.streams.run import broker_for, prepare
+from prefstream.streams.topics import ensure_topics
+from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from typing import Any
 import duckdb
 
 from prefstream.datadir import DATA_DIR_ENV, check_data_dir, default_data_dir
-from storage.catalog import CATALOG_NAME, live_scan_sql
-from storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
-from storage.partitions import partition_bounds
-from storage.quarantine import quarantined
-from storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
-from trainer.registry import current_version, list_versions, read_metadata
+from prefstream.storage.catalog import CATALOG_NAME, live_scan_sql
+from prefstream.storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
+from prefstream.storage.partitions import partition_bounds
+from prefstream.storage.quarantine import quarantined
+from prefstream.storage.tables import SEALED_TABLES, SIDE_TABLES, TABLES
+from prefstream.trainer.registry import current_version, list_versions, read_metadata
 
 #: what varies inside one cause: quoted values, numbers
 _VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|[0-9]+")

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.events import FeedbackEvent
+from prefstream.schemas.events import FeedbackEvent
 
 CloseReason = Literal["gap", "session_end", "max_events", "max_duration", "evicted", "max_bytes"]
 TieKind = Literal["both_accepted", "both_rejected"]

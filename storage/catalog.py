@@ -33,9 +33,9 @@ from pathlib import Path
 
 import duckdb
 
-from storage.files import SCHEMA_DIR, fsync_path, live_files
-from storage.quarantine import quarantine_file, readable
-from storage.tables import TABLES
+from prefstream.storage.files import SCHEMA_DIR, fsync_path, live_files
+from prefstream.storage.quarantine import quarantine_file, readable
+from prefstream.storage.tables import TABLES
 
 log = logging.getLogger(__name__)
 

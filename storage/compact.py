@@ -65,8 +65,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from storage.catalog import catalog_in_use, free_catalog
-from storage.files import (
+from prefstream.storage.catalog import catalog_in_use, free_catalog
+from prefstream.storage.files import (
     SCHEMA_DIR,
     _mkdir_private,
     is_sealed,
@@ -76,15 +76,15 @@ from storage.files import (
     reseal,
     write_atomic,
 )
-from storage.partitions import (
+from prefstream.storage.partitions import (
     CURRENT,
     file_name,
     generation_dir,
     generation_number,
     stamp_of,
 )
-from storage.quarantine import damage, quarantine_file
-from storage.tables import SEALED_TABLES, TABLES, arrow_schema
+from prefstream.storage.quarantine import damage, quarantine_file
+from prefstream.storage.tables import SEALED_TABLES, TABLES, arrow_schema
 
 log = logging.getLogger(__name__)
 

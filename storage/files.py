@@ -44,9 +44,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from storage.partitions import CURRENT, file_name, generation_dir, partition_bounds
-from storage.quarantine import DAMAGED, readable
-from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
+from prefstream.storage.partitions import CURRENT, file_name, generation_dir, partition_bounds
+from prefstream.storage.quarantine import DAMAGED, readable
+from prefstream.storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
 
 log = logging.getLogger(__name__)
 

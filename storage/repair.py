@@ -14,9 +14,9 @@ import logging
 import os
 from pathlib import Path
 
-from storage.files import SCHEMA_DIR, live_files, partition_lock, remove_stale_temps
-from storage.quarantine import damage, quarantine_file
-from storage.tables import TABLES
+from prefstream.storage.files import SCHEMA_DIR, live_files, partition_lock, remove_stale_temps
+from prefstream.storage.quarantine import damage, quarantine_file
+from prefstream.storage.tables import TABLES
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from schemas.records import (
+from prefstream.schemas.records import (
     DeadLetter,
     LateEvent,
     Pair,

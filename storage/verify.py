@@ -15,8 +15,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.files import content_sha256, read_table
-from storage.tables import SEALED_TABLES
+from prefstream.storage.files import content_sha256, read_table
+from prefstream.storage.tables import SEALED_TABLES
 
 
 @dataclass(frozen=True)

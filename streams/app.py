@@ -21,14 +21,14 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from prefstream.settings import Settings
-from streams import metrics
-from streams.consumer import App
-from streams.crashpoints import CrashPoints
-from streams.logwatch import LogWatch, TopicIds
-from streams.offsetguard import DROP, HANDLE, OffsetGuard
-from streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
-from streams.sessionize import Clock, SessionSlot
-from streams.ticks import sign_tick
+from prefstream.streams import metrics
+from prefstream.streams.consumer import App
+from prefstream.streams.crashpoints import CrashPoints
+from prefstream.streams.logwatch import LogWatch, TopicIds
+from prefstream.streams.offsetguard import DROP, HANDLE, OffsetGuard
+from prefstream.streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
+from prefstream.streams.sessionize import Clock, SessionSlot
+from prefstream.streams.ticks import sign_tick
 
 log = logging.getLogger(__name__)
 

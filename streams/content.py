@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schemas.events import MAX_TEXT_CHARS
+from prefstream.schemas.events import MAX_TEXT_CHARS
 
 #: room kept below the schema's text limit for a same-intent rephrasing of the prompt
 REPHRASE_ROOM = 64
@@ -82,7 +82,7 @@ def parse_row(line: str) -> SourcePair | str:
 
 def _split_dialogue(chosen: str, rejected: str) -> tuple[str, str, str] | None:
     # Imported here: the trainer package pulls in torch, which synthetic traffic never needs.
-    from trainer.evaluate import split_dialogue_pair
+    from prefstream.trainer.evaluate import split_dialogue_pair
 
     return split_dialogue_pair(chosen, rejected)
 

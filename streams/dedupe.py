@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.records import ClosedSession
+from prefstream.schemas.records import ClosedSession
 
 log = logging.getLogger(__name__)
 

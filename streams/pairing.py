@@ -41,9 +41,17 @@ from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas import events as sch
-from schemas.records import ClosedSession, Pair, PairingResult, Refusal, Session, Tie, UnpairedRow
-from storage.partitions import partition_for
+from prefstream.schemas import events as sch
+from prefstream.schemas.records import (
+    ClosedSession,
+    Pair,
+    PairingResult,
+    Refusal,
+    Session,
+    Tie,
+    UnpairedRow,
+)
+from prefstream.storage.partitions import partition_for
 
 RULES = (
     "thumbs", "copy_over_skipped", "click_over_skipped_above", "regenerate_accept", "edit",

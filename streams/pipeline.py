@@ -18,22 +18,22 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from prefstream.schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent
+from prefstream.schemas.records import ClosedSession, DeadLetter, LateEvent
 from prefstream.settings import Settings
-from schemas.events import EVENT_ADAPTER, MAX_WALL_MS, FeedbackEvent
-from schemas.records import ClosedSession, DeadLetter, LateEvent
-from storage.compact import compact_after_flush
-from storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
-from storage.partitions import partition_for
-from storage.tables import release_free_memory
-from streams.crashpoints import CrashPoints
-from streams.dedupe import StoredIds
-from streams.metrics import Metrics
-from streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
-from streams.pairing import session_to_pairs
-from streams.sessionize import EPOCH, Clock, SessionSlot, state_bytes
-from streams.starts import StartLog
-from streams.state import PartitionSessions
-from streams.ticks import sign_tick, tick_key, verify_tick
+from prefstream.storage.compact import compact_after_flush
+from prefstream.storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
+from prefstream.storage.partitions import partition_for
+from prefstream.storage.tables import release_free_memory
+from prefstream.streams.crashpoints import CrashPoints
+from prefstream.streams.dedupe import StoredIds
+from prefstream.streams.metrics import Metrics
+from prefstream.streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
+from prefstream.streams.pairing import session_to_pairs
+from prefstream.streams.sessionize import EPOCH, Clock, SessionSlot, state_bytes
+from prefstream.streams.starts import StartLog
+from prefstream.streams.state import PartitionSessions
+from prefstream.streams.ticks import sign_tick, tick_key, verify_tick
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
 from prefstream.errors import ConfigError, ProducerError
-from prefstream.settings import KAFKA_PYTHON_SECURITY_KEYS, KafkaSecurity
-from schemas.events import (
+from prefstream.schemas.events import (
     Click,
     Copy,
     Edit,
@@ -40,6 +39,7 @@ from schemas.events import (
     ThumbsDown,
     ThumbsUp,
 )
+from prefstream.settings import KAFKA_PYTHON_SECURITY_KEYS, KafkaSecurity
 
 log = logging.getLogger(__name__)
 DEFAULT_TOPIC = "prefstream-events"

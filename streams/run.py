@@ -12,14 +12,14 @@ from prefstream.datadir import check_writable
 from prefstream.errors import BrokerError
 from prefstream.logs import faust_logging_config
 from prefstream.settings import Settings
-from storage.catalog import ensure_catalog
-from storage.files import init_data_dir
-from storage.quarantine import quarantined
-from storage.repair import repair_data_dir
-from streams import logscrub
-from streams.broker import KAFKA_PORT, EmbeddedBroker, preferred_port
-from streams.producer import answers
-from streams.topics import ensure_topics
+from prefstream.storage.catalog import ensure_catalog
+from prefstream.storage.files import init_data_dir
+from prefstream.storage.quarantine import quarantined
+from prefstream.storage.repair import repair_data_dir
+from prefstream.streams import logscrub
+from prefstream.streams.broker import KAFKA_PORT, EmbeddedBroker, preferred_port
+from prefstream.streams.producer import answers
+from prefstream.streams.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
     import faust
 
-    from storage.tables import memory_pool, warm_up
-    from streams.app import create_app
+    from prefstream.storage.tables import memory_pool, warm_up
+    from prefstream.streams.app import create_app
 
     if memory_pool() == "mimalloc" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         log.warning("pyarrow's memory pool is mimalloc: a long-running worker's memory grows "

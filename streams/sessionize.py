@@ -26,8 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from schemas.events import FeedbackEvent
-from schemas.records import ClosedSession, CloseReason, Session, SessionEvent
+from prefstream.schemas.events import FeedbackEvent
+from prefstream.schemas.records import ClosedSession, CloseReason, Session, SessionEvent
 
 Outcome = Literal["accepted", "duplicate", "redelivered", "late", "oversized"]
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

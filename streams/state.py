@@ -18,9 +18,9 @@ import heapq
 from collections.abc import Iterable
 from datetime import datetime, timezone
 
-from schemas.events import FeedbackEvent
-from schemas.records import ClosedSession
-from streams.sessionize import (
+from prefstream.schemas.events import FeedbackEvent
+from prefstream.schemas.records import ClosedSession
+from prefstream.streams.sessionize import (
     Clock,
     Outcome,
     Session,

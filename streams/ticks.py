@@ -21,8 +21,8 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
+from prefstream.schemas.events import Tick
 from prefstream.settings import Settings
-from schemas.events import Tick
 
 TICK_KEY_FILE = "tick.key"
 TICK_KEY_BYTES = 32

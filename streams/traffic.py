@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from prefstream.errors import ConfigError
-from schemas.events import (
+from prefstream.schemas.events import (
     MAX_TEXT_CHARS,
     Click,
     Copy,
@@ -47,7 +47,7 @@ from schemas.events import (
     ThumbsDown,
     ThumbsUp,
 )
-from streams.content import SourcePair, read_source, rephrase, split_holdout
+from prefstream.streams.content import SourcePair, read_source, rephrase, split_holdout
 
 MODEL_VERSIONS = ("chat-v1.0", "chat-v1.1", "chat-v2.0-rc")
 LATE_BY = timedelta(hours=6)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from streams.broker import EmbeddedBroker
+from prefstream.streams.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="module")

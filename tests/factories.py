@@ -12,9 +12,9 @@ from typing import Any
 
 from kafka.partitioner.default import murmur2
 
-from schemas.events import EVENT_ADAPTER, FeedbackEvent
-from schemas.records import Pair, SessionSummary
-from storage.partitions import partition_for
+from prefstream.schemas.events import EVENT_ADAPTER, FeedbackEvent
+from prefstream.schemas.records import Pair, SessionSummary
+from prefstream.storage.partitions import partition_for
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 _ids = count()

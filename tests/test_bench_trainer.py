@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from trainer_fixtures import tiny_backbone
 
-from trainer.data import normalize_text
+from prefstream.trainer.data import normalize_text
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trainer.py"
 TOPICS = ("tea", "rust", "paris", "tax", "yoga", "bread", "sql", "mars", "jazz", "chess")

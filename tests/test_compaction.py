@@ -28,16 +28,16 @@ from hypothesis import strategies as st
 from kafka.partitioner.default import murmur2
 from test_storage import query
 
+from prefstream.schemas.records import DeadLetter, Pair
 from prefstream.settings import Settings
-from schemas.records import DeadLetter, Pair
-from storage import compact, files
-from storage.catalog import (
+from prefstream.storage import compact, files
+from prefstream.storage.catalog import (
     catalog_in_use,
     ensure_catalog,
     live_scan_sql,
     table_view_sql,
 )
-from storage.compact import (
+from prefstream.storage.compact import (
     GC,
     MARKERS_DIR,
     MAX_PER_PASS,
@@ -48,7 +48,7 @@ from storage.compact import (
     remove_superseded,
     remove_superseded_manifests,
 )
-from storage.files import (
+from prefstream.storage.files import (
     IdIndex,
     Watermark,
     content_sha256,
@@ -64,7 +64,7 @@ from storage.files import (
     write_rows,
     write_watermark,
 )
-from storage.partitions import (
+from prefstream.storage.partitions import (
     CURRENT,
     file_name,
     generation_dir,
@@ -72,9 +72,9 @@ from storage.partitions import (
     partition_for,
     stamp_of,
 )
-from storage.tables import SEALED_TABLES, TABLES, to_arrow
-from streams.pipeline import MemoryStore, Pipeline, replay
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.tables import SEALED_TABLES, TABLES, to_arrow
+from prefstream.streams.pipeline import MemoryStore, Pipeline, replay
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
 GAP = timedelta(minutes=30)
@@ -118,7 +118,7 @@ def generations(folder: Path) -> list[str]:
 HOLD_CATALOG = r"""
 import sys
 from pathlib import Path
-from storage.catalog import connect_readonly
+from prefstream.storage.catalog import connect_readonly
 con = connect_readonly(Path(sys.argv[1]))
 con.execute("SELECT count(*) FROM pairs").fetchall()
 print("ready", flush=True)
@@ -596,7 +596,7 @@ def test_a_failed_compaction_is_logged_and_changes_nothing(data_dir, caplog):
     pq.write_table(rows.set_column(at_col, "event_time", pa.array(["not a time"] * len(rows))),
                    good.parent / "part-99999999T000000000000-deadbeef.parquet")
     listing = sorted((data_dir / "pairs" / H12).rglob("*"))
-    with caplog.at_level(logging.ERROR, logger="storage.compact"):
+    with caplog.at_level(logging.ERROR, logger="prefstream.storage.compact"):
         made = compact_after_flush(data_dir=data_dir, sealed=[H12, H13], written={},
                                    max_files=32, grace=GRACE)
     assert [p.parents[1].name for p in made] == [H13]

@@ -24,9 +24,9 @@ import yaml
 from prefstream.cli import build_parser
 from prefstream.settings import Settings
 from prefstream.settings_doc import all_variables
-from streams import metrics
-from streams.broker import free_port
-from trainer.config import TrainConfig
+from prefstream.streams import metrics
+from prefstream.streams.broker import free_port
+from prefstream.trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -300,8 +300,8 @@ def _instructions() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_copies_every_package_the_project_installs() -> None:
-    includes = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
-    packages = {pattern.rstrip("*") for pattern in includes}
+    folders = PYPROJECT["tool"]["setuptools"]["package-dir"].values()
+    packages = {folder.split("/")[0] for folder in folders}
     copies = [rest.split() for word, rest in _instructions() if word == "COPY"]
     copied = {src.rstrip("/") for *sources, _ in copies for src in sources}
     assert packages <= copied, packages - copied

@@ -27,12 +27,12 @@ import pytest
 from test_compaction import ARRIVAL_MS, canonical, traffic_records
 
 from prefstream.settings import Settings
-from storage.catalog import ensure_catalog
-from storage.compact import GC, TODO, compact_after_flush, marked
-from storage.files import init_data_dir, read_table, sealed_partitions
-from storage.partitions import CURRENT
-from storage.tables import SEALED_TABLES, TABLES
-from streams.pipeline import replay
+from prefstream.storage.catalog import ensure_catalog
+from prefstream.storage.compact import GC, TODO, compact_after_flush, marked
+from prefstream.storage.files import init_data_dir, read_table, sealed_partitions
+from prefstream.storage.partitions import CURRENT
+from prefstream.storage.tables import SEALED_TABLES, TABLES
+from prefstream.streams.pipeline import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 N_EVENTS = 1000
@@ -43,7 +43,7 @@ import json, logging, sys, time
 from datetime import timedelta
 from pathlib import Path
 from prefstream.settings import Settings
-from storage.compact import compact_after_flush
+from prefstream.storage.compact import compact_after_flush
 from test_compaction import feed_pipeline, traffic_records
 
 data_dir, n_events, grace_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
@@ -59,8 +59,8 @@ class Count(logging.Handler):
             counts["removed"] += int(words[1])
 
 
-logging.getLogger("storage.compact").addHandler(Count())
-logging.getLogger("storage.compact").setLevel(logging.INFO)
+logging.getLogger("prefstream.storage.compact").addHandler(Count())
+logging.getLogger("prefstream.storage.compact").setLevel(logging.INFO)
 settings = Settings(data_dir=data_dir, partitions=2, metrics_port=0, compaction_max_files=3,
                     compaction_grace_s=grace_s)
 records = traffic_records(n_events, 2)
@@ -77,7 +77,7 @@ print(json.dumps({**during, "flushes": flushes, "started": started, "ended": tim
 ANALYST = r"""
 import json, sys, time
 from pathlib import Path
-from storage.catalog import connect_readonly
+from prefstream.storage.catalog import connect_readonly
 
 data_dir, stop, session = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "session"
 TABLES = {"pairs": "pair_id", "ties": "tie_id", "unpaired": "row_id", "refusals": "refusal_id",
@@ -117,8 +117,8 @@ if session:
 TRAINER = r"""
 import json, sys, time
 from pathlib import Path
-from storage.files import read_table, sealed_partitions
-from trainer.data import temporal_split, within_split
+from prefstream.storage.files import read_table, sealed_partitions
+from prefstream.trainer.data import temporal_split, within_split
 
 data_dir, stop = Path(sys.argv[1]), Path(sys.argv[2])
 print("ready", flush=True)

@@ -26,14 +26,14 @@ from test_e2e import T0, TABLE_IDS, make_settings, query, start_worker, stop, wa
 
 from prefstream.demo import drained, end_offsets
 from prefstream.settings import Settings
-from storage.files import init_data_dir, read_watermarks
-from streams.broker import EmbeddedBroker
-from streams.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
-from streams.pipeline import TICK_PREFIX, replay
-from streams.producer import FeedbackProducer
-from streams.run import prepare
-from streams.ticks import with_tick_key_of
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.files import init_data_dir, read_watermarks
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
+from prefstream.streams.pipeline import TICK_PREFIX, replay
+from prefstream.streams.producer import FeedbackProducer
+from prefstream.streams.run import prepare
+from prefstream.streams.ticks import with_tick_key_of
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
 
@@ -55,7 +55,7 @@ def test_crash_points_parse_counts_and_reject_unknown_names() -> None:
 
 
 def test_a_crash_point_kills_the_process_like_kill_9(tmp_path: Path) -> None:
-    code = ("from streams.crashpoints import CrashPoints\n"
+    code = ("from prefstream.streams.crashpoints import CrashPoints\n"
             "p = CrashPoints.from_env()\n"
             "for _ in range(3):\n    p.reach('write')\n    print('alive', flush=True)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from schemas.events import EVENT_ADAPTER
-from storage.catalog import connect_readonly
-from streams.pairing import normalize_prompt, prompt_similarity
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.schemas.events import EVENT_ADAPTER
+from prefstream.storage.catalog import connect_readonly
+from prefstream.streams.pairing import normalize_prompt, prompt_similarity
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
 

@@ -21,13 +21,13 @@ from kafka import KafkaConsumer, TopicPartition
 
 from prefstream.demo import end_offsets, wait_until_drained
 from prefstream.settings import Settings
-from storage.catalog import connect_readonly, ensure_catalog
-from storage.files import init_data_dir, read_watermarks
-from streams.broker import EmbeddedBroker
-from streams.pipeline import replay
-from streams.producer import FeedbackProducer
-from streams.run import prepare
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.catalog import connect_readonly, ensure_catalog
+from prefstream.storage.files import init_data_dir, read_watermarks
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.pipeline import replay
+from prefstream.streams.producer import FeedbackProducer
+from prefstream.streams.run import prepare
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 pytestmark = pytest.mark.broker
 

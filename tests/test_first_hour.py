@@ -172,7 +172,7 @@ def test_ctrl_c_during_training_stops_the_demo_and_promotes_nothing(
     from datetime import datetime
 
     from prefstream.demo import _train
-    from streams.traffic import TrafficConfig, generate_traffic
+    from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
     copy = tmp_path / "copy"
     shutil.copytree(demo_run["data_dir"], copy, symlinks=True,

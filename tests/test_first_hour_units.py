@@ -24,16 +24,22 @@ from prefstream.logs import JsonFormatter, NewHeadReport, faust_logging_config
 from prefstream.report import _model_panels
 from prefstream.settings import check_host_port
 from prefstream.status import dead_letter_cause, format_text
-from storage.catalog import (
+from prefstream.storage.catalog import (
     CATALOG_NAME,
     STORAGE_NUMBER,
     connect_readonly,
     ensure_catalog,
     storage_number,
 )
-from storage.files import Watermark, init_data_dir, seal_ready, write_rows, write_watermark
-from trainer.card import model_card
-from trainer.registry import current_version, promote, recover, save_version
+from prefstream.storage.files import (
+    Watermark,
+    init_data_dir,
+    seal_ready,
+    write_rows,
+    write_watermark,
+)
+from prefstream.trainer.card import model_card
+from prefstream.trainer.registry import current_version, promote, recover, save_version
 
 ROOT = Path(__file__).resolve().parents[1]
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
@@ -246,7 +252,7 @@ def test_make_demo_prints_only_what_prefstream_prints() -> None:
 def test_the_embedded_broker_prefers_the_kafka_port_when_free() -> None:
     import socket
 
-    from streams.broker import free_port, preferred_port
+    from prefstream.streams.broker import free_port, preferred_port
 
     port = free_port()
     assert preferred_port(port) == port

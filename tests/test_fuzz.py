@@ -51,13 +51,13 @@ from test_e2e import T0 as E2E_END
 from test_e2e import make_settings, query, read_topic, reference, start_worker, stop
 
 from prefstream.demo import end_offsets, wait_until_drained
+from prefstream.schemas.events import MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
-from schemas.events import MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_WALL_MS
-from storage.files import init_data_dir, read_table
-from storage.tables import TABLES
-from streams.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
-from streams.run import prepare
-from streams.traffic import LATE_BY, TrafficConfig, generate_traffic
+from prefstream.storage.files import init_data_dir, read_table
+from prefstream.storage.tables import TABLES
+from prefstream.streams.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
+from prefstream.streams.run import prepare
+from prefstream.streams.traffic import LATE_BY, TrafficConfig, generate_traffic
 
 END = T0  # the latest event time of the valid traffic
 HOURS = 2
@@ -547,7 +547,7 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
                                key=f"flood-{i}".encode(), value=value,
                                timestamp_ms=ARRIVAL_MS) == []
         assert pipeline.state(0).open_sessions <= 3
-    with caplog.at_level(logging.WARNING, logger="streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
         batch = pipeline.flush_rows()
     warnings = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("7 open sessions closed early")
@@ -560,7 +560,7 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
     assert [r["reason"] for r in rows(config.data_dir, "refusals")] == ["not_exposed"] * 7
     caplog.clear()
     pipeline.forget_flushed()
-    with caplog.at_level(logging.WARNING, logger="streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
         pipeline.flush_rows()  # nothing evicted since: no warning, the counter stays
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
     assert pipeline.metrics.value("prefstream_sessions_evicted_total", partition="0") == 7
@@ -571,7 +571,7 @@ def test_dead_letters_are_summed_up_in_one_warning_per_flush(tmp_path, caplog):
     config = Settings(data_dir=tmp_path / "data", partitions=1, metrics_port=0)
     init_data_dir(config.data_dir)
     pipeline = Pipeline(config, MemoryStore())
-    with caplog.at_level(logging.WARNING, logger="streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
         for i in range(3):
             assert len(pipeline.handle(topic=config.events_topic, partition=0, offset=i,
                                        key=b"k", value=b"{not json", timestamp_ms=ARRIVAL_MS)) == 1

@@ -18,8 +18,8 @@ from test_crash import applied, assert_equals_uninterrupted, is_drained, produce
 from test_e2e import make_settings, start_worker, stop, wait_for
 
 from prefstream.demo import end_offsets
-from streams.broker import EmbeddedBroker
-from streams.crashpoints import CRASH_ENV
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.crashpoints import CRASH_ENV
 
 pytestmark = pytest.mark.broker
 

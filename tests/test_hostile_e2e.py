@@ -19,12 +19,12 @@ from kafka import KafkaProducer
 from test_e2e import make_settings, start_worker, wait_for
 
 from prefstream.demo import funnel
-from schemas.events import MAX_TEXT_CHARS
-from storage.catalog import ensure_catalog
-from storage.files import read_table
-from streams.broker import EmbeddedBroker
-from streams.run import prepare
-from streams.starts import STARTS_DIR
+from prefstream.schemas.events import MAX_TEXT_CHARS
+from prefstream.storage.catalog import ensure_catalog
+from prefstream.storage.files import read_table
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.run import prepare
+from prefstream.streams.starts import STARTS_DIR
 
 pytestmark = pytest.mark.broker
 

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from prefstream.schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
-from schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
-from storage.files import init_data_dir, read_table
-from streams.pipeline import MemoryStore, Pipeline, SideMessage, replay
-from streams.sessionize import Clock, SessionSlot
-from streams.ticks import sign_tick, tick_key
+from prefstream.storage.files import init_data_dir, read_table
+from prefstream.streams.pipeline import MemoryStore, Pipeline, SideMessage, replay
+from prefstream.streams.sessionize import Clock, SessionSlot
+from prefstream.streams.ticks import sign_tick, tick_key
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 NOW_MS = int(NOW.timestamp() * 1000)

@@ -25,12 +25,12 @@ from test_producer import read_all
 from prefstream.demo import end_offsets
 from prefstream.errors import ProducerError
 from prefstream.settings import Settings
-from storage.files import read_watermarks
-from streams.broker import EmbeddedBroker, free_port
-from streams.logwatch import LogWatch
-from streams.producer import FeedbackProducer
-from streams.run import prepare
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.files import read_watermarks
+from prefstream.streams.broker import EmbeddedBroker, free_port
+from prefstream.streams.logwatch import LogWatch
+from prefstream.streams.producer import FeedbackProducer
+from prefstream.streams.run import prepare
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 BLOCK_MS = 300
 #: scheduling slack over the bound on a busy 2-core machine (the bound itself is 0.3 s); a

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas import events as sch
-from schemas.records import ClosedSession, PairingResult, Session, SessionEvent
-from storage.partitions import partition_for
-from streams.pairing import (
+from prefstream.schemas import events as sch
+from prefstream.schemas.records import ClosedSession, PairingResult, Session, SessionEvent
+from prefstream.storage.partitions import partition_for
+from prefstream.streams.pairing import (
     REFUSAL_REASONS,
     RULES,
     RuleConfig,

@@ -14,10 +14,10 @@ from pydantic import ValidationError
 from tls_broker import Pki, TlsBroker, make_pki
 
 from prefstream.errors import ConfigError, ProducerError
+from prefstream.schemas.events import EVENT_ADAPTER
 from prefstream.settings import KafkaSecurity
-from schemas.events import EVENT_ADAPTER
-from streams.broker import EmbeddedBroker, free_port
-from streams.producer import FeedbackProducer
+from prefstream.streams.broker import EmbeddedBroker, free_port
+from prefstream.streams.producer import FeedbackProducer
 
 pytestmark = pytest.mark.broker
 

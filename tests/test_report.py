@@ -25,12 +25,12 @@ import duckdb
 import pytest
 from factories import at, pair, session_row
 
-import trainer.registry  # noqa: F401  (registers the ``models`` view)
+import prefstream.trainer.registry  # noqa: F401  (registers the ``models`` view)
 from prefstream import report
 from prefstream.cli import main
-from schemas.records import DeadLetter, Refusal, Tie
-from storage.catalog import CATALOG_NAME, ensure_catalog
-from storage.files import (
+from prefstream.schemas.records import DeadLetter, Refusal, Tie
+from prefstream.storage.catalog import CATALOG_NAME, ensure_catalog
+from prefstream.storage.files import (
     Watermark,
     init_data_dir,
     read_table,
@@ -38,10 +38,10 @@ from storage.files import (
     write_rows,
     write_watermark,
 )
-from storage.partitions import partition_for
-from trainer.config import TrainConfig
-from trainer.data import length_bias
-from trainer.registry import METADATA, json_default, models_dir, promote
+from prefstream.storage.partitions import partition_for
+from prefstream.trainer.config import TrainConfig
+from prefstream.trainer.data import length_bias
+from prefstream.trainer.registry import METADATA, json_default, models_dir, promote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -342,7 +342,7 @@ def test_a_report_in_progress_never_blocks_the_writer(data_dir: Path, tmp_path: 
     through at once (a new catalog file renamed over the one the report holds)."""
     copy = shutil.copytree(data_dir, tmp_path / "data")
     ensure_catalog(copy)
-    refresh = ("import sys, time; from pathlib import Path; from storage.catalog import "
+    refresh = ("import sys, time; from pathlib import Path; from prefstream.storage.catalog import "
                "ensure_catalog; t = time.monotonic(); ok = ensure_catalog(Path(sys.argv[1])); "
                "print(ok, time.monotonic() - t)")
     con = report._connect(copy)

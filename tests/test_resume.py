@@ -17,9 +17,9 @@ import pytest
 from factories import T0
 
 from prefstream.settings import Settings
-from storage.files import init_data_dir, read_table
-from streams.pipeline import MemoryStore, Pipeline, replay
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.files import init_data_dir, read_table
+from prefstream.streams.pipeline import MemoryStore, Pipeline, replay
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 PARTITIONS = 2
 ARRIVAL_MS = int(T0.timestamp() * 1000) + 3_600_000

@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from schemas.events import EVENT_ADAPTER, EVENT_TYPES, MAX_TEXT_CHARS, Copy, Impression
+from prefstream.schemas.events import EVENT_ADAPTER, EVENT_TYPES, MAX_TEXT_CHARS, Copy, Impression
 
 ids = st.from_regex(r"[A-Za-z0-9_.:-]{1,40}", fullmatch=True)
 texts = st.text(min_size=1, max_size=200)

@@ -14,8 +14,8 @@ from factories import T0, at, event
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from schemas.records import ClosedSession, Session, SessionEvent
-from streams.sessionize import (
+from prefstream.schemas.records import ClosedSession, Session, SessionEvent
+from prefstream.streams.sessionize import (
     EPOCH,
     TICK,
     Clock,

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings
 from test_producer import read_records
 
 from prefstream.cli import COMMAND_MODULES, SETTINGS_FLAGS, build_parser
+from prefstream.schemas.events import EVENT_ADAPTER, EVENT_TYPES
+from prefstream.schemas.records import ClosedSession, Session, SessionEvent
 from prefstream.settings import Settings
 from prefstream.settings_doc import (
     BEGIN,
@@ -31,17 +33,15 @@ from prefstream.settings_doc import (
     replace_section,
     rows,
 )
-from schemas.events import EVENT_ADAPTER, EVENT_TYPES
-from schemas.records import ClosedSession, Session, SessionEvent
-from streams.broker import EmbeddedBroker
-from streams.pairing import (
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.pairing import (
     REFORMULATE_SIM_DISCOUNT,
     REFUSAL_REASONS,
     RULES,
     RuleConfig,
     session_to_pairs,
 )
-from trainer.config import TrainConfig
+from prefstream.trainer.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

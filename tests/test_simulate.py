@@ -20,9 +20,9 @@ from prefstream.simulate import (
     simulate_config,
     write_truth,
 )
-from storage.catalog import connect_readonly
-from streams.content import read_source
-from streams.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.catalog import connect_readonly
+from prefstream.streams.content import read_source
+from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 END = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -13,9 +13,9 @@ from factories import T0, at, event
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from schemas.records import ClosedSession
-from streams.sessionize import Clock, SessionRules, add_event
-from streams.state import EVICTION_HEAP_SLACK, PartitionSessions
+from prefstream.schemas.records import ClosedSession
+from prefstream.streams.sessionize import Clock, SessionRules, add_event
+from prefstream.streams.state import EVICTION_HEAP_SLACK, PartitionSessions
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
 T0_MS = int(T0.timestamp() * 1000)

@@ -16,10 +16,10 @@ import pytest
 from factories import at, pair, session_row
 
 from prefstream.cli import main
+from prefstream.schemas.records import DeadLetter, LateEvent
 from prefstream.status import collect, format_text
-from schemas.records import DeadLetter, LateEvent
-from storage.catalog import CATALOG_NAME, ensure_catalog
-from storage.files import (
+from prefstream.storage.catalog import CATALOG_NAME, ensure_catalog
+from prefstream.storage.files import (
     Watermark,
     init_data_dir,
     live_files,
@@ -27,8 +27,8 @@ from storage.files import (
     write_rows,
     write_watermark,
 )
-from storage.partitions import partition_for
-from trainer.registry import promote, save_version
+from prefstream.storage.partitions import partition_for
+from prefstream.trainer.registry import promote, save_version
 
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
 NOW = at(180)  # 15:00, two hours after 13:00 ended

@@ -24,9 +24,9 @@ from factories import at, pair, session_row
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage import files
-from storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
-from storage.files import (
+from prefstream.storage import files
+from prefstream.storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
+from prefstream.storage.files import (
     IdIndex,
     Watermark,
     content_sha256,
@@ -41,8 +41,8 @@ from storage.files import (
     write_rows,
     write_watermark,
 )
-from storage.partitions import partition_bounds, partition_for
-from storage.tables import SEALED_TABLES, TABLES, to_arrow
+from prefstream.storage.partitions import partition_bounds, partition_for
+from prefstream.storage.tables import SEALED_TABLES, TABLES, to_arrow
 
 H12, H13 = "2024-05-01T12", "2024-05-01T13"  # the hours of at(0) and at(60)
 GAP = timedelta(minutes=30)
@@ -561,7 +561,7 @@ def test_prefstream_processes_use_jemalloc_for_arrow_unless_the_user_names_a_poo
         "path = sys.argv[1]\n"
         "pq.write_table(pa.table({'a': list(range(100000))}), path)\n"
         "pq.read_table(path)\n"
-        "from storage.tables import memory_pool\n"
+        "from prefstream.storage.tables import memory_pool\n"
         "others = [p for p in ('mimalloc', 'jemalloc', 'system') if p != memory_pool()]\n"
         "used = {p: getattr(pa, p + '_memory_pool')().max_memory() for p in others}\n"
         "assert not any(used.values()), used\n"

@@ -26,10 +26,10 @@ from trainer_fixtures import build_data_dir, tiny_config
 from prefstream.report import write_report
 from prefstream.settings import Settings
 from prefstream.status import collect, format_text
-from storage import compact
-from storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
-from storage.compact import compact_after_flush
-from storage.files import (
+from prefstream.storage import compact
+from prefstream.storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
+from prefstream.storage.compact import compact_after_flush
+from prefstream.storage.files import (
     Watermark,
     init_data_dir,
     live_files,
@@ -38,13 +38,13 @@ from storage.files import (
     write_rows,
     write_watermark,
 )
-from storage.quarantine import QUARANTINE_DIR, quarantined
-from storage.repair import repair_data_dir
-from streams.broker import EmbeddedBroker
-from streams.logscrub import scrub
-from trainer.export import export_preferences
-from trainer.registry import read_metadata, version_path
-from trainer.service import run_once
+from prefstream.storage.quarantine import QUARANTINE_DIR, quarantined
+from prefstream.storage.repair import repair_data_dir
+from prefstream.streams.broker import EmbeddedBroker
+from prefstream.streams.logscrub import scrub
+from prefstream.trainer.export import export_preferences
+from prefstream.trainer.registry import read_metadata, version_path
+from prefstream.trainer.service import run_once
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET_KEY, SASL_PASSWORD = "pseudonym-key-not-for-the-broker", "sasl-password-not-for-it"
@@ -286,8 +286,8 @@ def test_a_worker_with_debug_logs_under_redact_starts_past_damage_and_logs_no_te
         traffic_end,
         wait_until_drained,
     )
-    from streams.broker import free_port
-    from streams.traffic import TrafficConfig, generate_traffic
+    from prefstream.streams.broker import free_port
+    from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
@@ -328,7 +328,7 @@ def test_a_worker_with_debug_logs_under_redact_starts_past_damage_and_logs_no_te
 
 
 def test_a_damaged_manifest_version_is_skipped_then_quarantined(data_dir, caplog):
-    from storage.files import manifest_versions, reseal, sealed_partitions
+    from prefstream.storage.files import manifest_versions, reseal, sealed_partitions
 
     write_rows(data_dir=data_dir, table="pairs", rows=[pair("p1")])
     write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 0, 0))

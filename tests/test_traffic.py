@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from prefstream.errors import ConfigError
-from schemas.events import EVENT_ADAPTER, MAX_TEXT_CHARS, Impression, SessionEnd
-from streams.content import (
+from prefstream.schemas.events import EVENT_ADAPTER, MAX_TEXT_CHARS, Impression, SessionEnd
+from prefstream.streams.content import (
     SourcePair,
     parse_lines,
     parse_row,
@@ -26,8 +26,8 @@ from streams.content import (
     split_holdout,
     write_labels,
 )
-from streams.pairing import prompt_similarity
-from streams.traffic import (
+from prefstream.streams.pairing import prompt_similarity
+from prefstream.streams.traffic import (
     BAD_KINDS,
     LATE_BY,
     TOPICS,

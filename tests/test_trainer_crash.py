@@ -28,11 +28,11 @@ from typing import Any
 import pytest
 from trainer_fixtures import build_data_dir, tiny_backbone, tiny_config
 
-from storage.catalog import connect_readonly, ensure_catalog
-from trainer.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from trainer.config import TrainConfig
-from trainer.control import PAUSE_ENV
-from trainer.registry import (
+from prefstream.storage.catalog import connect_readonly, ensure_catalog
+from prefstream.trainer.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from prefstream.trainer.config import TrainConfig
+from prefstream.trainer.control import PAUSE_ENV
+from prefstream.trainer.registry import (
     METADATA,
     VERSION_RE,
     current_version,
@@ -106,7 +106,7 @@ def tiny_flags() -> list[str]:
 def forkserver() -> Iterator[BaseContext]:
     """A forkserver that imports the trainer while this process builds the tiny backbone."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["prefstream.cli", "trainer.service"])
+    context.set_forkserver_preload(["prefstream.cli", "prefstream.trainer.service"])
     multiprocessing.forkserver.ensure_running()
     tiny_backbone()
     yield context
@@ -167,7 +167,7 @@ def registry_state(data_dir: Path) -> dict[str, Any]:
 
 def _assert_loads(folder: Path) -> None:
     """Model weights and tokenizer load as a scalar reward model."""
-    from trainer.model import load
+    from prefstream.trainer.model import load
 
     model, tokenizer = load(folder)
     assert model.config.num_labels == 1 and tokenizer("a b")["input_ids"]
@@ -237,10 +237,10 @@ def test_an_unknown_pause_point_is_a_usage_error(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
 
-    import trainer.cli
+    import prefstream.trainer.cli
 
     parser = argparse.ArgumentParser()
-    trainer.cli.register(parser.add_subparsers())
+    prefstream.trainer.cli.register(parser.add_subparsers())
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=1, unsealed=False)
     args = parser.parse_args(["trainer", "--data-dir", str(data_dir), "--once"])
     monkeypatch.setenv(PAUSE_ENV, "train,nap")

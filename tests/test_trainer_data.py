@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streams.pairing import normalize_prompt
-from trainer.data import (
+from prefstream.streams.pairing import normalize_prompt
+from prefstream.trainer.data import (
     cap_per_user,
     dedupe_exact,
     dedupe_near,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import TrainerError
-from trainer.evaluate import PROBES, first_sentence, load_explicit_labels, pair_metrics
+from prefstream.trainer import TrainerError
+from prefstream.trainer.evaluate import PROBES, first_sentence, load_explicit_labels, pair_metrics
 
 
 def p(chosen: str, rejected: str, rule: str) -> dict[str, str]:
@@ -67,7 +67,7 @@ def test_hh_dialogue_labels_are_split_at_the_final_assistant_turn(tmp_path):
     import gzip
     import json
 
-    from trainer.evaluate import load_explicit_labels
+    from prefstream.trainer.evaluate import load_explicit_labels
 
     rows = [
         {"chosen": "\n\nHuman: hi\n\nAssistant: hello there", "rejected":

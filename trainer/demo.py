@@ -15,10 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.files import sealed_partitions
-from trainer.config import ENV_PREFIX, TrainConfig
-from trainer.data import temporal_split
-from trainer.service import CycleResult, read_pairs, run_once
+from prefstream.storage.files import sealed_partitions
+from prefstream.trainer.config import ENV_PREFIX, TrainConfig
+from prefstream.trainer.data import temporal_split
+from prefstream.trainer.service import CycleResult, read_pairs, run_once
 
 DEMO_DEFAULTS: dict[str, Any] = {"max_length": 128, "epochs": 2, "head_epochs": 0.5}
 LABELS_FILE = "demo-explicit-labels.jsonl"

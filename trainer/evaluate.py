@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer import TrainerError
-from trainer.config import TrainConfig
-from trainer.data import PairDict, drop_too_long, is_length_matched
-from trainer.model import attach_tokens, encode, n_tokens, score_encoded
+from prefstream.trainer import TrainerError
+from prefstream.trainer.config import TrainConfig
+from prefstream.trainer.data import PairDict, drop_too_long, is_length_matched
+from prefstream.trainer.model import attach_tokens, encode, n_tokens, score_encoded
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from storage.files import read_table, sealed_partitions
-from trainer import TrainerError
-from trainer.loss import pair_margin
+from prefstream.storage.files import read_table, sealed_partitions
+from prefstream.trainer import TrainerError
+from prefstream.trainer.loss import pair_margin
 
 
 def sealed_names(data_dir: Path, partitions: Sequence[str] | None = None) -> list[str]:

@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer import Interrupted, TrainerError
-from trainer.config import TrainConfig
-from trainer.loss import bradley_terry_loss, pair_accuracy
-from trainer.model import (
+from prefstream.trainer import Interrupted, TrainerError
+from prefstream.trainer.config import TrainConfig
+from prefstream.trainer.loss import bradley_terry_loss, pair_accuracy
+from prefstream.trainer.model import (
     PairDict,
     collate_pairs,
     forward_rewards,

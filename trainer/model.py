@@ -29,7 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from trainer.loss import pair_margin
+from prefstream.trainer.loss import pair_margin
 
 #: token ids of prompt + answer, and token type ids where the backbone uses them
 Encoded = tuple[list[int], list[int] | None]

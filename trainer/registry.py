@@ -31,10 +31,10 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from storage.catalog import EXTRA_VIEWS, ensure_catalog
-from storage.files import fsync_path
-from trainer import TrainerError
-from trainer.card import model_card
+from prefstream.storage.catalog import EXTRA_VIEWS, ensure_catalog
+from prefstream.storage.files import fsync_path
+from prefstream.trainer import TrainerError
+from prefstream.trainer.card import model_card
 
 log = logging.getLogger(__name__)
 

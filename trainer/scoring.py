@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.model import Encoded, encode, load, resolve_device, score_encoded
-from trainer.registry import read_metadata, version_path
+from prefstream.trainer.model import Encoded, encode, load, resolve_device, score_encoded
+from prefstream.trainer.registry import read_metadata, version_path
 
 log = logging.getLogger(__name__)
 

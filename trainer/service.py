@@ -26,14 +26,14 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from prefstream.errors import PrefstreamError
-from storage.files import live_files, sealed_partitions
-from storage.verify import read_sealed
-from streams.metrics import Metrics
-from streams.metrics import serve as serve_metrics
-from trainer import Interrupted
-from trainer.config import TrainConfig
-from trainer.control import Control, stop_on_signals
-from trainer.data import (
+from prefstream.storage.files import live_files, sealed_partitions
+from prefstream.storage.verify import read_sealed
+from prefstream.streams.metrics import Metrics
+from prefstream.streams.metrics import serve as serve_metrics
+from prefstream.trainer import Interrupted
+from prefstream.trainer.config import TrainConfig
+from prefstream.trainer.control import Control, stop_on_signals
+from prefstream.trainer.data import (
     PairDict,
     Report,
     Split,
@@ -45,10 +45,10 @@ from trainer.data import (
     temporal_split,
     within_split,
 )
-from trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
-from trainer.fit import Setup, fit, setup
-from trainer.model import attach_tokens, load, n_tokens
-from trainer.registry import (
+from prefstream.trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
+from prefstream.trainer.fit import Setup, fit, setup
+from prefstream.trainer.model import attach_tokens, load, n_tokens
+from prefstream.trainer.registry import (
     current_version,
     json_default,
     latest_metadata,
