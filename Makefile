@@ -3,7 +3,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean bench
+.PHONY: install demo test lint layers clean bench
 
 $(BIN)/prefstream: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -20,10 +20,14 @@ demo: install
 # Most tests wait on a broker, a worker or a subprocess: three pytest-xdist workers keep two
 # cores busy. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 3
-test: install
+test: layers
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
-lint: install
+# The import contracts of pyproject.toml ([tool.importlinter]): layers only point down.
+layers: install
+	$(BIN)/python tools/lint_layers.py
+
+lint: layers
 	$(BIN)/ruff check .
 
 # Every benchmark, then docs/benchmarks.md from benchmarks/results/*.json. Skip some with

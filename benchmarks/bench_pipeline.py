@@ -49,13 +49,13 @@ from machine import (  # noqa: E402
 )
 from workers import Deadline, StageError, metric_sum, start_worker, stop_worker  # noqa: E402
 
-from prefstream.demo import end_offsets, scrape, traffic_end  # noqa: E402
 from prefstream.settings import Settings  # noqa: E402
+from prefstream.sim.demo import end_offsets, scrape, traffic_end  # noqa: E402
+from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
 from prefstream.storage.files import read_watermarks  # noqa: E402
 from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from prefstream.streams.producer import FeedbackProducer  # noqa: E402
-from prefstream.streams.run import prepare  # noqa: E402
-from prefstream.streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+from prefstream.streams.worker.run import prepare  # noqa: E402
 
 PARTITIONS = 4
 STAGES = ("throughput", "freshness", "memory")

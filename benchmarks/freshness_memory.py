@@ -33,11 +33,11 @@ from workers import (
 
 from prefstream.schemas.events import Impression
 from prefstream.settings import Settings
+from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly
 from prefstream.storage.files import read_watermarks
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.run import prepare
-from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic
+from prefstream.streams.worker.run import prepare
 
 HOURS = 2
 POLL_S = 0.25
@@ -200,7 +200,7 @@ def _replay(settings: Settings, plan: list[Send], deadline: Deadline
 
 def _wait_drained(settings: Settings, deadline: Deadline) -> None:
     """Until every partition's rows are stored up to its end offset and no session is open."""
-    from prefstream.demo import end_offsets
+    from prefstream.sim.demo import end_offsets
 
     ends = end_offsets(settings)
     while True:

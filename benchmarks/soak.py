@@ -4,7 +4,7 @@
                               [--out benchmarks/results/soak.json]
 
 An embedded broker, a ``prefstream worker`` process and a producer thread sending the synthetic
-traffic (``streams.traffic``: bad, late and duplicate messages included) at about ``--rate``
+traffic (``prefstream.sim.traffic``: bad, late and duplicate messages included) at about ``--rate``
 messages per second. Traffic comes in chunks of one minute of wall time, each ``HOURS`` of the
 generator's event time compressed into that minute and moved onto the wall clock
 (``freshness_memory.replay_plan``); the worker's gap and grace are compressed alike, so
@@ -46,13 +46,13 @@ from freshness_memory import HOURS, Send, replay_plan, retimed  # noqa: E402
 from machine import LoadMonitor, command_line, machine_info, now_iso, write_result  # noqa: E402
 from workers import Deadline, memory_mb, start_worker, stop_worker  # noqa: E402
 
-from prefstream.demo import scrape  # noqa: E402
 from prefstream.settings import Settings  # noqa: E402
+from prefstream.sim.demo import scrape  # noqa: E402
+from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
 from prefstream.storage.files import read_watermarks  # noqa: E402
 from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from prefstream.streams.producer import FeedbackProducer  # noqa: E402
-from prefstream.streams.run import prepare  # noqa: E402
-from prefstream.streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+from prefstream.streams.worker.run import prepare  # noqa: E402
 
 CHUNK_S = 60.0  # wall seconds per generated chunk of traffic
 #: a shorter steady window gives a slope but no memory verdict: one allocator step (pyarrow,

@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from prefstream.demo import scrape
 from prefstream.settings import Settings
+from prefstream.sim.demo import scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

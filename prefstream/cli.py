@@ -7,14 +7,12 @@ stderr naming the flag or variable to change, nothing created), 130 stopped by C
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 # Before anything imports pyarrow, which picks its memory pool once, from this variable: with
 # pyarrow's default (mimalloc) a long-running worker grew about six times faster than with
@@ -23,14 +21,22 @@ os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 
 from pydantic import ValidationError  # noqa: E402
 
+from prefstream import evaluate, report, simulate, status  # noqa: E402
+from prefstream.args import (  # noqa: E402,F401  (re-exported: the commands' shared plumbing)
+    add_settings_flags,
+    describe_validation,
+    positive_float,
+    positive_int,
+    settings_from,
+)
 from prefstream.errors import PrefstreamError  # noqa: E402
 from prefstream.logs import log_format, setup_logging  # noqa: E402
+from prefstream.trainer import cli as trainer_cli  # noqa: E402
 
-#: modules adding subcommands through ``register(subparsers)``
-COMMAND_MODULES = (
-    "prefstream.trainer.cli", "prefstream.simulate", "prefstream.evaluate", "prefstream.status",
-    "prefstream.report",
-)
+#: modules adding subcommands through ``register(subparsers)``, in the help's order
+COMMANDS = (trainer_cli, simulate, evaluate, status, report)
+#: their names (the settings doc finds each one's settings models)
+COMMAND_MODULES = tuple(module.__name__ for module in COMMANDS)
 SETTINGS_FLAGS = (
     "kafka_bootstrap", "data_dir", "app_id", "events_topic", "partitions", "gap_s", "grace_s",
     "idle_s", "tick_interval_s", "flush_interval_s", "flush_max_events", "rebalance_timeout_s",
@@ -46,60 +52,6 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def describe_validation(exc: ValidationError) -> str:
-    """A settings error on one line, naming each field's flag and variable."""
-    parts = []
-    for err in exc.errors(include_url=False):
-        name = "__".join(str(p) for p in err["loc"]) or "settings"
-        where = f"--{name.replace('_', '-')} or PREFSTREAM_{name.upper()}"
-        parts.append(f"{name} ({where}): {err['msg'].removeprefix('Value error, ')}")
-    return "invalid configuration: " + "; ".join(parts)
-
-
-def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:
-    """One flag per settings field, help text generated from the model (``[env: ...]``)."""
-    from prefstream.settings import Settings
-
-    for name in names:
-        field = Settings.model_fields[name]
-        default = field.default if field.default is not None else "embedded broker"
-        parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=None, metavar=name.upper(),
-            help=f"{field.description or ''} [env: PREFSTREAM_{name.upper()}] "
-                 f"[default: {default}]".strip(),
-        )
-
-
-def settings_from(args: argparse.Namespace, names: Sequence[str], **overrides: Any) -> Any:
-    """Settings from env vars, overridden by the flags given on the command line."""
-    from prefstream.settings import Settings
-
-    given = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    return Settings(**{**overrides, **given})
-
-
 def _cmd_schema(args: argparse.Namespace) -> int:
     from prefstream.schemas.events import event_json_schema
 
@@ -108,13 +60,13 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from prefstream.streams.run import run_worker
+    from prefstream.streams.worker.run import run_worker
 
     return run_worker(settings_from(args, SETTINGS_FLAGS), loglevel=args.loglevel)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from prefstream.demo import run_demo
+    from prefstream.sim.demo import run_demo
 
     return run_demo(args)
 
@@ -147,13 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-train", action="store_true", help="skip the trainer cycle at the end")
     p.set_defaults(func=_cmd_demo)
 
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a real import error inside the module: show it
-                raise
-            continue
+    for module in COMMANDS:
         module.register(sub)
     return parser
 

@@ -21,13 +21,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefstream.cli import settings_from
-from prefstream.demo import _print, funnel
+from prefstream.args import settings_from
 from prefstream.errors import ConfigError
+from prefstream.sim.demo import funnel, print_summary
+from prefstream.sim.traffic import prefers
 from prefstream.simulate import TRUTH_FILE, read_truth
 from prefstream.storage.catalog import CATALOG_NAME, connect_readonly
-from prefstream.streams.pairing import RuleConfig
-from prefstream.streams.traffic import prefers
+from prefstream.streams.core.pairing import RuleConfig
 
 #: confidence thresholds of the curve: 0.50, 0.55, ..., 0.95
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
@@ -162,7 +162,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                      if v is not None}
         summary["training"] = train_and_audit(data_dir, truth_path, truth, overrides)
     if args.json:
-        _print(summary, as_json=True)
+        print_summary(summary, as_json=True)
     else:
         print(format_text(summary))
     return 0

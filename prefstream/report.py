@@ -22,10 +22,9 @@ from typing import Any
 
 import duckdb
 
-import prefstream.trainer.registry  # noqa: F401  (defines the ``models`` view body; no torch)
 from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
-from prefstream.storage.catalog import CATALOG_NAME, EXTRA_VIEWS, connect_readonly
+from prefstream.storage.catalog import CATALOG_NAME, MODELS_VIEW_SQL, connect_readonly
 from prefstream.trainer.config import TrainConfig
 
 DATA_DIR_ENV = "PREFSTREAM_DATA_DIR"
@@ -113,10 +112,10 @@ def _length_diff(con: duckdb.DuckDBPyConnection) -> tuple[list[float], list[int]
 
 def _models(con: duckdb.DuckDBPyConnection, data_dir: Path) -> list[dict[str, Any]]:
     """Model versions from the ``models`` view; from its definition when the catalog lacks it
-    (a catalog only ever written by workers, which never import the trainer)."""
+    (a catalog written by an older version, before the catalog defined the view)."""
     views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views()").fetchall()}
     source = ("models" if "models" in views
-              else f"({EXTRA_VIEWS['models'].format(root=data_dir.resolve())})")
+              else f"({MODELS_VIEW_SQL.format(root=data_dir.resolve())})")
     rows = con.execute(f"SELECT version, promoted, is_current, metadata FROM {source}").fetchall()
     found = [{**json.loads(m), "version": v, "promoted": bool(p), "current": bool(c)}
              for v, p, c, m in rows if v]

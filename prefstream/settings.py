@@ -27,8 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefstream.errors import ConfigError
-from prefstream.streams.pairing import RuleConfig
-from prefstream.streams.sessionize import SessionRules
+from prefstream.schemas.rules import RuleConfig, SessionRules
 
 log = logging.getLogger(__name__)
 

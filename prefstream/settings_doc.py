@@ -26,7 +26,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings
 
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
-#: modules holding settings models, in table order; then those of ``cli.COMMAND_MODULES``
+#: modules holding settings models, in table order; then those of ``cli.COMMANDS``
 SETTINGS_MODULES = ("prefstream.settings", "prefstream.trainer.config")
 ENV_IN_HELP = re.compile(r"\[env: (PREFSTREAM_\w+)\]")
 BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
@@ -43,19 +43,14 @@ class Row:
 
 def models() -> list[type[BaseSettings]]:
     """Every ``BaseSettings`` class defined in a settings or command module, in table order."""
-    from prefstream.cli import COMMAND_MODULES
+    from prefstream.cli import COMMANDS
 
     found: list[type[BaseSettings]] = []
-    for name in (*SETTINGS_MODULES, *COMMAND_MODULES):
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
+    for module in (*map(importlib.import_module, SETTINGS_MODULES), *COMMANDS):
         found += [obj for obj in vars(module).values()
                   if isinstance(obj, type) and issubclass(obj, BaseSettings)
-                  and obj is not BaseSettings and obj.__module__ == name and obj not in found]
+                  and obj is not BaseSettings and obj.__module__ == module.__name__
+                  and obj not in found]
     return found
 
 

@@ -1,6 +1,6 @@
 """``prefstream simulate``: simulated feedback traffic into Kafka, with its ground truth on disk.
 
-One generator (:func:`streams.traffic.generate_traffic`), two content sources: the built-in
+One generator (:func:`prefstream.sim.traffic.generate_traffic`), two content sources: the built-in
 synthetic texts, or a preference JSONL file (``--source``; prompt/chosen/rejected rows or HH-RLHF
 dialogues). The run's ground truth (every answer's latent quality, the traffic config and the
 generator's counts) goes to a JSON file (``--truth``, default ``<data-dir>/simulation-truth.json``)
@@ -28,26 +28,26 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from prefstream.cli import settings_from
-from prefstream.demo import (
+from prefstream.args import settings_from
+from prefstream.settings import Settings
+from prefstream.sim.content import write_labels
+from prefstream.sim.demo import (
     _demo_overrides,
-    _print,
     agreement,
     end_offsets,
     funnel,
+    print_summary,
     produce,
     start_worker,
     stop,
     traffic_end,
     wait_until_drained,
 )
-from prefstream.settings import Settings
+from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic
 from prefstream.storage.catalog import ensure_catalog
 from prefstream.storage.files import read_watermarks
-from prefstream.streams.content import write_labels
-from prefstream.streams.run import broker_for, prepare
-from prefstream.streams.topics import ensure_topics
-from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic
+from prefstream.streams.worker.run import broker_for, prepare
+from prefstream.streams.worker.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     else:
         _produce_only(settings, traffic)
     summary["seconds"] = round(time.monotonic() - started, 1)
-    _print(summary, as_json=args.json)
+    print_summary(summary, as_json=args.json)
     return 0 if summary.get("balanced", True) else 1
 
 

@@ -7,7 +7,7 @@ any preference trainer without renaming. Every row carries its provenance and th
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
@@ -192,3 +192,23 @@ class PairingResult(_Record):
     ties: tuple[Tie, ...] = ()
     unpaired: tuple[UnpairedRow, ...] = ()
     refusals: tuple[Refusal, ...] = ()
+
+
+# --- event-time partitions: every row's ``partition`` ---------------------------------------
+
+PARTITION_FORMAT = "%Y-%m-%dT%H"
+
+
+def partition_for(ts: datetime, *, hours: int = 1) -> str:
+    """Name of the event-time partition holding ``ts``: its UTC hour floored to ``hours``."""
+    if ts.tzinfo is None:
+        raise ValueError("partition_for needs a timezone-aware datetime")
+    utc = ts.astimezone(timezone.utc)
+    floored = utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0)
+    return floored.strftime(PARTITION_FORMAT)
+
+
+def partition_bounds(name: str, *, hours: int = 1) -> tuple[datetime, datetime]:
+    """``[start, end)`` of a partition name made by :func:`partition_for`."""
+    start = datetime.strptime(name, PARTITION_FORMAT).replace(tzinfo=timezone.utc)
+    return start, start + timedelta(hours=hours)

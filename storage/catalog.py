@@ -46,8 +46,32 @@ STORAGE_VERSION = "v1.0.0"
 STORAGE_NUMBER = 64
 #: where a DuckDB file's header keeps its storage version number (after the magic ``DUCK``)
 _HEADER_MAGIC, _HEADER_VERSION_AT = b"DUCK", 12
-#: extra views other packages register (name -> SQL body using {root} for the data dir)
-EXTRA_VIEWS: dict[str, str] = {}
+#: the trainer's model versions (``prefstream.trainer.registry`` writes them under ``models/``),
+#: registered here with the other views so every catalog has it; ``curren[t]``: a glob, so no
+#: promoted version yet reads as no row instead of an error
+MODELS_VIEW_SQL = """
+    WITH cur AS (SELECT content->>'$.version' AS version
+                 FROM read_text('{root}/models/curren[t]/metadata.json'))
+    SELECT content->>'$.version' AS version,
+           CAST(content->>'$.created_at' AS TIMESTAMPTZ) AS created_at,
+           CAST(content->>'$.promoted' AS BOOLEAN) AS promoted,
+           (content->>'$.version') IN (SELECT version FROM cur) AS is_current,
+           CAST(content->>'$.cutoff' AS TIMESTAMPTZ) AS cutoff,
+           content->>'$.backbone' AS backbone,
+           json_extract_string(content, '$.partitions.train[*].partition') AS train_partitions,
+           json_extract_string(content, '$.partitions.eval[*].partition') AS eval_partitions,
+           CAST(content->>'$.n_train' AS BIGINT) AS n_train,
+           CAST(content->>'$.n_eval' AS BIGINT) AS n_eval,
+           CAST(content->>'$.metrics.eval.accuracy' AS DOUBLE) AS heldout_accuracy,
+           CAST(content->>'$.metrics.eval.length_matched.accuracy' AS DOUBLE)
+               AS length_matched_accuracy,
+           CAST(content->>'$.gates.calibration.agreement' AS DOUBLE) AS calibration_agreement,
+           CAST(content->>'$.metrics.probes.overall_rate' AS DOUBLE) AS probe_raise_rate,
+           json_extract_string(content, '$.reasons[*]') AS reasons,
+           CAST(content AS JSON) AS metadata
+    FROM read_text('{root}/models/v*/metadata.json')
+    ORDER BY version
+"""
 
 
 def _quote(path: Path) -> str:
@@ -197,7 +221,7 @@ def _write_views(data_dir: Path, path: Path) -> None:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
         views = {"partitions": partitions_view_sql(data_dir, relative=True),
                  "funnel": funnel_view_sql(data_dir, relative=True),
-                 **{name: body.format(root=".") for name, body in EXTRA_VIEWS.items()}}
+                 "models": MODELS_VIEW_SQL.format(root=".")}
         for name, sql in views.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
     finally:

@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
-PARTITION_FORMAT = "%Y-%m-%dT%H"
-
-
-def partition_for(ts: datetime, *, hours: int = 1) -> str:
-    """Name of the event-time partition holding ``ts``: its UTC hour floored to ``hours``."""
-    if ts.tzinfo is None:
-        raise ValueError("partition_for needs a timezone-aware datetime")
-    utc = ts.astimezone(timezone.utc)
-    floored = utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0)
-    return floored.strftime(PARTITION_FORMAT)
-
-
-def partition_bounds(name: str, *, hours: int = 1) -> tuple[datetime, datetime]:
-    """``[start, end)`` of a partition name made by :func:`partition_for`."""
-    start = datetime.strptime(name, PARTITION_FORMAT).replace(tzinfo=timezone.utc)
-    return start, start + timedelta(hours=hours)
-
-
+# the event-time naming is the rows' own (their ``partition`` field): kept with the records
+from prefstream.schemas.records import (  # noqa: F401  (re-exported)
+    PARTITION_FORMAT,
+    partition_bounds,
+    partition_for,
+)
 
 # --- inside a partition folder: generations -----------------------------------------------------
 #

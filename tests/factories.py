@@ -88,7 +88,8 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 
 def kafka_records(messages: Iterable[tuple[bytes, bytes]], partitions: int, timestamp_ms: int
                   ) -> list[tuple[int, int, bytes, bytes, int]]:
-    """``(partition, offset, key, value, timestamp_ms)`` records for ``streams.pipeline.replay``:
+    """``(partition, offset, key, value, timestamp_ms)`` records for
+    ``streams.worker.pipeline.replay``:
     keyed messages partitioned as the producer does, offsets counted per partition."""
     offsets = [0] * partitions
     records = []

@@ -29,7 +29,7 @@ import freshness_memory  # noqa: E402
 import report  # noqa: E402
 from workers import Deadline, StageError  # noqa: E402
 
-from prefstream.streams.traffic import TrafficConfig, generate_traffic  # noqa: E402
+from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
 
 
 def checked_in(name: str) -> dict[str, Any]:

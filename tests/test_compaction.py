@@ -30,6 +30,7 @@ from test_storage import query
 
 from prefstream.schemas.records import DeadLetter, Pair
 from prefstream.settings import Settings
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage import compact, files
 from prefstream.storage.catalog import (
     catalog_in_use,
@@ -73,8 +74,7 @@ from prefstream.storage.partitions import (
     stamp_of,
 )
 from prefstream.storage.tables import SEALED_TABLES, TABLES, to_arrow
-from prefstream.streams.pipeline import MemoryStore, Pipeline, replay
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
 
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
 GAP = timedelta(minutes=30)

@@ -32,7 +32,7 @@ from prefstream.storage.compact import GC, TODO, compact_after_flush, marked
 from prefstream.storage.files import init_data_dir, read_table, sealed_partitions
 from prefstream.storage.partitions import CURRENT
 from prefstream.storage.tables import SEALED_TABLES, TABLES
-from prefstream.streams.pipeline import replay
+from prefstream.streams.worker.pipeline import replay
 
 ROOT = Path(__file__).resolve().parents[1]
 N_EVENTS = 1000

@@ -1,5 +1,5 @@
 """The worker's consumer hands each message to Faust's conductor without a race per message,
-and races only a hand-off that blocked (``streams.consumer``)."""
+and races only a hand-off that blocked (``streams.worker.consumer``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from prefstream.settings import Settings
-from prefstream.streams import consumer
-from prefstream.streams.consumer import Suspended, run_until_suspended
+from prefstream.streams.worker import consumer
+from prefstream.streams.worker.consumer import Suspended, run_until_suspended
 
 
 def test_a_hand_off_that_never_blocks_runs_to_its_end_in_place():
@@ -97,7 +97,7 @@ def test_an_error_after_the_hand_off_blocked_propagates_to_its_awaiter():
 
 
 def test_the_worker_app_consumes_through_this_consumer(tmp_path):
-    from prefstream.streams.app import create_app
+    from prefstream.streams.worker.app import create_app
 
     app = create_app(Settings(data_dir=tmp_path, metrics_port=0))
     assert isinstance(app.consumer, consumer.Consumer)

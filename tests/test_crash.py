@@ -2,7 +2,8 @@
 one stream, with one worker and with two sharing the partitions; the stored rows must equal
 those of an uninterrupted run (the pure pipeline over the same messages), row for row.
 
-The chosen points come from ``streams.crashpoints`` (the worker kills itself there, as kill -9
+The chosen points come from ``streams.worker.crashpoints`` (the worker kills itself there,
+as kill -9
 would): mid-batch before a flush, between two tables' files of a flush, after the files and the
 state changelog but before the offset commit, right after the commit, and while a rebalance
 takes partitions away. The random ones are plain SIGKILLs from outside at a random moment.
@@ -24,16 +25,16 @@ import pytest
 from kafka import KafkaConsumer, TopicPartition
 from test_e2e import T0, TABLE_IDS, make_settings, query, start_worker, stop, wait_for
 
-from prefstream.demo import drained, end_offsets
 from prefstream.settings import Settings
+from prefstream.sim.demo import drained, end_offsets
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_watermarks
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
-from prefstream.streams.pipeline import TICK_PREFIX, replay
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.run import prepare
-from prefstream.streams.ticks import with_tick_key_of
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.worker.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
+from prefstream.streams.worker.pipeline import TICK_PREFIX, replay
+from prefstream.streams.worker.run import prepare
+from prefstream.streams.worker.ticks import with_tick_key_of
 
 pytestmark = pytest.mark.broker
 
@@ -55,7 +56,7 @@ def test_crash_points_parse_counts_and_reject_unknown_names() -> None:
 
 
 def test_a_crash_point_kills_the_process_like_kill_9(tmp_path: Path) -> None:
-    code = ("from prefstream.streams.crashpoints import CrashPoints\n"
+    code = ("from prefstream.streams.worker.crashpoints import CrashPoints\n"
             "p = CrashPoints.from_env()\n"
             "for _ in range(3):\n    p.reach('write')\n    print('alive', flush=True)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from prefstream.schemas.events import EVENT_ADAPTER
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly
-from prefstream.streams.pairing import normalize_prompt, prompt_similarity
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.core.pairing import normalize_prompt, prompt_similarity
 
 pytestmark = pytest.mark.broker
 

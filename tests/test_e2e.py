@@ -19,15 +19,15 @@ import pytest
 from factories import kafka_records
 from kafka import KafkaConsumer, TopicPartition
 
-from prefstream.demo import end_offsets, wait_until_drained
 from prefstream.settings import Settings
+from prefstream.sim.demo import end_offsets, wait_until_drained
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
 from prefstream.storage.files import init_data_dir, read_watermarks
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.pipeline import replay
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.run import prepare
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.worker.pipeline import replay
+from prefstream.streams.worker.run import prepare
 
 pytestmark = pytest.mark.broker
 

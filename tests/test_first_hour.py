@@ -171,8 +171,8 @@ def test_ctrl_c_during_training_stops_the_demo_and_promotes_nothing(
     import threading
     from datetime import datetime
 
-    from prefstream.demo import _train
-    from prefstream.streams.traffic import TrafficConfig, generate_traffic
+    from prefstream.sim.demo import _train
+    from prefstream.sim.traffic import TrafficConfig, generate_traffic
 
     copy = tmp_path / "copy"
     shutil.copytree(demo_run["data_dir"], copy, symlinks=True,

@@ -1,6 +1,7 @@
 """Hostile input on the wire: a hypothesis fuzz of what any producer can put in a message.
 
-A valid traffic stream (``streams.traffic``, no bad messages) is interleaved with hostile ones:
+A valid traffic stream (``prefstream.sim.traffic``, no bad messages) is interleaved with hostile
+ones:
 
 * malformed, each of which must become exactly one dead letter with a reason: bytes that are not
   JSON, JSON that is not an object, wrong types, missing ids, unknown event types and fields, texts
@@ -13,8 +14,8 @@ A valid traffic stream (``streams.traffic``, no bad messages) is interleaved wit
   (pydantic's parser keeps the last); re-sent event ids of valid events with other
   content (ignored as duplicates, or late).
 
-Properties, on the pure path (``streams.pipeline.replay`` into a real data dir, rows read back with
-``storage.files.read_table``): every malformed message yields one dead-letter row and one
+Properties, on the pure path (``streams.worker.pipeline.replay`` into a real data dir, rows read
+back with ``storage.files.read_table``): every malformed message yields one dead-letter row and one
 dead-letter topic message naming its ``topic[partition]@offset``, with a reason that is not an
 internal error; the valid messages yield exactly the pairs, ties, unpaired rows, refusals, sessions
 and late events they yield alone. Row ids never depend on offsets (they hash the session key and
@@ -50,14 +51,14 @@ from kafka import KafkaProducer
 from test_e2e import T0 as E2E_END
 from test_e2e import make_settings, query, read_topic, reference, start_worker, stop
 
-from prefstream.demo import end_offsets, wait_until_drained
 from prefstream.schemas.events import MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
+from prefstream.sim.demo import end_offsets, wait_until_drained
+from prefstream.sim.traffic import LATE_BY, TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
 from prefstream.storage.tables import TABLES
-from prefstream.streams.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
-from prefstream.streams.run import prepare
-from prefstream.streams.traffic import LATE_BY, TrafficConfig, generate_traffic
+from prefstream.streams.worker.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
+from prefstream.streams.worker.run import prepare
 
 END = T0  # the latest event time of the valid traffic
 HOURS = 2
@@ -547,7 +548,7 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
                                key=f"flood-{i}".encode(), value=value,
                                timestamp_ms=ARRIVAL_MS) == []
         assert pipeline.state(0).open_sessions <= 3
-    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.worker.pipeline"):
         batch = pipeline.flush_rows()
     warnings = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("7 open sessions closed early")
@@ -560,7 +561,7 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
     assert [r["reason"] for r in rows(config.data_dir, "refusals")] == ["not_exposed"] * 7
     caplog.clear()
     pipeline.forget_flushed()
-    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.worker.pipeline"):
         pipeline.flush_rows()  # nothing evicted since: no warning, the counter stays
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
     assert pipeline.metrics.value("prefstream_sessions_evicted_total", partition="0") == 7
@@ -571,7 +572,7 @@ def test_dead_letters_are_summed_up_in_one_warning_per_flush(tmp_path, caplog):
     config = Settings(data_dir=tmp_path / "data", partitions=1, metrics_port=0)
     init_data_dir(config.data_dir)
     pipeline = Pipeline(config, MemoryStore())
-    with caplog.at_level(logging.WARNING, logger="prefstream.streams.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="prefstream.streams.worker.pipeline"):
         for i in range(3):
             assert len(pipeline.handle(topic=config.events_topic, partition=0, offset=i,
                                        key=b"k", value=b"{not json", timestamp_ms=ARRIVAL_MS)) == 1

@@ -17,9 +17,9 @@ import pytest
 from test_crash import applied, assert_equals_uninterrupted, is_drained, produce_stream
 from test_e2e import make_settings, start_worker, stop, wait_for
 
-from prefstream.demo import end_offsets
+from prefstream.sim.demo import end_offsets
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.crashpoints import CRASH_ENV
+from prefstream.streams.worker.crashpoints import CRASH_ENV
 
 pytestmark = pytest.mark.broker
 

@@ -18,13 +18,13 @@ from factories import event
 from kafka import KafkaProducer
 from test_e2e import make_settings, start_worker, wait_for
 
-from prefstream.demo import funnel
 from prefstream.schemas.events import MAX_TEXT_CHARS
+from prefstream.sim.demo import funnel
 from prefstream.storage.catalog import ensure_catalog
 from prefstream.storage.files import read_table
+from prefstream.storage.starts import STARTS_DIR
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.run import prepare
-from prefstream.streams.starts import STARTS_DIR
+from prefstream.streams.worker.run import prepare
 
 pytestmark = pytest.mark.broker
 

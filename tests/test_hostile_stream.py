@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from prefstream.schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
 from prefstream.storage.files import init_data_dir, read_table
-from prefstream.streams.pipeline import MemoryStore, Pipeline, SideMessage, replay
-from prefstream.streams.sessionize import Clock, SessionSlot
-from prefstream.streams.ticks import sign_tick, tick_key
+from prefstream.streams.core.sessionize import Clock, SessionSlot
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, SideMessage, replay
+from prefstream.streams.worker.ticks import sign_tick, tick_key
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 NOW_MS = int(NOW.timestamp() * 1000)

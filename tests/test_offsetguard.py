@@ -8,7 +8,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefstream.streams.offsetguard import DROP, HANDLE, OffsetGuard
+from prefstream.streams.worker.offsetguard import DROP, HANDLE, OffsetGuard
 
 
 def test_a_gap_is_read_again_and_messages_before_the_seek_are_dropped() -> None:

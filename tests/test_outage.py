@@ -22,15 +22,15 @@ from kafka.errors import TopicAlreadyExistsError
 from test_e2e import FAST, query, start_worker, stop, wait_for
 from test_producer import read_all
 
-from prefstream.demo import end_offsets
 from prefstream.errors import ProducerError
 from prefstream.settings import Settings
+from prefstream.sim.demo import end_offsets
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import read_watermarks
 from prefstream.streams.broker import EmbeddedBroker, free_port
-from prefstream.streams.logwatch import LogWatch
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.run import prepare
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.worker.logwatch import LogWatch
+from prefstream.streams.worker.run import prepare
 
 BLOCK_MS = 300
 #: scheduling slack over the bound on a busy 2-core machine (the bound itself is 0.3 s); a

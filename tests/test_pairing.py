@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from prefstream.schemas import events as sch
 from prefstream.schemas.records import ClosedSession, PairingResult, Session, SessionEvent
 from prefstream.storage.partitions import partition_for
-from prefstream.streams.pairing import (
+from prefstream.streams.core.pairing import (
     REFUSAL_REASONS,
     RULES,
     RuleConfig,

@@ -25,7 +25,6 @@ import duckdb
 import pytest
 from factories import at, pair, session_row
 
-import prefstream.trainer.registry  # noqa: F401  (registers the ``models`` view)
 from prefstream import report
 from prefstream.cli import main
 from prefstream.schemas.records import DeadLetter, Refusal, Tie

@@ -17,9 +17,9 @@ import pytest
 from factories import T0
 
 from prefstream.settings import Settings
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
-from prefstream.streams.pipeline import MemoryStore, Pipeline, replay
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
 
 PARTITIONS = 2
 ARRIVAL_MS = int(T0.timestamp() * 1000) + 3_600_000

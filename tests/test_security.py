@@ -31,12 +31,12 @@ from prefstream.cli import main
 from prefstream.errors import ConfigError
 from prefstream.schemas.events import EVENT_ADAPTER, MAX_ID_CHARS
 from prefstream.settings import KafkaSecurity, Settings, faust_credentials, kafka_python_config
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
 from prefstream.storage.files import init_data_dir
 from prefstream.storage.tables import TABLES
-from prefstream.streams.outputs import pseudonym, scrub_raw, scrub_text
-from prefstream.streams.pipeline import MemoryStore, Pipeline, replay
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
+from prefstream.streams.core.outputs import pseudonym, scrub_raw, scrub_text
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
 
 KEY_PASSWORD = "tls-key-pw-6Rq1"
 SASL_PASSWORD = "sasl-pw-J4vX9"
@@ -94,7 +94,7 @@ def test_kafka_python_and_faust_get_the_same_connection(pki: Pki, protocol: str,
 
 
 def test_the_worker_app_is_built_with_the_credentials(pki: Pki, tmp_path: Path) -> None:
-    from prefstream.streams.app import create_app
+    from prefstream.streams.worker.app import create_app
 
     settings = Settings(kafka_bootstrap="127.0.0.1:9", data_dir=tmp_path, metrics_port=0,
                         kafka_security_protocol="SASL_SSL", kafka_sasl_mechanism="SCRAM-SHA-256",

@@ -1,4 +1,4 @@
-"""The pure sessionizer (streams.sessionize): literal cases first, then properties of the clock
+"""The pure sessionizer (streams.core.sessionize): literal cases first, then properties of the clock
 and of how an open session splits into groups (``clusters``) and closes (``expire``).
 
 Properties over whole event streams run through ``PartitionSessions`` in test_state.py.
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefstream.schemas.records import ClosedSession, Session, SessionEvent
-from prefstream.streams.sessionize import (
+from prefstream.streams.core.sessionize import (
     EPOCH,
     TICK,
     Clock,

@@ -34,7 +34,7 @@ from prefstream.settings_doc import (
     rows,
 )
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.pairing import (
+from prefstream.streams.core.pairing import (
     REFORMULATE_SIM_DISCOUNT,
     REFUSAL_REASONS,
     RULES,

@@ -13,6 +13,8 @@ import pytest
 from test_traffic import PLAIN_ROWS, write_hh_source
 
 from prefstream.cli import build_parser, main
+from prefstream.sim.content import read_source
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.simulate import (
     TRUTH_FILE,
     holdout_path,
@@ -21,8 +23,6 @@ from prefstream.simulate import (
     write_truth,
 )
 from prefstream.storage.catalog import connect_readonly
-from prefstream.streams.content import read_source
-from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
 END = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
 

@@ -1,4 +1,5 @@
-"""Session state of one Kafka partition (streams.state.PartitionSessions): literal cases, restart
+"""Session state of one Kafka partition (streams.core.state.PartitionSessions): literal cases,
+restart
 recovery, then properties of whole event streams with jitter, duplicates and redeliveries."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prefstream.schemas.records import ClosedSession
-from prefstream.streams.sessionize import Clock, SessionRules, add_event
-from prefstream.streams.state import EVICTION_HEAP_SLACK, PartitionSessions
+from prefstream.streams.core.sessionize import Clock, SessionRules, add_event
+from prefstream.streams.core.state import EVICTION_HEAP_SLACK, PartitionSessions
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
 T0_MS = int(T0.timestamp() * 1000)

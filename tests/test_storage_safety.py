@@ -41,7 +41,7 @@ from prefstream.storage.files import (
 from prefstream.storage.quarantine import QUARANTINE_DIR, quarantined
 from prefstream.storage.repair import repair_data_dir
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.logscrub import scrub
+from prefstream.streams.worker.logscrub import scrub
 from prefstream.trainer.export import export_preferences
 from prefstream.trainer.registry import read_metadata, version_path
 from prefstream.trainer.service import run_once
@@ -277,7 +277,7 @@ def test_scrubbing_keeps_the_rest_of_the_line():
 @pytest.mark.broker
 def test_a_worker_with_debug_logs_under_redact_starts_past_damage_and_logs_no_text(
         tmp_path, broker):
-    from prefstream.demo import (
+    from prefstream.sim.demo import (
         _demo_overrides,
         end_offsets,
         produce,
@@ -286,8 +286,8 @@ def test_a_worker_with_debug_logs_under_redact_starts_past_damage_and_logs_no_te
         traffic_end,
         wait_until_drained,
     )
+    from prefstream.sim.traffic import TrafficConfig, generate_traffic
     from prefstream.streams.broker import free_port
-    from prefstream.streams.traffic import TrafficConfig, generate_traffic
 
     data_dir = tmp_path / "data"
     init_data_dir(data_dir)

@@ -1,4 +1,5 @@
-"""Tests for the traffic generator (streams.traffic) and its external content (streams.content)."""
+"""Tests for the traffic generator (prefstream.sim.traffic) and its external content
+(prefstream.sim.content)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from prefstream.errors import ConfigError
 from prefstream.schemas.events import EVENT_ADAPTER, MAX_TEXT_CHARS, Impression, SessionEnd
-from prefstream.streams.content import (
+from prefstream.sim.content import (
     SourcePair,
     parse_lines,
     parse_row,
@@ -26,8 +27,7 @@ from prefstream.streams.content import (
     split_holdout,
     write_labels,
 )
-from prefstream.streams.pairing import prompt_similarity
-from prefstream.streams.traffic import (
+from prefstream.sim.traffic import (
     BAD_KINDS,
     LATE_BY,
     TOPICS,
@@ -36,6 +36,7 @@ from prefstream.streams.traffic import (
     generate_traffic,
     prefers,
 )
+from prefstream.streams.core.pairing import prompt_similarity
 
 END = datetime(2025, 1, 15, 12, 0, tzinfo=timezone.utc)
 CONFIG = TrafficConfig(n_events=5000, end=END)

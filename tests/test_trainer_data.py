@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prefstream.streams.pairing import normalize_prompt
+from prefstream.streams.core.pairing import normalize_prompt
 from prefstream.trainer.data import (
     cap_per_user,
     dedupe_exact,

@@ -148,7 +148,7 @@ def test_the_demo_never_overwrites_data_it_did_not_write(here: Path,
 
 
 def test_the_demo_replaces_its_own_previous_data(tmp_path: Path) -> None:
-    from prefstream.demo import DEMO_MARK, fresh_demo_dir
+    from prefstream.sim.demo import DEMO_MARK, fresh_demo_dir
 
     old = tmp_path / "prefstream-data"
     init_data_dir(old)

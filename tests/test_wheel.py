@@ -78,7 +78,7 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
     installed = {p.name for p in purelib.iterdir() if not p.name.endswith((".dist-info", ".pth"))}
     assert installed - {"__pycache__"} == {"prefstream"}
     # run away from the checkout, so its folders cannot shadow the installed package
-    where = subprocess.run([str(python), "-c", "import prefstream.streams.pairing as m, "
+    where = subprocess.run([str(python), "-c", "import prefstream.streams.core.pairing as m, "
                             "importlib.util as u; print(m.__file__); "
                             "print(u.find_spec('streams'), u.find_spec('storage'))"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)

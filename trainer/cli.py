@@ -25,7 +25,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-import prefstream.trainer.registry  # noqa: F401  (registers the ``models`` view of the catalog; no torch)
 from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
 from prefstream.trainer import Interrupted

@@ -31,7 +31,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from prefstream.storage.catalog import EXTRA_VIEWS, ensure_catalog
+from prefstream.storage.catalog import ensure_catalog
 from prefstream.storage.files import fsync_path
 from prefstream.trainer import TrainerError
 from prefstream.trainer.card import model_card
@@ -45,32 +45,6 @@ METADATA = "metadata.json"
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 CARD = "README.md"
-# ``curren[t]``: a glob, so no promoted version yet reads as no row instead of an error
-EXTRA_VIEWS["models"] = """
-    WITH cur AS (SELECT content->>'$.version' AS version
-                 FROM read_text('{root}/models/curren[t]/metadata.json'))
-    SELECT content->>'$.version' AS version,
-           CAST(content->>'$.created_at' AS TIMESTAMPTZ) AS created_at,
-           CAST(content->>'$.promoted' AS BOOLEAN) AS promoted,
-           (content->>'$.version') IN (SELECT version FROM cur) AS is_current,
-           CAST(content->>'$.cutoff' AS TIMESTAMPTZ) AS cutoff,
-           content->>'$.backbone' AS backbone,
-           json_extract_string(content, '$.partitions.train[*].partition') AS train_partitions,
-           json_extract_string(content, '$.partitions.eval[*].partition') AS eval_partitions,
-           CAST(content->>'$.n_train' AS BIGINT) AS n_train,
-           CAST(content->>'$.n_eval' AS BIGINT) AS n_eval,
-           CAST(content->>'$.metrics.eval.accuracy' AS DOUBLE) AS heldout_accuracy,
-           CAST(content->>'$.metrics.eval.length_matched.accuracy' AS DOUBLE)
-               AS length_matched_accuracy,
-           CAST(content->>'$.gates.calibration.agreement' AS DOUBLE) AS calibration_agreement,
-           CAST(content->>'$.metrics.probes.overall_rate' AS DOUBLE) AS probe_raise_rate,
-           json_extract_string(content, '$.reasons[*]') AS reasons,
-           CAST(content AS JSON) AS metadata
-    FROM read_text('{root}/models/v*/metadata.json')
-    ORDER BY version
-"""
-
-
 class Saveable(Protocol):
     def save_pretrained(self, save_directory: str | Path) -> Any: ...
 

@@ -39,8 +39,6 @@ from datetime import datetime
 from itertools import combinations
 from typing import NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from prefstream.schemas import events as sch
 from prefstream.schemas.records import (
     ClosedSession,
@@ -50,8 +48,9 @@ from prefstream.schemas.records import (
     Session,
     Tie,
     UnpairedRow,
+    partition_for,
 )
-from prefstream.storage.partitions import partition_for
+from prefstream.schemas.rules import RuleConfig
 
 RULES = (
     "thumbs", "copy_over_skipped", "click_over_skipped_above", "regenerate_accept", "edit",
@@ -75,32 +74,6 @@ UNPAIRED_SIGNALS = {"thumbs_up": True, "thumbs_down": False, "copy": True}
 REFORMULATE_SIM_DISCOUNT = 0.1
 
 Signal = sch.Click | sch.Copy | sch.ThumbsUp | sch.ThumbsDown | sch.Regenerate | sch.Edit
-
-
-class RuleConfig(BaseModel):
-    """Thresholds of the pairing rules; every confidence is in [0, 1]."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    min_confidence: float = Field(0.5, ge=0, le=1, description="Pairs below are refused.")
-    thumbs_confidence: float = Field(0.95, ge=0, le=1, description="Explicit up vs down.")
-    copy_confidence: float = Field(0.8, ge=0, le=1, description="Copied vs skipped answer.")
-    click_confidence: float = Field(0.6, ge=0, le=1, description="Dwelled click vs skipped above.")
-    min_dwell_ms: int = Field(5000, ge=0, description="Shorter clicks are ambiguous, refused.")
-    regenerate_confidence: float = Field(0.7, ge=0, le=1, description="Accepted vs regenerated.")
-    edit_confidence: float = Field(0.75, ge=0, le=1, description="Edited text vs original.")
-    reformulate_confidence: float = Field(
-        0.55, ge=0, le=1, description="Accepted answer after a reformulation vs the old answer."
-    )
-    reformulate_min_similarity: float = Field(
-        0.5, ge=0, le=1, description="Token Jaccard of normalized prompts; below = new intent."
-    )
-    reformulate_max_gap_s: float = Field(
-        120.0, ge=0, description="Max seconds from the old answer's impression to reformulating."
-    )
-    examination_eta: float = Field(1.0, ge=0, description="P(examine slot k) = 1/(k+1)**eta.")
-    max_propensity_weight: float = Field(10.0, ge=1, description="Clip of inverse propensity.")
-    partition_hours: int = Field(1, ge=1, le=24, description="Hours per storage partition.")
 
 
 def normalize_prompt(text: str) -> str:

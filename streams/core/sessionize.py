@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession, CloseReason, Session, SessionEvent
+from prefstream.schemas.rules import SessionRules
 
 Outcome = Literal["accepted", "duplicate", "redelivered", "late", "oversized"]
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -47,20 +48,6 @@ def state_bytes(raw: bytes) -> int:
 
 def duplicate_bytes(event_id: str) -> int:
     return len(event_id) + DUPLICATE_OVERHEAD_BYTES
-
-
-@dataclass(frozen=True)
-class SessionRules:
-    gap: timedelta = timedelta(minutes=30)
-    grace: timedelta = timedelta(minutes=5)
-    idle: timedelta = timedelta(seconds=30)
-    max_events: int = 500
-    max_duration: timedelta = timedelta(hours=6)
-    #: state one session id may hold (its changelog record); None: no bound. A session closes
-    #: early (``max_bytes``) before its events pass half of it; see :func:`add_event`
-    max_bytes: int | None = None
-    #: how long after a worker tick the next one is certainly appended (two tick intervals)
-    tick_slack: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)

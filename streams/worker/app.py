@@ -1,7 +1,7 @@
 """The Faust app: topics, the session table, one agent and the watermark ticker.
 
 The agent reads raw bytes (Faust would commit and drop undecodable messages before our code saw
-them), hands each record to the :class:`~streams.pipeline.Pipeline`, and acknowledges offsets
+them), hands each record to the :class:`~streams.worker.pipeline.Pipeline`, and acknowledges offsets
 only after a flush made the batch durable: at-least-once delivery, idempotent rows.
 """
 
@@ -22,13 +22,13 @@ from faust.types import TP
 
 from prefstream.settings import Settings
 from prefstream.streams import metrics
-from prefstream.streams.consumer import App
-from prefstream.streams.crashpoints import CrashPoints
-from prefstream.streams.logwatch import LogWatch, TopicIds
-from prefstream.streams.offsetguard import DROP, HANDLE, OffsetGuard
-from prefstream.streams.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
-from prefstream.streams.sessionize import Clock, SessionSlot
-from prefstream.streams.ticks import sign_tick
+from prefstream.streams.core.sessionize import Clock, SessionSlot
+from prefstream.streams.worker.consumer import App
+from prefstream.streams.worker.crashpoints import CrashPoints
+from prefstream.streams.worker.logwatch import LogWatch, TopicIds
+from prefstream.streams.worker.offsetguard import DROP, HANDLE, OffsetGuard
+from prefstream.streams.worker.pipeline import Checkpoint, FlushJob, Pipeline, SideMessage
+from prefstream.streams.worker.ticks import sign_tick
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _clock_from_json(raw: bytes | str) -> Clock:
 
 def create_app(settings: Settings) -> faust.App:
     """Build the worker's Faust app for one broker and data dir."""
-    app = App(  # Faust's app with a cheaper per-message hand-off (see streams.consumer)
+    app = App(  # Faust's app with a cheaper per-message hand-off (see streams.worker.consumer)
         settings.app_id,
         broker=f"kafka://{settings.kafka_bootstrap}",
         broker_credentials=settings.kafka_security().faust_credentials(),  # None = PLAINTEXT
@@ -171,7 +171,7 @@ def create_app(settings: Settings) -> faust.App:
     epoch = [0]
     fetched_in: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
     # The next offset the agent must handle per partition: the committed one at each
-    # assignment, then one past each handled message (see ``streams.offsetguard``).
+    # assignment, then one past each handled message (see ``streams.worker.offsetguard``).
     guard = OffsetGuard()
 
     # The flush being written, at most one: a flush takes the batch and the closed sessions

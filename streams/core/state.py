@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
-from prefstream.streams.sessionize import (
+from prefstream.streams.core.sessionize import (
     Clock,
     Outcome,
     Session,
@@ -148,7 +148,7 @@ class PartitionSessions:
 
     def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int,
                  size: int = 0) -> Outcome:
-        """Apply one event; ``size``: its state bytes (:func:`~streams.sessionize.state_bytes`,
+        """Apply one event; ``size``: its state bytes (:func:`~streams.core.sessionize.state_bytes`,
         0 = not counted)."""
         before = self.slots.get(event.session_id)
         slot, outcome = add_event(before, event, offset=offset, clock=self.clock,

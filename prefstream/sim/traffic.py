@@ -12,7 +12,7 @@ Two content sources feed the same behaviours:
 
 - synthetic (``config.source`` is None): one to four built-in answers per prompt, written for
   their quality; the user perceives that quality as it is.
-- a preference file (``config.source``, see :mod:`streams.content`): each request is one row,
+- a preference file (``config.source``, see :mod:`prefstream.sim.content`): each request is one row,
   its two answers shown in random slots (chosen = better in truth). The user perceives the truly
   chosen answer as the better one with probability ``prefer_prob`` and acts on that perception.
   Regenerators, editors and reformulators are users unhappy with the first answer: they are shown
@@ -47,7 +47,7 @@ from prefstream.schemas.events import (
     ThumbsDown,
     ThumbsUp,
 )
-from prefstream.streams.content import SourcePair, read_source, rephrase, split_holdout
+from prefstream.sim.content import SourcePair, read_source, rephrase, split_holdout
 
 MODEL_VERSIONS = ("chat-v1.0", "chat-v1.1", "chat-v2.0-rc")
 LATE_BY = timedelta(hours=6)

@@ -26,13 +26,13 @@ from tqdm import tqdm
 from prefstream.datadir import DEFAULT_DATA_DIR, HINT, check_writable
 from prefstream.errors import PrefstreamError, StorageError
 from prefstream.settings import Settings
+from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic, prefers
 from prefstream.status import dead_letter_cause
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
 from prefstream.storage.files import Watermark, read_watermarks
 from prefstream.streams.broker import free_port
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.run import OWNER_ONLY_UMASK, broker_for, prepare
-from prefstream.streams.traffic import Traffic, TrafficConfig, generate_traffic, prefers
+from prefstream.streams.worker.run import OWNER_ONLY_UMASK, broker_for, prepare
 
 #: demo timing: seconds instead of production minutes so the run ends quickly
 DEMO_ENV = {
@@ -253,7 +253,7 @@ def run_demo(args: argparse.Namespace) -> int:
         + summary["late"])
     if not args.no_train:
         summary["training"] = _train(data_dir, traffic)
-    _print(summary, as_json=args.json)
+    print_summary(summary, as_json=args.json)
     print(next_steps(data_dir), file=sys.stderr)
     return 0 if summary["balanced"] else 1
 
@@ -314,7 +314,7 @@ def _train(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
     return result
 
 
-def _print(summary: dict[str, Any], *, as_json: bool) -> None:
+def print_summary(summary: dict[str, Any], *, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
         return

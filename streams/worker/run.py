@@ -16,10 +16,10 @@ from prefstream.storage.catalog import ensure_catalog
 from prefstream.storage.files import init_data_dir
 from prefstream.storage.quarantine import quarantined
 from prefstream.storage.repair import repair_data_dir
-from prefstream.streams import logscrub
 from prefstream.streams.broker import KAFKA_PORT, EmbeddedBroker, preferred_port
 from prefstream.streams.producer import answers
-from prefstream.streams.topics import ensure_topics
+from prefstream.streams.worker import logscrub
+from prefstream.streams.worker.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     import faust
 
     from prefstream.storage.tables import memory_pool, warm_up
-    from prefstream.streams.app import create_app
+    from prefstream.streams.worker.app import create_app
 
     if memory_pool() == "mimalloc" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         log.warning("pyarrow's memory pool is mimalloc: a long-running worker's memory grows "

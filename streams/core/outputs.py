@@ -19,9 +19,13 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
-from prefstream.schemas.records import ClosedSession, PairingResult, SessionSummary
-from prefstream.storage.partitions import partition_for
-from prefstream.streams.pairing import RuleConfig
+from prefstream.schemas.records import (
+    ClosedSession,
+    PairingResult,
+    SessionSummary,
+    partition_for,
+)
+from prefstream.schemas.rules import RuleConfig
 
 PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions are out of reach for any user count
 REDACT_HEX_CHARS = 32

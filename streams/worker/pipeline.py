@@ -23,17 +23,17 @@ from prefstream.schemas.records import ClosedSession, DeadLetter, LateEvent
 from prefstream.settings import Settings
 from prefstream.storage.compact import compact_after_flush
 from prefstream.storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
+from prefstream.storage.ids import StoredIds
 from prefstream.storage.partitions import partition_for
+from prefstream.storage.starts import StartLog
 from prefstream.storage.tables import release_free_memory
-from prefstream.streams.crashpoints import CrashPoints
-from prefstream.streams.dedupe import StoredIds
+from prefstream.streams.core.outputs import pseudonym, scrub_event, scrub_raw, session_rows
+from prefstream.streams.core.pairing import session_to_pairs
+from prefstream.streams.core.sessionize import EPOCH, Clock, SessionSlot, state_bytes
+from prefstream.streams.core.state import PartitionSessions
 from prefstream.streams.metrics import Metrics
-from prefstream.streams.outputs import pseudonym, scrub_event, scrub_raw, session_rows
-from prefstream.streams.pairing import session_to_pairs
-from prefstream.streams.sessionize import EPOCH, Clock, SessionSlot, state_bytes
-from prefstream.streams.starts import StartLog
-from prefstream.streams.state import PartitionSessions
-from prefstream.streams.ticks import sign_tick, tick_key, verify_tick
+from prefstream.streams.worker.crashpoints import CrashPoints
+from prefstream.streams.worker.ticks import sign_tick, tick_key, verify_tick
 
 log = logging.getLogger(__name__)
 
