@@ -4,6 +4,9 @@ Everything is read through a read-only DuckDB connection to the catalog, so the 
 trainer never wait on it. Charts are inline SVG drawn here, styles are inline, and a
 Content-Security-Policy forbids scripts, fonts and any network fetch: the file can be mailed or
 archived as it is. Empty data gives a "no data yet" panel per plot, never an error.
+
+Its size (~530 lines) is one query and one SVG panel per plot, each short and independent;
+splitting them would only spread one page's layout over files.
 """
 
 from __future__ import annotations

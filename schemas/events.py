@@ -121,7 +121,7 @@ class Tick(BaseModel):
     """Control message the worker sends to every partition so watermarks advance when idle.
 
     ``mac`` signs the topic, ``partition`` and ``wall_ms`` with the workers' key (see
-    ``streams/ticks.py``): a tick without a valid one is dead-lettered, not obeyed.
+    ``streams/worker/ticks.py``): a tick without a valid one is dead-lettered, not obeyed.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)

@@ -20,6 +20,8 @@ from prefstream.schemas.records import (  # noqa: F401  (re-exported)
 # folder without ``current`` holds its files itself (written before generations existed).
 
 CURRENT = "current"
+#: a table's folder of zero-row schema files (not a partition)
+SCHEMA_DIR = "_schema"
 PART_PREFIX = "part-"
 COMPACT_PREFIX = "compact-"
 _GENERATION = re.compile(r"^g([0-9]{6})$")

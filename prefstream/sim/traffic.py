@@ -20,6 +20,9 @@ Two content sources feed the same behaviours:
   edit or the same-intent reformulation brings. A share of the rows (``holdout``, grouped by
   prompt) is never simulated and is returned as explicit labels. Reading that file is the only
   I/O.
+
+Its size (~680 lines) is one user model: the behaviours above share its random state, and a
+split would hand that state between files.
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ Equal texts -> ``identical_candidates``; equal comparisons merge (highest confid
 kept); below ``min_confidence`` -> ``low_confidence``; A>B and B>A -> both ``contradictory_pair``.
 Lone thumbs/copy signals become unpaired (KTO) rows. Pure: no I/O, clock or randomness; ids are
 sha256 over stable strings, so a redelivered session yields the same rows.
+
+Its size (~410 lines) is the rules and their refusal reasons side by side, each rule a short
+function over one shared index of the session.
 """
 
 from __future__ import annotations

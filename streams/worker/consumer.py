@@ -10,6 +10,10 @@ stream's queue has room, so the conductor's coroutine runs to its end without su
 :class:`Consumer` runs it that far directly and only races a hand-off that did suspend, with
 the same ``wait_first`` Faust uses. Everything else (read offsets, the yield every 100
 messages, gap and commit bookkeeping for topics with acks) is Faust's behaviour unchanged.
+
+The adapter to Faust's internals: the only module of the project that reaches into Faust's
+private attributes (this consumer, :func:`commit_offsets`, :func:`committed_offsets`), so a Faust
+upgrade is checked here.
 """
 
 from __future__ import annotations
@@ -123,3 +127,20 @@ class App(faust.App):
 
     def _new_transport(self) -> Any:
         return Transport(self.conf.broker_consumer, self)
+
+
+# --- Faust's private attributes: this module is the only one that touches them -----------------
+
+
+async def commit_offsets(consumer: Any, offsets: dict[Any, int]) -> bool:
+    """Commit exactly ``offsets`` (next offset per partition) for the consumer group; False when
+    the group rebalanced meanwhile. Faust keeps no public per-offset commit."""
+    return bool(await consumer._commit(offsets))
+
+
+async def committed_offsets(consumer: Any, tps: set[Any]) -> dict[Any, int | None]:
+    """The group's committed offset of each partition (None: never committed). Faust has no
+    public per-partition committed lookup: ask aiokafka's consumer in Faust's consumer thread."""
+    thread = consumer._thread
+    client = thread._ensure_consumer()
+    return {tp: await thread.call_thread(client.committed, tp) for tp in tps}

@@ -1,8 +1,12 @@
 """What the worker does with each message, apart from Faust: validate, sessionize, pair, batch.
 
 :class:`Pipeline` turns raw Kafka records into session state changes and buffered rows; the Faust
-agent (``streams/app.py``) feeds it messages and calls :meth:`Pipeline.flush` to make a batch
+agent (``streams/worker/app.py``) feeds it messages and calls :meth:`Pipeline.flush` to make a batch
 durable before acknowledging the offsets it covers.
+
+Its size (~480 lines) is the one hot path kept whole: validation, sessionizing, pairing and
+batching of a message share the per-message state and are read in one pass; the durability
+steps around it are :class:`~prefstream.streams.worker.flush.Flusher`'s.
 """
 
 from __future__ import annotations

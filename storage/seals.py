@@ -1,0 +1,216 @@
+"""Sealed partitions: the manifest (``manifest/<partition>[.v<N>].parquet``, one row per
+partition: files, row counts, content hash; each reseal adds a version), sealing once every Kafka
+partition's watermark passed a partition, and the content hash of its rows."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from prefstream.storage.atomic import live_files, partition_lock, remove_stale_temps, write_atomic
+from prefstream.storage.partitions import (
+    SCHEMA_DIR,
+    partition_bounds,
+)
+from prefstream.storage.quarantine import readable
+from prefstream.storage.tables import SEALED_TABLES, TABLES, arrow_schema
+from prefstream.storage.watermarks import read_watermarks
+
+log = logging.getLogger(__name__)
+
+
+#: rows per record batch when hashing a partition at its seal
+HASH_READ_ROWS = 4096
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("partition", pa.string()),
+        ("start", pa.timestamp("us", tz="UTC")),
+        ("end", pa.timestamp("us", tz="UTC")),
+        ("sealed_at", pa.timestamp("us", tz="UTC")),
+        ("watermark", pa.timestamp("us", tz="UTC")),
+        ("files", pa.list_(pa.string())),
+        ("n_pairs", pa.int64()),
+        ("n_ties", pa.int64()),
+        ("n_unpaired", pa.int64()),
+        ("n_refusals", pa.int64()),
+        ("n_sessions", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+
+def is_sealed(*, data_dir: Path, partition: str) -> bool:
+    return (data_dir / "manifest" / f"{partition}.parquet").exists()  # version 0 is never deleted
+
+_MANIFEST_NAME = re.compile(r"^(?P<partition>[0-9][^.]*)(?:\.v(?P<version>[0-9]+))?\.parquet$")
+
+def manifest_version(name: str) -> int:
+    """Version of a manifest file: ``<partition>.parquet`` is 0, ``<partition>.v<N>.parquet`` N."""
+    match = _MANIFEST_NAME.match(name)
+    return int(match["version"] or 0) if match else -1
+
+def manifest_versions(data_dir: Path) -> dict[str, list[Path]]:
+    """The manifest files of each sealed partition, oldest version first."""
+    found: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for name in os.listdir(data_dir / "manifest"):
+        match = _MANIFEST_NAME.match(name)
+        if match:
+            found[match["partition"]].append((manifest_version(name), name))
+    return {p: [data_dir / "manifest" / n for _, n in sorted(v)] for p, v in found.items()}
+
+def sealable(
+    *, partitions: Iterable[str], watermark: datetime, after: timedelta, hours: int = 1
+) -> list[str]:
+    """Partitions whose end plus ``after`` (the session gap) the watermark has passed."""
+    return sorted(p for p in partitions if partition_bounds(p, hours=hours)[1] + after <= watermark)
+
+def seal_ready(
+    *, data_dir: Path, n_kafka_partitions: int, gap: timedelta, hours: int = 1
+) -> list[str]:
+    """Seal every partition the slowest Kafka partition's watermark has passed; returns new seals.
+
+    A session is stored under the hour of its last event and closes once the watermark is past
+    that event plus the gap, so no row can arrive for an hour after ``end + gap``.
+    """
+    marks = read_watermarks(data_dir)
+    if len(marks) < n_kafka_partitions:
+        return []
+    low = min(m.watermark for m in marks.values())
+    present = {p.name for t in SEALED_TABLES for p in (data_dir / t).iterdir() if p.is_dir()}
+    present.discard(SCHEMA_DIR)
+    todo = [p for p in sealable(partitions=present, watermark=low, after=gap, hours=hours)
+            if not is_sealed(data_dir=data_dir, partition=p)]
+    for partition in todo:
+        try:
+            _seal(data_dir, partition, low, partition_bounds(partition, hours=hours))
+        except FileExistsError:
+            log.info("partition %s was sealed meanwhile by another writer", partition)
+    if todo:  # what a writer killed during an earlier seal left behind
+        remove_stale_temps(data_dir / "manifest")
+    return todo
+
+def reseal(*, data_dir: Path, partition: str, keep_sealed_at: bool = False) -> None:
+    """Add a version of a sealed partition's manifest row made from its live files (after late
+    rows; with ``keep_sealed_at`` after a compaction, which changes the file list, not the hash).
+    A new file, never a rewrite: a reader may be reading the previous version."""
+    with partition_lock(data_dir / "manifest"):
+        versions = manifest_versions(data_dir)[partition]
+        old = pq.read_table(versions[-1], schema=MANIFEST_SCHEMA).to_pylist()[0]
+        _seal(data_dir, partition, old["watermark"], (old["start"], old["end"]),
+              sealed_at=old["sealed_at"] if keep_sealed_at else None,
+              version=manifest_version(versions[-1].name) + 1,
+              known=old if keep_sealed_at else None)
+
+def _seal(data_dir: Path, partition: str, watermark: datetime,
+          bounds: tuple[datetime, datetime], sealed_at: datetime | None = None,
+          version: int = 0, known: Mapping[str, Any] | None = None) -> None:
+    """Write a manifest version. ``known``: a previous version whose hash and counts still hold
+    when the files hold as many rows (a compaction moves rows, never adds or drops them; rows
+    that landed meanwhile without a reseal, a writer killed in between, change the counts)."""
+    listed = {t: readable(live_files(data_dir / t / partition)) for t in SEALED_TABLES}
+    if known is not None and all(
+            known[f"n_{t}"] == sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
+            for t, paths in listed.items()):
+        sha256, counts = known["sha256"], {t: known[f"n_{t}"] for t in listed}
+    else:
+        sha256, counts = _content_hash({t: _file_batches(t, paths)
+                                        for t, paths in listed.items()})
+    files = sorted(str(f.relative_to(data_dir)) for paths in listed.values() for f in paths)
+    start, end = bounds
+    row = {
+        "partition": partition, "start": start, "end": end,
+        "sealed_at": sealed_at or datetime.now(timezone.utc), "watermark": watermark,
+        "files": files, **{f"n_{t}": n for t, n in counts.items()}, "sha256": sha256,
+    }
+    name = f"{partition}.parquet" if version == 0 else f"{partition}.v{version:06d}.parquet"
+    write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), data_dir / "manifest",
+                 lambda: name, exclusive=True)
+    log.info("sealed partition %s (%d pairs, %d files, version %d)", partition, row["n_pairs"],
+             len(files), version)
+
+def content_sha256(tables: Mapping[str, pa.Table]) -> str:
+    """Hash of the rows, not of the files holding them (so a compaction keeps it): per table, in
+    the given order, its name and then the SHA-256 of every row's canonical JSON, in id order."""
+    return _content_hash({t: rows.to_batches(max_chunksize=HASH_READ_ROWS)
+                          for t, rows in tables.items()})[0]
+
+def _content_hash(batches: Mapping[str, Iterable[pa.RecordBatch]]) -> tuple[str, dict[str, int]]:
+    """:func:`content_sha256` of tables given as record batches, read one batch at a time (a
+    sealed partition is never held whole, nor as a Python object per row: only the id column and
+    a 32-byte digest per row, in flat buffers); also the rows per table (the first of each id
+    counts)."""
+    digest = hashlib.sha256()
+    counts = {}
+    for table, stream in batches.items():
+        id_col = TABLES[table][1]
+        ids: list[pa.Array] = []
+        digests = bytearray()
+        for batch in stream:
+            ids.append(batch.column(id_col))
+            for row in batch.to_pylist():
+                digests += hashlib.sha256(_CANONICAL_JSON.encode(row).encode()).digest()
+        digest.update(f"table {table}\n".encode())
+        counts[table] = 0
+        if not ids:
+            continue
+        keyed = pa.table({"id": pa.chunked_array(ids),
+                          "at": pa.array(np.arange(len(digests) // 32, dtype=np.int64))})
+        ordered = keyed.sort_by([("id", "ascending"), ("at", "ascending")])
+        sorted_ids = ordered.column("id").combine_chunks()
+        first = np.ones(len(sorted_ids), dtype=bool)  # the first row of each id, in read order
+        if len(sorted_ids) > 1:
+            first[1:] = ~np.asarray(pc.equal(sorted_ids[1:], sorted_ids[:-1]))
+        rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
+        digest.update(rows[ordered.column("at").to_numpy()[first]].tobytes())
+        counts[table] = int(first.sum())
+    return digest.hexdigest(), counts
+
+def _file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
+    """The rows of a table's files as record batches of its schema, in file order."""
+    if not files:
+        return iter(())
+    scan = ds.dataset([str(f) for f in files], schema=arrow_schema(TABLES[table][0]),
+                      format="parquet")
+    return iter(scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False))
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"no canonical JSON for {type(value).__name__}")
+
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, default=_json_value)
+
+def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
+    """Manifest rows of sealed partitions (each its newest version), oldest partition first: the
+    trainer's only view of the data."""
+    versions = manifest_versions(data_dir)
+    rows = []
+    for partition in sorted(versions):
+        row = _newest_readable(versions[partition])
+        if row is not None:
+            rows.append(row)
+    return rows
+
+def _newest_readable(versions: Sequence[Path]) -> dict[str, Any] | None:
+    """The newest manifest version that reads (a damaged one is named in a warning)."""
+    for path in reversed(versions):
+        try:
+            row: dict[str, Any] = pq.read_table(path, schema=MANIFEST_SCHEMA).to_pylist()[0]
+            return row
+        except (pa.ArrowException, IndexError) as exc:
+            log.warning("skipping damaged manifest file %s: %s", path, exc)
+    return None
