@@ -36,6 +36,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "stderr": out.stderr, "env": env}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs ``-n 3 --dist loadgroup``) the tests that share
     the session's ``demo_run`` go to one worker, so the demo runs once."""
