@@ -23,12 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def lay_out(into: Path) -> None:
-    """``into/prefstream/<sub>`` -> the checkout's folder of ``prefstream.<sub>``."""
+    """``into/prefstream/...`` as installed: a package holding mapped subpackages is a real folder
+    of links to its own entries, every other package a link to its folder. Nothing is ever
+    created inside the checkout."""
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    for package, folder in sorted(mapping["package-dir"].items()):
+    packages = mapping["package-dir"]
+    for package, folder in sorted(packages.items()):
         target = into.joinpath(*package.split("."))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not target.exists():
+        if target.is_symlink() or target.exists():
+            continue
+        if not target.parent.resolve().is_relative_to(into.resolve()):
+            raise RuntimeError(f"{package}: {target} would be created outside {into}")
+        if any(other.startswith(package + ".") for other in packages):
+            target.mkdir(parents=True)
+            for entry in (ROOT / folder).iterdir():
+                if entry.name != "__pycache__":
+                    (target / entry.name).symlink_to(entry)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to(ROOT / folder, target_is_directory=True)
 
 
