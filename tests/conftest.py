@@ -25,7 +25,7 @@ def broker() -> Iterator[EmbeddedBroker]:
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``prefstream demo`` as the README runs it, once per test session: no ``--data-dir`` (the
     default ``prefstream-data`` in its working directory), training included. Shared by
-    tests/test_demo.py and tests/test_first_hour.py."""
+    tests/sim/broker/test_demo.py and tests/cli/broker/test_first_hour.py."""
     cwd = tmp_path_factory.mktemp("first-hour")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFSTREAM_")}
     out = subprocess.run(
@@ -39,7 +39,15 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs ``-n 3 --dist loadgroup``) the tests that share
-    the session's ``demo_run`` go to one worker, so the demo runs once."""
+    the session's ``demo_run`` go to one worker, so the demo runs once.
+
+    Markers follow what a test uses, so ``pytest -m "not broker and not slow"`` (the pure tests)
+    never starts a broker: the ``broker`` fixture or a ``broker/`` folder marks ``broker``, the
+    demo marks ``broker`` and ``slow``."""
     for item in items:
-        if "demo_run" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "demo_run" in fixtures:
             item.add_marker(pytest.mark.xdist_group("demo"))
+            item.add_marker(pytest.mark.slow)
+        if "broker" in fixtures or "demo_run" in fixtures or "broker" in item.path.parts[:-1]:
+            item.add_marker(pytest.mark.broker)

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from itertools import count
 from typing import Any
 
+from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from prefstream.schemas.events import EVENT_ADAPTER, FeedbackEvent
@@ -97,4 +98,15 @@ def kafka_records(messages: Iterable[tuple[bytes, bytes]], partitions: int, time
         p = kafka_partition(key, partitions)
         records.append((p, offsets[p], key, value, timestamp_ms))
         offsets[p] += 1
+    return records
+
+
+def read_records(bootstrap: str, topic: str, **config: object) -> list[Any]:
+    """Every record of ``topic`` from the beginning, partition after partition."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000, **config)
+    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    records = list(consumer)
+    consumer.close()
     return records

@@ -204,6 +204,7 @@ texts = st.tuples(st.sampled_from(["x", "é", "語", "😀", '"', "\\", "\n"]),
                   st.integers(1, MAX_TEXT_CHARS)).map(lambda t: t[0] * t[1])
 
 
+@pytest.mark.slow
 @hsettings(max_examples=15, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(plan=st.lists(st.tuples(st.integers(0, 3), st.one_of(texts, st.none()), st.booleans()),
                      min_size=1, max_size=40),

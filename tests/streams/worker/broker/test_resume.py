@@ -21,6 +21,8 @@ from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
 from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
 
+pytestmark = pytest.mark.slow
+
 PARTITIONS = 2
 ARRIVAL_MS = int(T0.timestamp() * 1000) + 3_600_000
 FINAL_TICK_MS = ARRIVAL_MS + 10**9

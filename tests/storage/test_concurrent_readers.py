@@ -34,7 +34,9 @@ from prefstream.storage.partitions import CURRENT
 from prefstream.storage.tables import SEALED_TABLES, TABLES
 from prefstream.streams.worker.pipeline import replay
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
 N_EVENTS = 1000
 GRACE_S = 1.0
 
@@ -146,7 +148,8 @@ while not last:
 
 
 def spawn(script: str, args: list[str], out: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)])}
     with open(out, "wb") as fh:
         return subprocess.Popen([sys.executable, "-c", script, *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)

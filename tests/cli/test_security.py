@@ -496,6 +496,7 @@ def test_the_whole_data_dir_is_owner_only(tls_demo: dict[str, Any]) -> None:
             assert mode & 0o077 == 0, (path, oct(mode))
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_outlives_a_silent_client_without_a_thread_per_scrape() -> None:
     """A client that connects and sends nothing is dropped after the handler's timeout; scrapes
     are served on the endpoint's one thread, never a new thread each."""

@@ -442,6 +442,7 @@ con.close()
 """
 
 
+@pytest.mark.slow
 def test_a_reader_in_another_process_sees_growing_deduplicated_pairs(data_dir, tmp_path):
     assert ensure_catalog(data_dir)
     catalog = data_dir / CATALOG_NAME
@@ -570,7 +571,7 @@ def test_prefstream_processes_use_jemalloc_for_arrow_unless_the_user_names_a_poo
     if env is not None:
         environ["ARROW_DEFAULT_MEMORY_POOL"] = env
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.parquet")],
-                         env=environ, cwd=Path(__file__).resolve().parents[1],
+                         env=environ, cwd=Path(__file__).resolve().parents[2],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected

@@ -79,7 +79,7 @@ from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
 GAP = timedelta(minutes=30)
 GRACE = timedelta(minutes=10)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -304,6 +304,7 @@ _ops = st.lists(st.one_of(st.lists(_row, min_size=1, max_size=6), st.just("compa
                 min_size=1, max_size=10)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_ops)
 def test_compaction_keeps_the_exact_rows_of_every_partition(ops):
@@ -341,6 +342,7 @@ def test_compaction_keeps_the_exact_rows_of_every_partition(ops):
 _folder = st.tuples(st.booleans(), st.integers(0, 3), st.lists(st.integers(0, 3), max_size=5))
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(st.tuples(_folder, _folder))
 def test_the_views_read_the_current_generation_or_a_folder_from_before(folders):
@@ -662,6 +664,7 @@ def traffic_records(n_events: int, partitions: int) -> list[tuple[int, int, byte
     return kafka_records(traffic.messages, partitions)
 
 
+@pytest.mark.slow
 def test_the_pipeline_compacts_after_sealing_and_matches_a_single_flush(tmp_path):
     records = traffic_records(700, 2)
     compacted = Settings(data_dir=tmp_path / "many", partitions=2, metrics_port=0,

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from factories import read_records
 from pydantic import ValidationError
 from tls_broker import Pki, TlsBroker, make_pki
 
@@ -76,17 +75,6 @@ SASL_PASSWORD = "producer-sasl-pw-3Nd"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), KEY_PASSWORD)
-
-
-def read_records(bootstrap: str, topic: str, **config: object) -> list[Any]:
-    """Every record of ``topic`` from the beginning, partition after partition."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=3000, **config)
-    tps = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records = list(consumer)
-    consumer.close()
-    return records
 
 
 def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:

@@ -399,6 +399,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 _runs = count()
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(scenarios())

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 CHECKED_IN = BENCH / "results"
 sys.path.insert(0, str(BENCH))  # the scripts import their sibling modules by name

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from factories import read_records
 from pydantic_settings import BaseSettings
-from test_producer import read_records
 
 from prefstream.cli import COMMAND_MODULES, SETTINGS_FLAGS, build_parser
 from prefstream.schemas.events import EVENT_ADAPTER, EVENT_TYPES
@@ -43,7 +43,7 @@ from prefstream.streams.core.pairing import (
 )
 from prefstream.trainer.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
 

@@ -20,7 +20,7 @@ import pytest
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 GUIDE = (ROOT / "docs" / "first-hour.md").read_text()
 README = (ROOT / "README.md").read_text()
 #: the guide's commands, in the order this test runs them

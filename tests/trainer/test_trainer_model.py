@@ -94,6 +94,7 @@ def test_resolve_device() -> None:
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@pytest.mark.slow
 def test_fit_lowers_the_loss_and_changes_the_weights() -> None:
     config = tiny_config(epochs=5, head_epochs=1)
     s = setup(config)

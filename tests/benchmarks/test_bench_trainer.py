@@ -15,7 +15,7 @@ from trainer_fixtures import tiny_backbone
 
 from prefstream.trainer.data import normalize_text
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_trainer.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_trainer.py"
 TOPICS = ("tea", "rust", "paris", "tax", "yoga", "bread", "sql", "mars", "jazz", "chess")
 
 
@@ -96,6 +96,7 @@ def small_args(tmp_path: Path, only: str) -> list[str]:
             "--only", only, "--in-process", "--out", str(tmp_path / "out.json")]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_prefstream_half_runs(bench, tmp_path):
     result = bench.main(small_args(tmp_path, "prefstream"))

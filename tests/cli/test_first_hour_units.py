@@ -41,7 +41,7 @@ from prefstream.storage.files import (
 from prefstream.trainer.card import model_card
 from prefstream.trainer.registry import current_version, promote, recover, save_version
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 H12, H13 = "2024-05-01T12", "2024-05-01T13"
 
 

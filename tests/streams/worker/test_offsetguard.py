@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +56,7 @@ def test_a_seek_whose_first_offset_is_dropped_again_is_repeated_after_the_retry_
     assert guard.admit("p0", 0, 13.1) is HANDLE
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 60), start=st.integers(0, 5), data=st.data())
 def test_every_offset_is_handled_once_in_order_whatever_is_dropped_or_late(

@@ -42,6 +42,8 @@ from prefstream.trainer.registry import (
     registry_lock,
 )
 
+pytestmark = pytest.mark.slow
+
 #: what a kill at each pause point leaves in ``models/`` besides ``.lock`` (a fresh data dir)
 LEFT_BY_KILL = {
     "load": [],

@@ -46,7 +46,7 @@ from prefstream.trainer.export import export_preferences
 from prefstream.trainer.registry import read_metadata, version_path
 from prefstream.trainer.service import run_once
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET_KEY, SASL_PASSWORD = "pseudonym-key-not-for-the-broker", "sasl-password-not-for-it"
 
 
@@ -135,6 +135,7 @@ def test_stale_temporary_files_of_a_killed_seal_are_removed(data_dir):
     assert not in_partition.exists() and fresh.exists()
 
 
+@pytest.mark.slow
 def test_the_trainer_refuses_a_sealed_partition_rewritten_after_its_seal(tmp_path, umask_022):
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=4, unsealed=False)
     [path] = live_files(data_dir / "pairs" / "2024-05-01T01")

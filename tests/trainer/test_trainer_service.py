@@ -38,6 +38,8 @@ from prefstream.trainer.registry import (
 from prefstream.trainer.scoring import RewardModel
 from prefstream.trainer.service import CycleResult, prepare, run_once, serve
 
+pytestmark = pytest.mark.slow
+
 SEALED_HOURS = 5
 
 
