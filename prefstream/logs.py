@@ -2,7 +2,8 @@
 
 ``PREFSTREAM_LOG_FORMAT=json`` (``Settings.log_format``) selects JSON for log shippers: each line
 holds ``ts`` (UTC, ISO 8601), ``level``, ``logger``, ``message`` and, for an exception, ``exc``.
-The worker passes the same formatter to Faust (:func:`faust_logging_config`). See docs/logs.md.
+The worker passes the same formatter to Faust (:func:`faust_logging_config`). See
+docs/first-hour.md ("Logs").
 """
 
 from __future__ import annotations

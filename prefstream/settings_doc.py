@@ -1,4 +1,4 @@
-"""The configuration tables of the README, generated from the settings models themselves.
+"""The configuration tables of docs/configuration.md, generated from the settings models.
 
 One table per settings model: the worker's ``Settings`` (``PREFSTREAM_<FIELD>``, nested models
 such as the pair rules as ``PREFSTREAM_RULES__<FIELD>``), the trainer's ``TrainConfig``
@@ -7,8 +7,8 @@ simulator's ``PREFSTREAM_SIMULATE_<FIELD>``...). One row per environment variabl
 help names it (``[env: VARIABLE]``), the default, the description and the allowed range.
 
     python -m prefstream.settings_doc                     # print the tables
-    python -m prefstream.settings_doc --write README.md   # rewrite them between the markers
-    python -m prefstream.settings_doc --check README.md   # exit 1 if the README is stale
+    python -m prefstream.settings_doc --write docs/configuration.md   # rewrite between the markers
+    python -m prefstream.settings_doc --check docs/configuration.md   # exit 1 if it is stale
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m prefstream.settings_doc",
                                      description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--write", type=Path, metavar="README", help="rewrite its tables")
-    group.add_argument("--check", type=Path, metavar="README", help="exit 1 if they are stale")
+    group.add_argument("--write", type=Path, metavar="DOC", help="rewrite its tables")
+    group.add_argument("--check", type=Path, metavar="DOC", help="exit 1 if they are stale")
     args = parser.parse_args(argv)
     table = render(rows())
     path = args.write or args.check

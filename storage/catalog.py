@@ -10,7 +10,7 @@ listed, and waits for it a bounded time (``storage.compact``).
 Objects an analyst creates in the catalog are dropped at its next rewrite: keep them in your own
 database and ``ATTACH`` this one read-only (``docs/storage-safety.md``).
 
-Two properties keep the catalog readable wherever it goes (docs/analysts.md):
+Two properties keep the catalog readable wherever it goes (docs/storage.md):
 
 - It is written in DuckDB's storage format of version 1.0 (:data:`STORAGE_VERSION`), which
   every DuckDB from 1.0 on opens, 2.x included: analysts' CLIs, notebooks and GUI tools still

@@ -3,7 +3,7 @@
 Pure: built from the version's ``metadata.json`` content alone, so a card always describes
 exactly what was saved: the data versions trained and evaluated on (partitions with their
 content hashes), the gates and their verdicts, the metrics, and the input format the model
-expects. docs/models.md documents the same format.
+expects. docs/first-hour.md ("The model") documents the same format.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Preference pairs from one closed session: the pairing rules of BRIEF section 5.
+"""Preference pairs from one closed session: the pairing rules of docs/pair-rules.md.
 
 "Before" means earlier in (ts, offset) order. Rules (``RULES``) and refusal reasons
 (``REFUSAL_REASONS``), each candidate or ambiguous signal refused with exactly one reason:

@@ -4,7 +4,7 @@ Tansu keeps its data in memory, so a broker started again on the same port is a 
 one: these tests check what holds there. The producer stays within its bound while the broker
 is away, accounts for every event and delivers again to the new broker; the worker reconnects,
 notices that its topic was created anew, reads it from the start and goes on. What a durable
-Kafka adds is in the README ("Broker outages").
+Kafka adds is in docs/delivery.md ("Broker outages").
 """
 
 from __future__ import annotations
