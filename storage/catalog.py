@@ -17,6 +17,7 @@ from pathlib import Path
 
 import duckdb
 
+from storage.comparisons import COMPARISONS_SQL
 from storage.files import SCHEMA_DIR, live_files
 from storage.tables import TABLES
 
@@ -118,6 +119,7 @@ def ensure_catalog(data_dir: Path) -> bool:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {table_view_sql(data_dir, table)}")
         con.execute(f"CREATE OR REPLACE VIEW partitions AS {partitions_view_sql(data_dir)}")
         con.execute(f"CREATE OR REPLACE VIEW funnel AS {FUNNEL_SQL}")
+        con.execute(f"CREATE OR REPLACE VIEW comparisons AS {COMPARISONS_SQL}")
         for name, body in EXTRA_VIEWS.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {body.format(root=data_dir.resolve())}")
     finally:

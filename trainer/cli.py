@@ -43,8 +43,9 @@ def register(subparsers: Any) -> None:
                        "as JSON and exit (default: poll every --poll-interval-s).")
     for name, info in TrainConfig.model_fields.items():
         help_text = (info.description or "").replace("%", "%%")
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           type=_flag_type(info.annotation),
+        kind = ({"action": "store_const", "const": True} if info.annotation is bool
+                else {"type": _flag_type(info.annotation)})
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kind,
                            help=f"{help_text} (default: {info.default}) [env: {ENV_PREFIX}"
                                 f"{name.upper()}]")
     train.set_defaults(func=run_trainer)
