@@ -4,7 +4,10 @@ length-matched accuracy, the length-only baseline, probes (docs/reward-model.md)
     python benchmarks/bench_reward.py [--hh-source ../shared/data/hh-rlhf-harmless-dev.jsonl.gz]
         [--alpaca-source ../shared/data/alpacaeval-gpt4-judged-dev.jsonl.gz]
         [--hh-events 30000] [--alpaca-events 57000] [--train-cap 1000] [--eval-cap 800]
+        [--alpaca-train-cap N] [--alpaca-eval-cap N] [--only hh|alpaca]
         [--out benchmarks/results/reward.json]
+
+``--only`` re-runs one source and keeps the other's figures in ``--out``.
 
 For each source: ``prefstream simulate`` (embedded broker and worker; the source's held-out
 prompts, never simulated, become the evaluation set), then the trainer's own gates on every
@@ -144,8 +147,12 @@ def eval_set(rows: list[dict[str, Any]], cap: int, seed: int, tolerance: float
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args, self.started = args, time.perf_counter()
-        self.result: dict[str, Any] = {"benchmark": "reward", "command": command_line(
-            __file__, sys.argv[1:]), "started": now_iso(), "machine": machine_info()}
+        self.result: dict[str, Any] = {"benchmark": "reward", "started": now_iso(),
+                                       "machine": machine_info()}
+        if args.only and args.out.exists():  # one source re-run: keep the other's figures
+            self.result = {**json.loads(args.out.read_text()), **self.result}
+        self.result.setdefault("commands", {})[args.only or "all"] = command_line(
+            __file__, sys.argv[1:])
 
     def save(self) -> None:
         self.result["wall_s"] = round(time.perf_counter() - self.started, 1)
@@ -169,7 +176,7 @@ class Bench:
         comparisons, precision = label_precision(pairs, config, truth)
         self.result["hh"]["label_precision"] = precision
         self.save()
-        train = sample(comparisons, a.train_cap, a.seed)
+        train = sample(comparisons, a.hh_train_cap or a.train_cap, a.seed)
         prompts = {p["prompt"] for p in train}
         explicit = [r for r in load_explicit_labels(a.hh_source) if r["prompt"] in prompts]
         held = eval_set(holdout, a.eval_cap, a.seed, config.length_match_tolerance)
@@ -183,8 +190,9 @@ class Bench:
         pairs, truth, holdout = self.source("alpaca", a.alpaca_source, a.alpaca_events, tmp)
         comparisons, precision = label_precision(pairs, config, truth)
         self.result["alpaca"]["label_precision"] = precision
-        train = sample(comparisons, a.train_cap, a.seed)
-        held = eval_set(holdout, a.eval_cap, a.seed, config.length_match_tolerance)
+        train = sample(comparisons, a.alpaca_train_cap or a.train_cap, a.seed)
+        held = eval_set(holdout, a.alpaca_eval_cap or a.eval_cap, a.seed,
+                        config.length_match_tolerance)
         self.result["alpaca"]["train_precision"] = share_right(train, truth)
         self.save()
         for balance in a.balances:
@@ -207,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--balances", nargs="+", default=["none", "bucket"])
     parser.add_argument("--train-cap", type=int, default=1000)
     parser.add_argument("--eval-cap", type=int, default=800)
+    parser.add_argument("--hh-train-cap", type=int, default=None)
+    parser.add_argument("--alpaca-train-cap", type=int, default=None)
+    parser.add_argument("--alpaca-eval-cap", type=int, default=None)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward.json")

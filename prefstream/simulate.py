@@ -153,10 +153,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     run_worker = sim.run_worker or not settings.kafka_bootstrap
     if run_worker and not sim.run_worker:
         log.info("no Kafka bootstrap: embedded broker, so a worker runs too (--run-worker)")
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    traffic, summary = _generate(sim, settings)
+    end = traffic_end(datetime.now(timezone.utc), settings)
     if not run_worker:
-        refuse_if_late(Path(settings.data_dir), first_event(summary))
+        refuse_if_late(Path(settings.data_dir), end - timedelta(hours=sim.hours))
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+    traffic, summary = _generate(sim, settings, end)
     if run_worker:
         summary.update(_with_worker(settings, traffic, sim.timeout_s))
     else:
@@ -166,9 +167,10 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0 if summary.get("balanced", True) else 1
 
 
-def _generate(sim: SimulateConfig, settings: Settings) -> tuple[Traffic, dict[str, Any]]:
+def _generate(sim: SimulateConfig, settings: Settings, end: datetime
+              ) -> tuple[Traffic, dict[str, Any]]:
     """Generate the traffic, write its truth; the traffic and the first part of the summary."""
-    config = sim.traffic(traffic_end(datetime.now(timezone.utc), settings))
+    config = sim.traffic(end)
     log.info("generating %d events (%s)", config.n_events, config.source or "synthetic texts")
     traffic = generate_traffic(config)
     truth = sim.truth or Path(settings.data_dir) / TRUTH_FILE
@@ -176,17 +178,10 @@ def _generate(sim: SimulateConfig, settings: Settings) -> tuple[Traffic, dict[st
     return traffic, _summary(config, traffic, truth, record)
 
 
-def first_event(summary: dict[str, Any]) -> datetime:
-    """Earliest event time the generated traffic may carry (its window's start)."""
-    traffic = summary["traffic"]
-    end = datetime.fromisoformat(traffic["end"])
-    return end - timedelta(hours=int(traffic["hours"]))
-
-
 def refuse_if_late(data_dir: Path, first: datetime) -> None:
     """``ConfigError`` when a worker's watermark in ``data_dir`` already passed ``first``: a
     live worker would store the whole run as late events."""
-    marks = read_watermarks(data_dir)
+    marks = read_watermarks(data_dir) if data_dir.is_dir() else {}
     ahead = {p: m.watermark for p, m in marks.items() if m.watermark > first}
     if ahead:
         p, mark = max(ahead.items(), key=lambda kv: kv[1])
