@@ -51,6 +51,7 @@ from machine import LoadMonitor, command_line, machine_info, now_iso, write_resu
 from prefstream.simulate import TRUTH_FILE, holdout_path, read_truth  # noqa: E402
 from storage.files import sealed_partitions  # noqa: E402
 from streams.traffic import prefers  # noqa: E402
+from trainer.augment import padding_pairs  # noqa: E402
 from trainer.comparisons import precision_by_votes  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.data import dedupe_exact, is_length_matched, min_confidence  # noqa: E402
@@ -61,7 +62,7 @@ from trainer.evaluate import (  # noqa: E402
     score_pairs,
 )
 from trainer.gates import probe_gate, text_gates, training_weights  # noqa: E402
-from trainer.lengths import fit_pairs  # noqa: E402
+from trainer.lengths import Template, _ids, fit_pairs, prompt_budget  # noqa: E402
 from trainer.service import read_pairs  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
@@ -78,6 +79,36 @@ def simulate(source: Path, events: int, data_dir: Path, timeout_s: float) -> dic
     summary: dict[str, Any] = json.loads(done.stdout)
     summary["exit_code"] = done.returncode
     return summary
+
+
+def percentiles(values: list[int]) -> dict[str, int]:
+    xs = sorted(values)
+    out = {f"p{k}": xs[min(len(xs) - 1, k * len(xs) // 100)] for k in (50, 75, 90, 95, 99)}
+    return {**out, "max": xs[-1]}
+
+
+def token_lengths(path: Path, sizes: tuple[int, ...] = (128, 256, 384, 512)) -> dict[str, Any]:
+    """Token lengths of a dev file under the default backbone's tokenizer, and the share of its
+    pairs each max_length keeps whole, or keeps with the prompt cut from its start."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TrainConfig(
+        _env_prefix="PREFSTREAM_BENCH_UNUSED_").backbone_path())
+    rows = load_explicit_labels(path)
+    template = Template.of(tokenizer)
+    prompts = [len(x) for x in _ids(tokenizer, [r["prompt"] for r in rows])]
+    answers = [max(len(c), len(r)) for c, r in zip(
+        _ids(tokenizer, [r["chosen"] for r in rows]),
+        _ids(tokenizer, [r["rejected"] for r in rows]), strict=True)]
+    total = [p + a + template.n_special for p, a in zip(prompts, answers, strict=True)]
+    n = len(rows)
+    return {"n": n, "prompt": percentiles(prompts), "longer_answer": percentiles(answers),
+            "total": percentiles(total), "by_max_length": {
+                str(m): {"whole": round(sum(t <= m for t in total) / n, 4),
+                         "kept_with_prompt_cut": round(sum(
+                             prompt_budget(template, p, a, m) is not None
+                             for p, a in zip(prompts, answers, strict=True)) / n, 4)}
+                for m in sizes}}
 
 
 def truth_of(quality: dict[str, float]) -> Any:
@@ -114,6 +145,8 @@ def train_and_score(name: str, train: list[dict[str, Any]], eval_pairs: list[dic
 
     started = time.perf_counter()
     s = setup(config)
+    if config.augment_padding:
+        train = train + padding_pairs(train, config.augment_padding, seed=config.seed)
     fitted_train, train_len = fit_pairs(s.tokenizer, train, config.max_length)
     weighted = training_weights(fitted_train, confidence=config.confidence_weighting,
                                 length_balance=config.length_balance)
@@ -181,8 +214,14 @@ class Bench:
         explicit = [r for r in load_explicit_labels(a.hh_source) if r["prompt"] in prompts]
         held = eval_set(holdout, a.eval_cap, a.seed, config.length_match_tolerance)
         self.result["hh"]["train_precision"] = share_right(train, truth)
-        for name, rows in (("implicit", train), ("explicit", explicit)):
-            self.result["hh"][name] = train_and_score(name, rows, held, config)
+        runs = [("implicit", train, config), ("explicit", explicit, config)]
+        if a.augment:
+            runs.append(("implicit_augmented", train,
+                         config.model_copy(update={"augment_padding": a.augment})))
+        for name, rows, cfg in runs:
+            if name in a.skip:
+                continue
+            self.result["hh"][name] = train_and_score(name, rows, held, cfg)
             self.save()
 
     def run_alpaca(self, tmp: Path, config: TrainConfig) -> None:
@@ -213,6 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpaca-dir", default=None, help="reuse a simulated data dir")
     parser.add_argument("--only", choices=("hh", "alpaca"), default=None)
     parser.add_argument("--balances", nargs="+", default=["none", "bucket"])
+    parser.add_argument("--augment", type=float, default=0.0, help="also train an HH model "
+                        "with this share of padding counter-examples (trainer/augment.py)")
+    parser.add_argument("--skip", nargs="*", default=[], help="HH models not to (re)train: "
+                        "implicit, explicit")
     parser.add_argument("--train-cap", type=int, default=1000)
     parser.add_argument("--eval-cap", type=int, default=800)
     parser.add_argument("--hh-train-cap", type=int, default=None)
@@ -228,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(_env_prefix="PREFSTREAM_BENCH_UNUSED_", device="cpu", **overrides)
     bench = Bench(args)
     bench.result["config"] = config.model_dump(mode="json")
+    bench.result["token_lengths"] = {p.name: token_lengths(p)
+                                     for p in (args.hh_source, args.alpaca_source)}
+    bench.save()
     with tempfile.TemporaryDirectory(prefix="bench-reward-") as tmp, LoadMonitor() as load:
         if args.only in (None, "hh"):
             bench.run_hh(Path(tmp), config)

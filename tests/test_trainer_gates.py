@@ -235,3 +235,20 @@ def test_progress_line_names_step_rate_loss_and_time_left(caplog) -> None:
         line = log_progress("end-to-end", 50, 200, 800, 100.0, [0.7, 0.5])
     assert line == "train end-to-end: step 50/200, 8.0 pairs/s, loss 0.6000, 5m00s left"
     assert line in caplog.text
+
+
+def test_padding_counter_examples_prefer_the_answer_itself() -> None:
+    from trainer.augment import padding_pairs
+    from trainer.evaluate import PROBES
+
+    pairs = [{"prompt": f"q{i}", "chosen": f"Answer {i}. It works.", "rejected": "no",
+              "pair_id": f"p{i}", "confidence": 0.8} for i in range(200)]
+    extra = padding_pairs(pairs, 0.5, seed=3)
+    assert 60 < len(extra) < 140 and extra == padding_pairs(pairs, 0.5, seed=3)
+    for e in extra:
+        original = next(p for p in pairs if p["prompt"] == e["prompt"])
+        assert e["chosen"] == original["chosen"] and e["rejected"].startswith(e["chosen"])
+        assert len(e["rejected"]) > len(e["chosen"]) and e["rule"] == "augment_padding"
+        # the probes' own texts are never trained on
+        assert not any(e["rejected"] == probe(e["chosen"]) for probe in PROBES.values())
+    assert padding_pairs(pairs, 0.0, seed=3) == []

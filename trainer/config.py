@@ -76,6 +76,9 @@ class TrainConfig(BaseSettings):
     length_balance: str = Field("bucket", pattern=r"^(none|bucket)$", description="bucket: "
                                 "reweight pairs so that chosen-longer and chosen-shorter ones "
                                 "weigh the same within each length bucket; none: no reweighting.")
+    augment_padding: float = Field(0.0, ge=0, le=1, description="Share of training comparisons "
+                                   "that also teach 'answer > answer + content-free padding' "
+                                   "(trainer/augment.py); 0 = off.")
     fallback_eval_share: float = Field(0.1, gt=0, lt=1, description="When the evaluation window "
                                        "holds too few pairs: share of the training partitions' "
                                        "prompt groups held out for evaluation instead.")

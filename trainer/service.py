@@ -30,6 +30,7 @@ from storage.files import live_files, read_table, sealed_partitions
 from streams.metrics import Metrics
 from streams.metrics import serve as serve_metrics
 from trainer import Interrupted
+from trainer.augment import padding_pairs
 from trainer.config import TrainConfig
 from trainer.control import Control, stop_on_signals
 from trainer.data import (
@@ -188,7 +189,7 @@ def prepare(data_dir: Path, split: Split, config: TrainConfig,
     train, in_train = within_split(rows, split.names("train"), split.cutoff)
     eval_pairs, in_eval = within_split(rows, split.names("eval"), None)
     train, grouped = drop_eval_groups(train, eval_pairs)
-    train, train_gates = _gate(train, config, tokenizer)
+    train, train_gates = _gate(train, config, tokenizer, augment=config.augment_padding)
     eval_pairs, eval_gates = _gate(eval_pairs, config, tokenizer)
     counts = {"train": [in_train, grouped, *train_gates], "eval": [in_eval, *eval_gates]}
     warnings = loud_drops("train", counts["train"][1:]) + loud_drops("eval", counts["eval"][1:])
@@ -208,11 +209,13 @@ def prepare(data_dir: Path, split: Split, config: TrainConfig,
     return Prepared(train, eval_pairs, counts, warnings)
 
 
-def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase
-          ) -> tuple[list[PairDict], list[Report]]:
+def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase,
+          augment: float = 0.0) -> tuple[list[PairDict], list[Report]]:
     kept, reports = text_gates(pairs, min_conf=config.min_confidence,
                                near_dup=config.near_dup_threshold,
                                user_cap=config.per_user_cap or None)
+    if augment:
+        kept = kept + padding_pairs(kept, augment, seed=config.seed)
     kept, too_long = fit_pairs(tokenizer, kept, config.max_length)
     return kept, [*reports, too_long]
 
