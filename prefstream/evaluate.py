@@ -147,6 +147,7 @@ def train_and_audit(data_dir: Path, truth_path: Path, truth: Mapping[str, Any],
             "heldout_agreement": calibration.get("agreement"),
             "heldout_labels_used": calibration.get("n"),
             "heldout_labels_too_long": calibration.get("too_long"),
+            "heldout_labels_truncated": calibration.get("truncated"),
             "max_length": config.max_length}
 
 
@@ -196,8 +197,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--truth", metavar="PATH", help=f"truth file [default: <data-dir>/{TRUTH_FILE}]")
     p.add_argument("--train", action="store_true", help="run one trainer cycle and report the "
                    "reward model's agreement with the held-out explicit labels")
-    p.add_argument("--max-length", type=int, metavar="TOKENS", help="trainer max_length: longer "
-                   "pairs and labels are dropped and counted [env: PREFSTREAM_TRAIN_MAX_LENGTH]")
+    p.add_argument("--max-length", type=int, metavar="TOKENS", help="trainer max_length: a "
+                   "longer prompt loses its start, a pair whose answer does not fit is dropped "
+                   "and counted [env: PREFSTREAM_TRAIN_MAX_LENGTH]")
     p.add_argument("--epochs", type=int, metavar="N", help="end-to-end epochs of the trainer "
                    "[env: PREFSTREAM_TRAIN_EPOCHS]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
