@@ -156,6 +156,9 @@ def test_evaluate_scores_the_run(simulated: tuple[dict[str, Any], Path],
     assert report["simulation"]["prefer_prob"] == 0.8
     assert {r: v["pairs"] for r, v in report["by_rule"].items()} == summary["pairs_by_rule"]
     assert report["refusals_by_reason"] == summary["refusals_by_reason"]
+    by_votes = report["comparisons_by_votes"]
+    assert 0 < by_votes["all"]["n"] < report["pairs"]  # repeated comparisons are merged
+    assert by_votes["all"]["n"] == sum(v["n"] for k, v in by_votes.items() if k != "all")
     kept = [p["pairs"] for p in report["curve"]]
     assert kept == sorted(kept, reverse=True) and kept[0] == report["pairs"]
     assert report["per_1000_events"] == round(1000 * report["pairs"]
