@@ -184,8 +184,10 @@ class Bench:
                                        "machine": machine_info()}
         if args.only and args.out.exists():  # one source re-run: keep the other's figures
             self.result = {**json.loads(args.out.read_text()), **self.result}
-        self.result.setdefault("commands", {})[args.only or "all"] = command_line(
-            __file__, sys.argv[1:])
+        runs = self.result.get("commands", [])
+        runs = list(runs.values()) if isinstance(runs, dict) else runs
+        self.result["commands"] = [*runs, command_line(__file__, sys.argv[1:])]
+        self.result["command"] = " && ".join(self.result["commands"])
 
     def save(self) -> None:
         self.result["wall_s"] = round(time.perf_counter() - self.started, 1)
@@ -193,10 +195,11 @@ class Bench:
 
     def source(self, key: str, path: Path, events: int, tmp: Path) -> tuple[Any, ...]:
         data_dir = Path(getattr(self.args, f"{key}_dir") or tmp / key)
+        section = self.result.setdefault(key, {})
         if getattr(self.args, f"{key}_dir") is None:
-            self.result[key] = {"simulate": simulate(path, events, data_dir, 1800)}
+            section["simulate"] = simulate(path, events, data_dir, 1800)
         else:
-            self.result[key] = {"simulate": f"reused {data_dir}"}
+            section["simulate"] = f"reused {data_dir}"
         truth_path = data_dir / TRUTH_FILE
         quality = read_truth(truth_path)["quality"]
         pairs = read_pairs(data_dir, sealed_partitions(data_dir))

@@ -21,7 +21,7 @@ def _get(d: Any, path: str) -> Any:
 
 def _models(r: Result) -> list[tuple[str, Result]]:
     out = []
-    for source, names in (("hh", ("implicit", "explicit")),
+    for source, names in (("hh", ("implicit", "explicit", "implicit_augmented")),
                           ("alpaca", ("balance_bucket", "balance_none"))):
         for name in names:
             model = _get(r, f"{source}.{name}")
@@ -50,6 +50,11 @@ def goals(r: Result) -> list[tuple[Any, ...]]:
         rows.append((f"{name}: padding probes raise the reward in <= 20% (else not promoted)",
                      worst, _get(model, "probes.n_answers"), gate.get("passed")))
     return rows
+
+
+def _commands(r: Result) -> list[str]:
+    runs = r.get("commands") or [r.get("command")]
+    return [c for c in (runs.values() if isinstance(runs, dict) else runs) if c]
 
 
 def _met(value: Any, bound: Any) -> bool | None:
@@ -115,7 +120,7 @@ def reward_section(r: Result, table: Table) -> list[str]:
                 for name, x in lengths.items()]
         lines += table(("file", "pairs", "p50", "p95", "p99", *map(str, sizes)), rows)
     cfg = r.get("config", {})
-    lines += ["", f"max_length {cfg.get('max_length')}, length_balance "
-              f"{cfg.get('length_balance')}, commands: "
-              + "; ".join(f"`{c}`" for c in r.get("commands", {}).values()) + "."]
+    lines += ["", f"Trainer defaults: max_length {cfg.get('max_length')}, length_balance "
+              f"{cfg.get('length_balance')}, confidence_weighting "
+              f"{cfg.get('confidence_weighting')}; {len(_commands(r))} run(s), all below."]
     return lines
