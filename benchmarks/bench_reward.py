@@ -139,8 +139,10 @@ def label_precision(pairs: list[dict[str, Any]], config: TrainConfig, truth: Any
 
 
 def train_and_score(name: str, train: list[dict[str, Any]], eval_pairs: list[dict[str, Any]],
-                    config: TrainConfig) -> dict[str, Any]:
-    """Fit one model on ``train`` (already gated), score the held-out pairs, run the probes."""
+                    config: TrainConfig, *, drop_cut: bool = False) -> dict[str, Any]:
+    """Fit one model on ``train`` (already gated), score the held-out pairs, run the probes.
+    ``drop_cut``: leave out the training pairs whose prompt had to be cut (the old policy of
+    dropping long pairs, for comparison)."""
     from trainer.fit import fit, setup
 
     started = time.perf_counter()
@@ -148,6 +150,10 @@ def train_and_score(name: str, train: list[dict[str, Any]], eval_pairs: list[dic
     if config.augment_padding:
         train = train + padding_pairs(train, config.augment_padding, seed=config.seed)
     fitted_train, train_len = fit_pairs(s.tokenizer, train, config.max_length)
+    if drop_cut:
+        fitted_train = [p for p in fitted_train if not p["prompt_cut"]]
+        train_len = {**train_len, "kept": len(fitted_train), "truncated": 0,
+                     "dropped": len(train) - len(fitted_train)}
     weighted = training_weights(fitted_train, confidence=config.confidence_weighting,
                                 length_balance=config.length_balance)
     log.info("%s: training on %d pairs", name, len(weighted))
@@ -221,10 +227,12 @@ class Bench:
         if a.augment:
             runs.append(("implicit_augmented", train,
                          config.model_copy(update={"augment_padding": a.augment})))
+        runs.append(("implicit_drop_long", train, config))
         for name, rows, cfg in runs:
             if name in a.skip:
                 continue
-            self.result["hh"][name] = train_and_score(name, rows, held, cfg)
+            self.result["hh"][name] = train_and_score(name, rows, held, cfg,
+                                                      drop_cut=name == "implicit_drop_long")
             self.save()
 
     def run_alpaca(self, tmp: Path, config: TrainConfig) -> None:
@@ -258,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", type=float, default=0.0, help="also train an HH model "
                         "with this share of padding counter-examples (trainer/augment.py)")
     parser.add_argument("--skip", nargs="*", default=[], help="HH models not to (re)train: "
-                        "implicit, explicit")
+                        "implicit, explicit, implicit_drop_long")
     parser.add_argument("--train-cap", type=int, default=1000)
     parser.add_argument("--eval-cap", type=int, default=800)
     parser.add_argument("--hh-train-cap", type=int, default=None)

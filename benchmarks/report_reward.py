@@ -21,7 +21,8 @@ def _get(d: Any, path: str) -> Any:
 
 def _models(r: Result) -> list[tuple[str, Result]]:
     out = []
-    for source, names in (("hh", ("implicit", "explicit", "implicit_augmented")),
+    for source, names in (("hh", ("implicit", "explicit", "implicit_augmented",
+                                  "implicit_drop_long")),
                           ("alpaca", ("balance_bucket", "balance_none"))):
         for name in names:
             model = _get(r, f"{source}.{name}")
