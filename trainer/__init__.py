@@ -5,7 +5,8 @@ all pure), ``comparisons`` (votes aggregated), ``lengths`` (truncation policy, l
 balancing), ``augment``, ``gates`` (data and promotion gates), ``loss``, ``model`` (backbone,
 tokens, collator), ``fit`` (setup then fit), ``evaluate`` (metrics, calibration audit,
 reward-hacking probes), ``registry`` (versions, promotion, the ``models`` view), ``service`` (one
-cycle and the polling loop), ``scoring``, ``score_file``, ``export`` and ``cli``. Importing this package loads neither torch nor transformers.
+cycle and the polling loop), ``scoring``, ``score_file``, ``export`` and ``cli``.
+Importing this package loads neither torch nor transformers.
 """
 
 from prefstream.errors import PrefstreamError
