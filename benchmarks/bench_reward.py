@@ -3,8 +3,8 @@ length-matched accuracy, the length-only baseline, probes (docs/reward-model.md)
 
     python benchmarks/bench_reward.py [--hh-source ../shared/data/hh-rlhf-harmless-dev.jsonl.gz]
         [--alpaca-source ../shared/data/alpacaeval-gpt4-judged-dev.jsonl.gz]
-        [--hh-events 30000] [--alpaca-events 57000] [--train-cap 1000] [--eval-cap 800]
-        [--alpaca-train-cap N] [--alpaca-eval-cap N] [--only hh|alpaca]
+        [--hh-events 30000] [--alpaca-events 57000] [--train-cap 1100] [--eval-cap 400]
+        [--alpaca-train-cap 1200] [--alpaca-eval-cap 500] [--augment 0.3] [--only hh|alpaca]
         [--out benchmarks/results/reward.json]
 
 ``--only`` re-runs one source and keeps the other's figures in ``--out``.
@@ -263,15 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpaca-dir", default=None, help="reuse a simulated data dir")
     parser.add_argument("--only", choices=("hh", "alpaca"), default=None)
     parser.add_argument("--balances", nargs="+", default=["none", "bucket"])
-    parser.add_argument("--augment", type=float, default=0.0, help="also train an HH model "
+    parser.add_argument("--augment", type=float, default=0.3, help="also train an HH model "
                         "with this share of padding counter-examples (trainer/augment.py)")
     parser.add_argument("--skip", nargs="*", default=[], help="HH models not to (re)train: "
                         "implicit, explicit, implicit_drop_long")
-    parser.add_argument("--train-cap", type=int, default=1000)
-    parser.add_argument("--eval-cap", type=int, default=800)
+    parser.add_argument("--train-cap", type=int, default=1100)
+    parser.add_argument("--eval-cap", type=int, default=400)
     parser.add_argument("--hh-train-cap", type=int, default=None)
-    parser.add_argument("--alpaca-train-cap", type=int, default=None)
-    parser.add_argument("--alpaca-eval-cap", type=int, default=None)
+    parser.add_argument("--alpaca-train-cap", type=int, default=1200)
+    parser.add_argument("--alpaca-eval-cap", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/reward.json")
