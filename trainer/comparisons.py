@@ -10,8 +10,8 @@ probability that the majority is right if the votes were independent and each as
 
 Counting, not summing each vote's log-odds, is measured (``docs/reward-model.md``): the rules'
 confidences rank rules by design intent, not by measured precision, and a log-odds sum let one
-0.95 thumbs vote outvote two agreeing 0.7 copies, which lowered label precision from 0.89 to
-0.84 on the HH-RLHF simulation. The same arithmetic is the ``comparisons`` view of the catalog
+0.95 thumbs vote outvote two agreeing 0.7 copies, which lowered label precision from 0.915 to
+0.835 on the HH-RLHF simulation. The same arithmetic is the ``comparisons`` view of the catalog
 (``storage/comparisons.py``), so analysts see what the trainer used, contradictions included.
 
 Counts are integers and the mean uses ``math.fsum`` (exactly rounded), so votes in any order
