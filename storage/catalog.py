@@ -33,6 +33,7 @@ from pathlib import Path
 
 import duckdb
 
+from storage.comparisons import COMPARISONS_SQL
 from storage.files import SCHEMA_DIR, fsync_path, live_files
 from storage.quarantine import quarantine_file, readable
 from storage.tables import TABLES
@@ -197,6 +198,7 @@ def _write_views(data_dir: Path, path: Path) -> None:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
         views = {"partitions": partitions_view_sql(data_dir, relative=True),
                  "funnel": funnel_view_sql(data_dir, relative=True),
+                 "comparisons": COMPARISONS_SQL,
                  **{name: body.format(root=".") for name, body in EXTRA_VIEWS.items()}}
         for name, sql in views.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
