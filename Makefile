@@ -47,6 +47,7 @@ bench_skipped = $(filter $(1),$(subst $(comma), ,$(BENCH_SKIP)))
 bench: install
 	$(if $(call bench_skipped,quality),,$(BIN)/python benchmarks/bench_quality.py \
 		--source $(BENCH_DATA) --events $(BENCH_QUALITY_EVENTS))
+	$(if $(call bench_skipped,reward),,$(BIN)/python benchmarks/bench_reward.py)
 	$(if $(call bench_skipped,pipeline),,$(BIN)/python benchmarks/bench_pipeline.py \
 		--events $(BENCH_EVENTS) --open-sessions $(BENCH_OPEN_SESSIONS))
 	$(if $(call bench_skipped,trainer),,$(BIN)/python benchmarks/bench_trainer.py \

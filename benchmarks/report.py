@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ("quality", "pipeline", "trainer", "queries", "soak")
+BENCHMARKS = ("quality", "reward", "pipeline", "trainer", "queries", "soak")
 VERSIONS = ("prefstream", "faust-streaming", "aiokafka", "kafka-python", "duckdb", "pyarrow",
             "torch", "transformers", "trl")
 
@@ -160,6 +160,12 @@ def quality_section(r: Result) -> list[str]:
     return lines
 
 
+def reward_section(r: Result) -> list[str]:
+    from report_reward import reward_section as render_reward
+
+    return render_reward(r, table)
+
+
 def pipeline_section(r: Result) -> list[str]:
     lines: list[str] = []
     for stage, error in r.get("errors", {}).items():
@@ -285,6 +291,7 @@ def soak_section(r: Result, window_s: float = 300.0) -> list[str]:
 
 SECTIONS: dict[str, tuple[str, Callable[[Result], list[str]]]] = {
     "quality": ("Pair quality and held-out agreement", quality_section),
+    "reward": ("Reward model: comparisons, length, probes", reward_section),
     "pipeline": ("Stream worker: throughput, freshness, memory", pipeline_section),
     "trainer": ("Trainer against TRL's RewardTrainer", trainer_section),
     "queries": ("Analyst queries", queries_section),

@@ -106,6 +106,7 @@ def evaluate_run(data_dir: Path, truth: Mapping[str, Any]) -> dict[str, Any]:
         "per_1000_events": per_1000(len(at_default), events),
         "by_rule": by_rule,
         "curve": threshold_curve(scored, events),
+        "comparisons_by_votes": comparisons_precision(data_dir, truth["quality"]),
         "refusals_by_reason": stored["refusals_by_reason"],
         "ties": stored["ties"], "unpaired": stored["unpaired"], "sessions": stored["sessions"],
         "partitions_sealed": stored["partitions_sealed"],
@@ -122,6 +123,25 @@ def read_pair_rows(data_dir: Path) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
     finally:
         con.close()
+
+
+def comparisons_precision(data_dir: Path, quality: Mapping[str, float]) -> dict[str, Any]:
+    """Label precision of the comparisons the trainer would build from every stored pair (votes
+    aggregated, ``trainer/comparisons.py``), by vote count, against the truth."""
+    from prefstream.trainer.comparisons import aggregate_comparisons, precision_by_votes
+
+    con = connect_readonly(data_dir)
+    try:
+        cur = con.execute("SELECT pair_id, prompt, chosen, rejected, confidence, user_id, "
+                          "chosen_response_id, rejected_response_id FROM pairs")
+        names = [d[0] for d in cur.description]
+        rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        con.close()
+    truth = dict(quality)
+    aggregates, _ = aggregate_comparisons(rows)
+    return precision_by_votes(aggregates, lambda a: prefers(
+        truth, a["chosen_response_id"], a["rejected_response_id"]))
 
 
 def train_and_audit(data_dir: Path, truth_path: Path, truth: Mapping[str, Any],
@@ -147,6 +167,7 @@ def train_and_audit(data_dir: Path, truth_path: Path, truth: Mapping[str, Any],
             "heldout_agreement": calibration.get("agreement"),
             "heldout_labels_used": calibration.get("n"),
             "heldout_labels_too_long": calibration.get("too_long"),
+            "heldout_labels_truncated": calibration.get("truncated"),
             "max_length": config.max_length}
 
 
@@ -196,8 +217,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--truth", metavar="PATH", help=f"truth file [default: <data-dir>/{TRUTH_FILE}]")
     p.add_argument("--train", action="store_true", help="run one trainer cycle and report the "
                    "reward model's agreement with the held-out explicit labels")
-    p.add_argument("--max-length", type=int, metavar="TOKENS", help="trainer max_length: longer "
-                   "pairs and labels are dropped and counted [env: PREFSTREAM_TRAIN_MAX_LENGTH]")
+    p.add_argument("--max-length", type=int, metavar="TOKENS", help="trainer max_length: a "
+                   "longer prompt loses its start, a pair whose answer does not fit is dropped "
+                   "and counted [env: PREFSTREAM_TRAIN_MAX_LENGTH]")
     p.add_argument("--epochs", type=int, metavar="N", help="end-to-end epochs of the trainer "
                    "[env: PREFSTREAM_TRAIN_EPOCHS]")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

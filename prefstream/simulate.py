@@ -9,9 +9,19 @@ and the source rows held out of the traffic go next to it as explicit-label JSON
 reward model later.
 
 Without a Kafka bootstrap the embedded broker is started, and then a worker has to run in this
-process's lifetime: ``--run-worker`` is implied. With ``--run-worker`` a worker subprocess
-consumes the traffic into the data dir and the command waits until it drained, exactly as
-``prefstream demo`` does (same functions), then prints the funnel read back from DuckDB.
+process's lifetime: ``--run-worker`` is implied. With ``--run-worker`` the traffic is produced
+first and a worker subprocess started after it, which consumes the traffic into the data dir;
+the command waits until it drained (the same functions as ``prefstream demo``), then prints the
+funnel read back from DuckDB.
+
+The simulator cannot lie about what was stored: ``balanced`` is true only when every produced
+event is accounted for (accepted, duplicate, dead-lettered or late) *and* the stored late events
+exceed the injected ones by at most ``late_tolerance`` (otherwise the exit code is 1); excess late
+events are a WARNING with counts. A worker's idle clock follows the wall clock (after
+``PREFSTREAM_IDLE_S`` without events), which would make traffic timed hours ago late: the worker
+starts only after the last event is in the log, so its clock moves by event times until then.
+With ``--bootstrap`` and no ``--run-worker`` (someone else's worker), a watermark in the data dir
+that is already past the traffic's first event makes the command refuse before producing.
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import dataclasses
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +39,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from prefstream.args import settings_from
+from prefstream.errors import ConfigError
 from prefstream.settings import Settings
 from prefstream.sim.content import write_labels
 from prefstream.sim.demo import (
@@ -55,6 +66,8 @@ TRUTH_FILE = "simulation-truth.json"
 TRUTH_FORMAT = "prefstream-simulation-truth/1"
 ENV_PREFIX = "PREFSTREAM_SIMULATE_"
 SETTINGS_NAMES = ("kafka_bootstrap", "data_dir")
+LATE_TOLERANCE_MIN = 20  # stored late events beyond the injected ones a run may show...
+LATE_TOLERANCE_SHARE = 0.01  # ...or this share of the produced events, whichever is larger
 
 
 class SimulateConfig(BaseSettings):
@@ -118,8 +131,6 @@ def write_truth(path: Path, config: TrafficConfig, traffic: Traffic) -> dict[str
 
 def read_truth(path: Path) -> dict[str, Any]:
     """A truth file written by :func:`write_truth`."""
-    from prefstream.errors import ConfigError
-
     try:
         record: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -142,8 +153,11 @@ def run_simulate(args: argparse.Namespace) -> int:
     run_worker = sim.run_worker or not settings.kafka_bootstrap
     if run_worker and not sim.run_worker:
         log.info("no Kafka bootstrap: embedded broker, so a worker runs too (--run-worker)")
+    end = traffic_end(datetime.now(timezone.utc), settings)
+    if not run_worker:
+        refuse_if_late(Path(settings.data_dir), end - timedelta(hours=sim.hours))
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
-    traffic, summary = _generate(sim, settings)
+    traffic, summary = _generate(sim, settings, end)
     if run_worker:
         summary.update(_with_worker(settings, traffic, sim.timeout_s))
     else:
@@ -153,14 +167,47 @@ def run_simulate(args: argparse.Namespace) -> int:
     return 0 if summary.get("balanced", True) else 1
 
 
-def _generate(sim: SimulateConfig, settings: Settings) -> tuple[Traffic, dict[str, Any]]:
+def _generate(sim: SimulateConfig, settings: Settings, end: datetime
+              ) -> tuple[Traffic, dict[str, Any]]:
     """Generate the traffic, write its truth; the traffic and the first part of the summary."""
-    config = sim.traffic(traffic_end(datetime.now(timezone.utc), settings))
+    config = sim.traffic(end)
     log.info("generating %d events (%s)", config.n_events, config.source or "synthetic texts")
     traffic = generate_traffic(config)
     truth = sim.truth or Path(settings.data_dir) / TRUTH_FILE
     record = write_truth(truth, config, traffic)
     return traffic, _summary(config, traffic, truth, record)
+
+
+def refuse_if_late(data_dir: Path, first: datetime) -> None:
+    """``ConfigError`` when a worker's watermark in ``data_dir`` already passed ``first``: a
+    live worker would store the whole run as late events."""
+    marks = read_watermarks(data_dir) if data_dir.is_dir() else {}
+    ahead = {p: m.watermark for p, m in marks.items() if m.watermark > first}
+    if ahead:
+        p, mark = max(ahead.items(), key=lambda kv: kv[1])
+        raise ConfigError(
+            f"the worker's watermark of partition {p} ({mark.isoformat()}) is past the "
+            f"traffic's first event ({first.isoformat()}): every event would be stored as late. "
+            "Stop that worker and run simulate with --run-worker on a fresh --data-dir, or "
+            "produce first and start the worker after")
+    if not marks:
+        log.warning("no worker watermark in %s: if a worker is already running on the topic, "
+                    "its idle clock follows the wall clock and this traffic (from %s) will be "
+                    "stored as late; start the worker after this command", data_dir,
+                    first.isoformat())
+
+
+def late_check(produced: int, injected: int, stored: int) -> dict[str, Any]:
+    """Whether the stored late events are explained by the injected ones (within tolerance)."""
+    tolerance = max(LATE_TOLERANCE_MIN, round(LATE_TOLERANCE_SHARE * produced))
+    excess = stored - injected
+    ok = excess <= tolerance
+    if excess > tolerance // 2:
+        log.warning("%d events stored as late, %d injected: %d more than injected (tolerance "
+                    "%d)%s", stored, injected, excess, tolerance,
+                    "" if ok else ": events were lost to lateness, the run is not balanced")
+    return {"stored": stored, "injected": injected, "excess": excess, "tolerance": tolerance,
+            "ok": ok}
 
 
 def _summary(config: TrafficConfig, traffic: Traffic, truth: Path, record: dict[str, Any]
@@ -185,24 +232,27 @@ def _summary(config: TrafficConfig, traffic: Traffic, truth: Path, record: dict[
 def _with_worker(settings: Settings, traffic: Traffic, timeout_s: float) -> dict[str, Any]:
     """Start a worker, produce, wait until drained, read the funnel back.
 
-    The traffic is generated before the worker starts: an idle worker's watermark follows the
-    wall clock, and traffic timed hours ago would then all be late.
+    The traffic is produced before the worker starts: an idle worker's watermark follows the
+    wall clock, and traffic timed hours ago would be late wherever a producer stall (or the
+    worker's first tick) let the idle clock in between.
     """
     data_dir = Path(settings.data_dir)
     if read_watermarks(data_dir):
         log.warning("%s already holds a run: its rows are counted too", data_dir)
     with broker_for(settings, log_path=data_dir / "broker.log") as settings:
         prepare(settings)
+        produce(settings, traffic)
         worker = start_worker(settings, data_dir / "worker.log")
         try:
-            produce(settings, traffic)
             wait_until_drained(settings, end_offsets(settings), worker, timeout_s)
         finally:
             stop(worker)
     ensure_catalog(data_dir)
     out = {**funnel(data_dir), "ground_truth": agreement(data_dir, traffic)}
-    out["balanced"] = len(traffic.messages) == (out["events_accepted"] + out["duplicates_ignored"]
-                                                + out["dead_lettered"] + out["late"])
+    out["late_check"] = late_check(len(traffic.messages), traffic.counts["late"], out["late"])
+    accounted = len(traffic.messages) == (out["events_accepted"] + out["duplicates_ignored"]
+                                          + out["dead_lettered"] + out["late"])
+    out["balanced"] = accounted and out["late_check"]["ok"]
     return out
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import duckdb
 
+from prefstream.storage.comparisons import COMPARISONS_SQL
 from prefstream.storage.files import SCHEMA_DIR, fsync_path, live_files
 from prefstream.storage.quarantine import quarantine_file, readable
 from prefstream.storage.tables import TABLES
@@ -221,6 +222,7 @@ def _write_views(data_dir: Path, path: Path) -> None:
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {sql}")
         views = {"partitions": partitions_view_sql(data_dir, relative=True),
                  "funnel": funnel_view_sql(data_dir, relative=True),
+                 "comparisons": COMPARISONS_SQL,
                  "models": MODELS_VIEW_SQL.format(root=".")}
         for name, sql in views.items():
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")

@@ -122,6 +122,9 @@ def tiny_config(**overrides: Any) -> Any:
         backbone=tiny_backbone(), max_length=64, batch_size=8, lr=3e-3, head_lr=1e-2,
         epochs=6, head_epochs=1, eval_window_partitions=1, gap_partitions=1,
         min_train_pairs=8, min_eval_pairs=4, probe_answers=8, device="cpu",
+        # the tiny model learns words, so repeating a good sentence raises its reward: the probe
+        # gate is tested on its own (test_trainer_gates.py), not in every cycle
+        max_probe_raise=1.0,
     )
     fields.update(overrides)
     return TrainConfig(_env_prefix="PREFSTREAM_TEST_UNUSED_", **fields)

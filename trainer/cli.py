@@ -63,8 +63,9 @@ def register(subparsers: Any) -> None:
                        "as JSON and exit (default: poll every --poll-interval-s).")
     for name, info in TrainConfig.model_fields.items():
         help_text = (info.description or "").replace("%", "%%")
-        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                           type=_flag_type(info.annotation),
+        kind = ({"action": "store_const", "const": True} if info.annotation is bool
+                else {"type": _flag_type(info.annotation)})
+        train.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, **kind,
                            help=f"{help_text} (default: {info.default}) [env: {ENV_PREFIX}"
                                 f"{name.upper()}]")
     train.set_defaults(func=run_trainer)
@@ -82,15 +83,23 @@ def register(subparsers: Any) -> None:
 
 
 def _scoring_parsers(subparsers: Any) -> None:
-    score = subparsers.add_parser("score", help="Reward of one answer under the current model.")
+    score = subparsers.add_parser("score", help="Reward of one answer under the current model, "
+                                  "or (--pairs) accuracy on a labelled JSONL file.")
     rerank = subparsers.add_parser("rerank", help="Answers ordered by reward, best first (JSONL).")
     for parser in (score, rerank):
         _data_dir(parser)
-        parser.add_argument("--prompt", required=True)
+        parser.add_argument("--prompt", required=parser is rerank)
         parser.add_argument("--version", default=None, help="A model version (default: current).")
         parser.add_argument("--device", default=os.environ.get(f"{ENV_PREFIX}DEVICE", "auto"),
                             help=f"auto, cpu or cuda [env: {ENV_PREFIX}DEVICE]")
-    score.add_argument("--answer", required=True)
+    score.add_argument("--answer", help="The answer to score (with --prompt).")
+    score.add_argument("--pairs", type=Path, metavar="FILE", help="Labelled JSONL (.gz ok): "
+                       "prompt/chosen/rejected or HH-RLHF chosen/rejected dialogues; reports "
+                       "accuracy, length-matched accuracy, by length bucket, the length-only "
+                       "baseline, reward-length correlation, rows truncated or dropped.")
+    score.add_argument("--length-tolerance", type=float, default=0.1, help="With --pairs: "
+                       "answers within this share of each other's length are length-matched.")
+    score.add_argument("--json", action="store_true", help="With --pairs: print JSON.")
     score.set_defaults(func=run_score)
     rerank.add_argument("answers", nargs="+", help="Candidate answers.")
     rerank.set_defaults(func=run_rerank)
@@ -172,11 +181,44 @@ def _load_model(args: argparse.Namespace, command: str) -> Any:
 def run_score(args: argparse.Namespace) -> int:
     if not _checked_data_dir(args, "score"):
         return EXIT_USAGE
+    problem = _score_usage(args)
+    if problem:
+        print(f"score: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.pairs is not None:
+        from prefstream.trainer.score_file import read_pairs_file
+
+        try:  # read before the model loads: a bad file is one line and nothing else
+            rows = read_pairs_file(args.pairs)
+        except PrefstreamError as exc:
+            print(f"score: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     model = _load_model(args, "score")
     if model is None:
         return EXIT_ERROR
-    print(f"{model.score(args.prompt, args.answer):.6f}")
+    if args.pairs is None:
+        print(f"{model.score(args.prompt, args.answer):.6f}")
+        return EXIT_OK
+    from prefstream.trainer.score_file import format_report, score_file
+
+    report = score_file(model, args.pairs, rows, tolerance=args.length_tolerance)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return EXIT_OK
+
+
+def _score_usage(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags of ``score`` (None when nothing)."""
+    if args.pairs is not None:
+        if args.prompt is not None or args.answer is not None:
+            return "--pairs scores a file: give it without --prompt/--answer"
+        if not args.pairs.is_file():
+            return f"--pairs: no file {args.pairs}"
+        if not 0 <= args.length_tolerance <= 1:
+            return "--length-tolerance must be between 0 and 1"
+        return None
+    if args.prompt is None or args.answer is None:
+        return "give --prompt and --answer, or --pairs FILE"
+    return None
 
 
 def run_rerank(args: argparse.Namespace) -> int:

@@ -39,8 +39,10 @@ class TrainConfig(BaseSettings):
     # model and optimisation
     backbone: Path | None = Field(None, description="Hugging Face model folder; unset = the "
                                   "packaged all-MiniLM-L6-v2.")
-    max_length: int = Field(256, ge=8, le=8192, description="Tokens of prompt + answer; longer "
-                            "pairs are dropped and counted, never truncated.")
+    max_length: int = Field(384, ge=8, le=8192, description="Tokens of prompt + answer; a longer "
+                            "pair loses the start of its prompt (answers stay whole), and is "
+                            "dropped and counted when its answer alone does not fit (measured: "
+                            "docs/reward-model.md).")
     batch_size: int = Field(16, ge=1, description="Pairs per optimisation step.")
     lr: float = Field(1e-4, gt=0, lt=1, description="Peak learning rate of the end-to-end stage "
                       "(TRL's RewardConfig default).")
@@ -67,8 +69,19 @@ class TrainConfig(BaseSettings):
                               "confidence first); 0 = no cap.")
     near_dup_threshold: float = Field(0.9, gt=0, le=1, description="Jaccard of character 5-grams "
                                       "of chosen and of rejected within a prompt group.")
-    length_match_tolerance: float = Field(0.2, ge=0, le=1, description="Length-matched accuracy "
+    length_match_tolerance: float = Field(0.1, ge=0, le=1, description="Length-matched accuracy "
                                           "uses pairs whose lengths differ by at most this share.")
+    confidence_weighting: bool = Field(True, description="Weight each comparison's loss by its "
+                                       "aggregate confidence (2c - 1); off: every one weighs 1.")
+    length_balance: str = Field("bucket", pattern=r"^(none|bucket)$", description="bucket: "
+                                "reweight pairs so that chosen-longer and chosen-shorter ones "
+                                "weigh the same within each length bucket; none: no reweighting.")
+    augment_padding: float = Field(0.0, ge=0, le=1, description="Share of training comparisons "
+                                   "that also teach 'answer > answer + content-free padding' "
+                                   "(trainer/augment.py); 0 = off.")
+    fallback_eval_share: float = Field(0.1, gt=0, lt=1, description="When the evaluation window "
+                                       "holds too few pairs: share of the training partitions' "
+                                       "prompt groups held out for evaluation instead.")
     min_train_pairs: int = Field(16, ge=1, description="Fewer pairs after the gates: no training.")
     min_eval_pairs: int = Field(8, ge=1, description="Fewer held-out pairs: no training.")
     # audits
@@ -77,6 +90,13 @@ class TrainConfig(BaseSettings):
     min_calibration_agreement: float = Field(0.70, ge=0, le=1, description="Below: not promoted.")
     probe_answers: int = Field(64, ge=0, description="Held-out answers perturbed by the "
                                "reward-hacking probes.")
+    max_probe_raise: float = Field(0.2, ge=0, le=1, description="A probe (padding, filler, "
+                                   "repetition, flattery...) raising the reward of a larger share "
+                                   "of answers than this blocks promotion.")
+    allow_unaudited: bool = Field(False, description="Promote without explicit labels (no "
+                                  "calibration audit); logged as a warning and recorded.")
+    log_every_steps: int = Field(50, ge=1, description="Training steps between progress log "
+                                 "lines when the progress bar is off (not a terminal).")
     # service
     poll_interval_s: float = Field(60.0, gt=0, description="Seconds between manifest polls.")
     metrics_port: int = Field(9465, ge=0, le=65535, description="Port of the service's GET "

@@ -22,8 +22,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from prefstream.trainer import TrainerError
 from prefstream.trainer.config import TrainConfig
-from prefstream.trainer.data import PairDict, drop_too_long, is_length_matched
-from prefstream.trainer.model import attach_tokens, encode, n_tokens, score_encoded
+from prefstream.trainer.data import PairDict, is_length_matched
+from prefstream.trainer.lengths import BUCKETS, bucket_of, fit_answers, fit_pairs, length_only_right
+from prefstream.trainer.model import score_encoded
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,23 @@ def pair_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float],
         "accuracy": _share(right),
         "mean_margin": (rc - rr).mean().item() if len(pairs) else None,
         "reward": _stats(everything),
-        "length_matched": {"n": len(matched), "accuracy": _share(matched)},
+        "length_matched": {"n": len(matched), "accuracy": _share(matched),
+                           "length_only": _share([length_only_right(p) for p in pairs
+                                                  if is_length_matched(p, tolerance)])},
+        "length_only_accuracy": _share([length_only_right(p) for p in pairs]),
+        "by_length_bucket": by_length_bucket(right, pairs),
         "per_rule": _per_rule(right, pairs),
         "reward_length_corr": _correlation(everything, lengths),
     }
+
+
+def by_length_bucket(right: Sequence[bool], pairs: Sequence[PairDict]) -> dict[str, Any]:
+    """Accuracy and the length-only baseline on the same rows, per relative length bucket."""
+    rows: dict[str, list[tuple[bool, bool]]] = {name: [] for name, _ in BUCKETS}
+    for ok, p in zip(right, pairs, strict=True):
+        rows[bucket_of(p)].append((ok, length_only_right(p)))
+    return {name: {"n": len(v), "accuracy": _share([a for a, _ in v]),
+                   "length_only": _share([b for _, b in v])} for name, v in rows.items()}
 
 
 def _share(flags: Sequence[bool]) -> float | None:
@@ -165,16 +179,16 @@ def calibration_audit(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     """Agreement with explicit human labels; ``passed`` is None when none are configured."""
     if config.explicit_labels is None:
         return {"passed": None, "reason": "no explicit labels configured", "n": 0}
-    labels = attach_tokens(tokenizer, load_explicit_labels(config.explicit_labels))
-    kept, report = drop_too_long(labels, n_tokens, config.max_length)
+    kept, report = fit_pairs(tokenizer, load_explicit_labels(config.explicit_labels),
+                             config.max_length)
     if not kept:
         return {"passed": False, "reason": "no explicit label fits max_length", "n": 0,
-                "too_long": report["dropped"]}
+                "too_long": report["dropped"], "truncated": report["truncated"]}
     metrics = evaluate(model, tokenizer, kept, device=device, config=config)
     agreement, threshold = metrics["accuracy"], config.min_calibration_agreement
     verdict = ">=" if agreement >= threshold else "<"
     return {"passed": agreement >= threshold, "agreement": agreement, "threshold": threshold,
-            "n": len(kept), "too_long": report["dropped"],
+            "n": len(kept), "too_long": report["dropped"], "truncated": report["truncated"],
             "length_matched": metrics["length_matched"],
             "reason": f"agreement with {len(kept)} explicit labels {agreement:.3f} {verdict} "
                       f"{threshold}"}
@@ -202,11 +216,16 @@ def reward_hacking_probes(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
 def _score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
            answers: list[str], device: torch.device, config: TrainConfig) -> list[float | None]:
-    """Rewards of (prompt, answer); None where the text exceeds max_length (not truncated)."""
-    encoded = encode(tokenizer, prompts, answers)
-    fits = [i for i, (ids, _) in enumerate(encoded) if len(ids) <= config.max_length]
-    scores = score_encoded(model, [encoded[i] for i in fits], pad_id=tokenizer.pad_token_id,
-                           device=device, batch_size=2 * config.batch_size)
+    """Rewards of (prompt, answer) under the training policy (prompt cut from its start); None
+    where the answer alone does not fit (a probe never scores a cut answer)."""
+    encoded: list[tuple[list[int], list[int] | None] | None] = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        enc, cut = fit_answers(tokenizer, prompt, [answer], config.max_length)
+        encoded.append(None if cut else enc[0])
+    fits = [i for i, e in enumerate(encoded) if e is not None]
+    scores = score_encoded(model, [encoded[i] for i in fits],  # type: ignore[misc]
+                           pad_id=tokenizer.pad_token_id, device=device,
+                           batch_size=2 * config.batch_size)
     out: list[float | None] = [None] * len(encoded)
     for i, value in zip(fits, scores, strict=True):
         out[i] = value

@@ -146,12 +146,33 @@ def _stage(name: str, s: Setup, pairs: Sequence[PairDict], batches: list[list[in
         result.accuracies.append(acc)
         result.pairs_seen += len(idx)
         bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.2f}", lr=f"{lr(step):.1e}", refresh=False)
+        if bar.disable and (step + 1) % config.log_every_steps == 0:
+            log_progress(name, step + 1, len(batches), result.pairs_seen - seen,
+                         time.perf_counter() - started, result.losses[-config.log_every_steps:])
     wall = time.perf_counter() - started
     pairs = result.pairs_seen - seen
     result.stages[name] = {"steps": len(batches), "pairs": pairs, "wall_s": round(wall, 3),
                            "pairs_per_s": round(pairs / wall, 3)}
     log.info("%s stage: %d steps, %.1f pairs/s, last loss %.4f", name, len(batches),
              pairs / wall, result.losses[-1])
+
+
+def log_progress(stage: str, step: int, total: int, pairs: int, wall_s: float,
+                 losses: Sequence[float]) -> str:
+    """One progress line (logged and returned) for runs without a terminal: step, pairs/s,
+    mean loss of the last steps, and the time left at this pace."""
+    rate = pairs / wall_s if wall_s > 0 else 0.0
+    left = wall_s / step * (total - step) if step else 0.0
+    line = (f"train {stage}: step {step}/{total}, {rate:.1f} pairs/s, loss "
+            f"{sum(losses) / max(len(losses), 1):.4f}, {_clock(left)} left")
+    log.info("%s", line)
+    return line
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _step(s: Setup, batch_pairs: list[PairDict], optimizer: torch.optim.Optimizer,
@@ -161,7 +182,9 @@ def _step(s: Setup, batch_pairs: list[PairDict], optimizer: torch.optim.Optimize
     rewards = forward_rewards(s.model, batch, s.device)
     r_chosen, r_rejected = rewards[: len(batch_pairs)], rewards[len(batch_pairs):]
     margin = margin.to(s.device) if margin is not None else None
-    loss = bradley_terry_loss(r_chosen, r_rejected, margin, config.center_rewards_coef)
+    weights = torch.tensor([float(p.get("train_weight", 1.0)) for p in batch_pairs],
+                           device=s.device)
+    loss = bradley_terry_loss(r_chosen, r_rejected, margin, config.center_rewards_coef, weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)

@@ -16,12 +16,18 @@ def bradley_terry_loss(
     r_rejected: torch.Tensor,
     margin: torch.Tensor | None = None,
     center_coef: float = 0.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean Bradley-Terry loss of a batch of reward pairs (1-D tensors of equal length)."""
+    """Mean Bradley-Terry loss of a batch of reward pairs (1-D tensors of equal length).
+
+    ``weights`` (one per pair, e.g. a comparison's confidence times its length-balance factor)
+    scale each pair's term; the mean is over pairs, so a batch of doubtful comparisons moves
+    the model less than a batch of sure ones."""
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
+    terms = -F.logsigmoid(diff)
+    loss = (terms * weights).mean() if weights is not None else terms.mean()
     if center_coef:
         loss = loss + center_coef * ((r_chosen + r_rejected) ** 2).mean()
     return loss

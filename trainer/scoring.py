@@ -1,7 +1,9 @@
 """Serve the current reward model: ``score`` one answer, ``rerank`` best-of-N.
 
-Inputs longer than the version's ``max_length`` are truncated (longest side first) with a
-warning: scoring must answer, but the warning says the reward saw less than the text.
+Inputs longer than the version's ``max_length`` follow the training policy
+(``trainer/lengths.py``): the prompt loses its start, the answer stays whole; an answer too long
+even for that is cut at its end with a warning (scoring must answer, but the warning says the
+reward saw less than the text).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from prefstream.trainer.model import Encoded, encode, load, resolve_device, score_encoded
+from prefstream.trainer.lengths import fit_answers
+from prefstream.trainer.model import load, resolve_device, score_encoded
 from prefstream.trainer.registry import read_metadata, version_path
 
 log = logging.getLogger(__name__)
@@ -46,9 +49,10 @@ class RewardModel:
 
     def score_many(self, prompt: str, answers: Sequence[str]) -> list[float]:
         """Rewards of several answers to one prompt, in input order."""
-        encoded = [self._fit(e, prompt, a)
-                   for e, a in zip(encode(self.tokenizer, [prompt] * len(answers), answers),
-                                   answers, strict=True)]
+        encoded, cut = fit_answers(self.tokenizer, prompt, answers, self.max_length)
+        if cut:
+            log.warning("%d of %d answers longer than max_length %d were cut at their end for "
+                        "scoring", cut, len(answers), self.max_length)
         return score_encoded(self.model, encoded, pad_id=self.tokenizer.pad_token_id,
                              device=self.device, batch_size=self.batch_size)
 
@@ -56,13 +60,3 @@ class RewardModel:
         """``(answer, reward)`` best first; equal rewards keep the input order."""
         scored = zip(answers, self.score_many(prompt, answers), strict=True)
         return sorted(scored, key=lambda pair: -pair[1])
-
-    def _fit(self, encoded: Encoded, prompt: str, answer: str) -> Encoded:
-        if len(encoded[0]) <= self.max_length:
-            return encoded
-        log.warning("input of %d tokens truncated to %d for scoring", len(encoded[0]),
-                    self.max_length)
-        enc = self.tokenizer(prompt, answer, truncation="longest_first",
-                             max_length=self.max_length)
-        types = enc.get("token_type_ids") if encoded[1] is not None else None
-        return enc["input_ids"], types

@@ -31,6 +31,7 @@ from prefstream.storage.verify import read_sealed
 from prefstream.streams.metrics import Metrics
 from prefstream.streams.metrics import serve as serve_metrics
 from prefstream.trainer import Interrupted
+from prefstream.trainer.augment import padding_pairs
 from prefstream.trainer.config import TrainConfig
 from prefstream.trainer.control import Control, stop_on_signals
 from prefstream.trainer.data import (
@@ -38,16 +39,23 @@ from prefstream.trainer.data import (
     Report,
     Split,
     drop_eval_groups,
-    drop_too_long,
     integrity_refusal,
     length_bias,
-    quality_gates,
     temporal_split,
     within_split,
 )
 from prefstream.trainer.evaluate import calibration_audit, evaluate, reward_hacking_probes
 from prefstream.trainer.fit import Setup, fit, setup
-from prefstream.trainer.model import attach_tokens, load, n_tokens
+from prefstream.trainer.gates import (
+    calibration_gate,
+    fallback_eval,
+    loud_drops,
+    probe_gate,
+    text_gates,
+    training_weights,
+)
+from prefstream.trainer.lengths import fit_pairs
+from prefstream.trainer.model import load
 from prefstream.trainer.registry import (
     current_version,
     json_default,
@@ -83,6 +91,8 @@ class CycleResult:
     gates: dict[str, Any] = field(default_factory=dict)
     #: sealed partitions not used: rows that no longer hash to the manifest's sha256
     refused_partitions: list[Report] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    lengths: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
 
     def summary(self) -> dict[str, Any]:
@@ -99,6 +109,7 @@ class Prepared:
     counts: dict[str, list[Report]]
     #: sealed partitions left out because their rows no longer match their manifest hash
     refused: list[Report] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def run_once(data_dir: Path, config: TrainConfig, *,
@@ -137,7 +148,8 @@ def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
     s = setup(config)
     control.check("load")
     data = prepare(data_dir, split, config, s.tokenizer)
-    result = CycleResult(cutoff=split.cutoff, counts=data.counts,
+    result = CycleResult(cutoff=split.cutoff, counts=data.counts, warnings=data.warnings,
+                         lengths=_length_counts(data.counts, config.max_length),
                          partitions=_partition_info(train=split.train, gap=split.gap,
                                                     eval=split.eval),
                          length_bias={"train": length_bias(data.train),
@@ -188,25 +200,55 @@ def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]],
 
 def prepare(data_dir: Path, split: Split, config: TrainConfig,
             tokenizer: PreTrainedTokenizerBase) -> Prepared:
-    """Train and eval pairs of a split after every gate, with the counts after each gate."""
+    """Train and eval pairs of a split after every gate, with the counts after each gate.
+
+    When the evaluation window holds fewer than ``min_eval_pairs`` after its gates, prompt
+    groups of the training partitions are held out for evaluation instead
+    (``gates.fallback_eval``), and a warning says so."""
     refused: list[Report] = []
     rows = read_pairs(data_dir, split.train + split.eval, refused)
     train, in_train = within_split(rows, split.names("train"), split.cutoff)
     eval_pairs, in_eval = within_split(rows, split.names("eval"), None)
     train, grouped = drop_eval_groups(train, eval_pairs)
-    train, train_gates = _gate(train, config, tokenizer)
+    train, train_gates = _gate(train, config, tokenizer, augment=config.augment_padding)
     eval_pairs, eval_gates = _gate(eval_pairs, config, tokenizer)
-    return Prepared(train, eval_pairs, {"train": [in_train, grouped, *train_gates],
-                                        "eval": [in_eval, *eval_gates]}, refused)
+    counts = {"train": [in_train, grouped, *train_gates], "eval": [in_eval, *eval_gates]}
+    warnings = loud_drops("train", counts["train"][1:]) + loud_drops("eval", counts["eval"][1:])
+    if len(eval_pairs) < config.min_eval_pairs and train:
+        thin = len(eval_pairs)
+        train, eval_pairs, moved = fallback_eval(train, eval_pairs,
+                                                 share=config.fallback_eval_share)
+        counts["train"].append(moved)
+        msg = (f"evaluation window held {thin} pairs (need {config.min_eval_pairs}): held out "
+               f"{moved['to_eval']} comparisons of {moved['groups']} prompt groups of the "
+               f"training partitions ({config.fallback_eval_share:.0%} of groups by hash) "
+               f"for evaluation instead")
+        log.warning("%s", msg)
+        warnings.append(msg)
+    train = training_weights(train, confidence=config.confidence_weighting,
+                             length_balance=config.length_balance)
+    return Prepared(train, eval_pairs, counts, refused=refused, warnings=warnings)
 
 
-def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase
-          ) -> tuple[list[PairDict], list[Report]]:
-    kept, reports = quality_gates(pairs, min_conf=config.min_confidence,
-                                  near_dup=config.near_dup_threshold,
-                                  user_cap=config.per_user_cap or None)
-    kept, too_long = drop_too_long(attach_tokens(tokenizer, kept), n_tokens, config.max_length)
+def _gate(pairs: list[PairDict], config: TrainConfig, tokenizer: PreTrainedTokenizerBase,
+          augment: float = 0.0) -> tuple[list[PairDict], list[Report]]:
+    kept, reports = text_gates(pairs, min_conf=config.min_confidence,
+                               near_dup=config.near_dup_threshold,
+                               user_cap=config.per_user_cap or None)
+    if augment:
+        kept = kept + padding_pairs(kept, augment, seed=config.seed)
+    kept, too_long = fit_pairs(tokenizer, kept, config.max_length)
     return kept, [*reports, too_long]
+
+
+def _length_counts(counts: dict[str, list[Report]], max_length: int) -> dict[str, Any]:
+    """Pairs whose prompt was cut from its start, and pairs dropped as too long, per role."""
+    out: dict[str, Any] = {"max_length": max_length, "policy": "prompt truncated from its "
+                           "start; answers whole or the pair is dropped"}
+    for role, reports in counts.items():
+        r = next((r for r in reports if r["gate"] == "too_long"), None)
+        out[role] = {"truncated": r["truncated"] if r else 0, "dropped": r["dropped"] if r else 0}
+    return out
 
 
 def _partition_info(**roles: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -221,11 +263,14 @@ def _train_and_audit(data_dir: Path, config: TrainConfig, s: Setup, data: Prepar
     result.trained = True
     held_out = evaluate(s.model, s.tokenizer, data.eval, device=s.device, config=config)
     control.check("audit")
-    result.metrics = {"train": fitted.summary(), "eval": held_out,
-                      "probes": reward_hacking_probes(s.model, s.tokenizer, data.eval, config,
-                                                      device=s.device)}
+    probes = reward_hacking_probes(s.model, s.tokenizer, data.eval, config, device=s.device)
+    result.metrics = {"train": fitted.summary(), "eval": held_out, "probes": probes}
+    audit = calibration_audit(s.model, s.tokenizer, config, device=s.device)
+    result.lengths["calibration"] = {"truncated": audit.get("truncated", 0),
+                                     "dropped": audit.get("too_long", 0)}
     result.gates = {
-        "calibration": calibration_audit(s.model, s.tokenizer, config, device=s.device),
+        "calibration": calibration_gate(audit, allow_unaudited=config.allow_unaudited),
+        "reward_hacking": probe_gate(probes, config.max_probe_raise),
         "no_regression": _no_regression(data_dir, config, data.eval, held_out["accuracy"], s),
     }
     result.promoted = all(g["passed"] is not False for g in result.gates.values())
@@ -240,7 +285,7 @@ def _no_regression(data_dir: Path, config: TrainConfig, eval_pairs: list[PairDic
     if current is None:
         return {"passed": True, "reason": "no current model", "current": None}
     model, tokenizer = load(version_path(data_dir, current))
-    pairs, _ = drop_too_long(attach_tokens(tokenizer, eval_pairs), n_tokens, config.max_length)
+    pairs, _ = fit_pairs(tokenizer, eval_pairs, config.max_length)
     theirs = evaluate(model.to(s.device), tokenizer, pairs, device=s.device, config=config)
     passed = theirs["accuracy"] is None or accuracy >= theirs["accuracy"]
     verdict = ">=" if passed else "<"

@@ -196,3 +196,21 @@ def test_scale_out_is_rendered_against_one_worker_and_the_naive_agent() -> None:
             "one worker, x0.719 of the naive per-event agent.") in stream
     del throughput["scale_out"]
     assert "Scale-out" not in report.render({"pipeline": pipeline})
+
+
+def test_reward_results_render_goals_precision_lengths_and_probes() -> None:
+    result = checked_in("reward")
+    text = section(report.render({"reward": result}), "Reward model: comparisons, length, probes")
+    hh, alpaca = result["hh"], result["alpaca"]
+    lm = alpaca["balance_bucket"]["heldout"]["length_matched"]
+    assert (f"| AlpacaEval length-matched accuracy, implicit pairs, default trainer >= 0.60 | "
+            f"{report._cell(lm['accuracy'])} | {lm['n']} |") in text
+    votes = hh["label_precision"]["comparisons"]["all"]
+    assert f"| hh | comparisons, all votes | {votes['n']:,} | {report._cell(votes['precision'])}" \
+        in text
+    implicit = hh["implicit"]["heldout"]
+    assert (f"| hh implicit | {implicit['n']} | {report._cell(implicit['accuracy'])} | "
+            f"{report._cell(implicit['length_only_accuracy'])} |") in text
+    for model in ("hh explicit", "alpaca length_balance=bucket", "alpaca length_balance=none"):
+        assert f"| {model} |" in text
+    assert "| hh-rlhf-harmless-dev.jsonl.gz | 1,595 |" in text

@@ -18,6 +18,7 @@ from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.simulate import (
     TRUTH_FILE,
     holdout_path,
+    late_check,
     read_truth,
     simulate_config,
     write_truth,
@@ -74,6 +75,35 @@ def test_bad_flag_values_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["evaluate", "--data-dir", str(tmp_path)]) == 2
 
 
+def test_late_events_beyond_the_injected_ones_unbalance_the_run(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="prefstream.simulate"):
+        assert late_check(1000, 10, 12)["ok"] and not caplog.text  # reordering: a few more
+        lost = late_check(57575, 285, 26477)  # measured: a producer stall, idle clock ahead
+    assert lost == {"stored": 26477, "injected": 285, "excess": 26192, "tolerance": 576,
+                    "ok": False}
+    assert "26477 events stored as late, 285 injected" in caplog.text
+    assert "not balanced" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="prefstream.simulate"):
+        assert late_check(1000, 10, 25)["ok"]  # above half the tolerance: warned, still ok
+    assert "25 events stored as late" in caplog.text
+
+
+def test_bootstrap_refuses_when_the_worker_is_past_the_traffic(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prefstream.storage.files import Watermark, init_data_dir, write_watermark
+
+    init_data_dir(tmp_path)
+    write_watermark(data_dir=tmp_path, mark=Watermark(
+        kafka_partition=2, watermark=datetime.now(timezone.utc), applied_offset=5,
+        open_sessions=0))
+    assert main(["simulate", "--bootstrap", "127.0.0.1:1", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "watermark of partition 2" in err and "every event would be stored as late" in err
+    assert not (tmp_path / TRUTH_FILE).exists()  # refused before generating anything
+
+
 # --- end to end on the embedded broker --------------------------------------------------------
 
 
@@ -99,6 +129,8 @@ def simulated(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
 def test_simulate_stores_what_it_produced(simulated: tuple[dict[str, Any], Path]) -> None:
     summary, data_dir = simulated
     assert summary["balanced"] and summary["pairs"] > 20 and summary["partitions_sealed"] > 5
+    assert summary["late_check"]["ok"]
+    assert summary["late_check"]["injected"] == summary["generator"]["late"]
     assert summary["source_rows"]["skipped_by_reason"] == {"dialogue_mismatch": 2}
     assert summary["source_rows"]["holdout"] == 6 and summary["source_rows"]["passes"] > 1
     truth = read_truth(Path(summary["truth"]))
@@ -124,6 +156,9 @@ def test_evaluate_scores_the_run(simulated: tuple[dict[str, Any], Path],
     assert report["simulation"]["prefer_prob"] == 0.8
     assert {r: v["pairs"] for r, v in report["by_rule"].items()} == summary["pairs_by_rule"]
     assert report["refusals_by_reason"] == summary["refusals_by_reason"]
+    by_votes = report["comparisons_by_votes"]
+    assert 0 < by_votes["all"]["n"] < report["pairs"]  # repeated comparisons are merged
+    assert by_votes["all"]["n"] == sum(v["n"] for k, v in by_votes.items() if k != "all")
     kept = [p["pairs"] for p in report["curve"]]
     assert kept == sorted(kept, reverse=True) and kept[0] == report["pairs"]
     assert report["per_1000_events"] == round(1000 * report["pairs"]

@@ -96,11 +96,13 @@ Launch = Callable[..., Run]
 
 
 def tiny_flags() -> list[str]:
-    """``tiny_config()`` as ``prefstream trainer`` flags (every field off its default)."""
+    """``tiny_config()`` as ``prefstream trainer`` flags (every field off its default); no
+    explicit labels here, so promotion is the loud opt-in ``--allow-unaudited``."""
     flags = []
-    for name, value in tiny_config().model_dump().items():
+    for name, value in tiny_config(allow_unaudited=True).model_dump().items():
         if value != TrainConfig.model_fields[name].default:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
+            flag = f"--{name.replace('_', '-')}"
+            flags += [flag] if isinstance(value, bool) else [flag, str(value)]
     return flags
 
 

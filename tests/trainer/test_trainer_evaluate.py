@@ -25,7 +25,14 @@ def test_pair_metrics_on_literal_rewards() -> None:
     assert m["loss"] == pytest.approx(expected_loss)
     assert m["reward"] == pytest.approx({"mean": 1.0, "std": math.sqrt(1 / 3), "min": 0.0,
                                          "max": 2.0})
-    assert m["length_matched"] == {"n": 2, "accuracy": 0.5}
+    # the length-only baseline on the same rows: the chosen answer is never the longer one
+    assert m["length_matched"] == {"n": 2, "accuracy": 0.5, "length_only": 0.0}
+    assert m["length_only_accuracy"] == 0.0
+    assert m["by_length_bucket"] == {
+        "<=10%": {"n": 2, "accuracy": 0.5, "length_only": 0.0},
+        "10-30%": {"n": 0, "accuracy": None, "length_only": None},
+        "30-60%": {"n": 0, "accuracy": None, "length_only": None},
+        ">60%": {"n": 1, "accuracy": 0.0, "length_only": 0.0}}
     assert m["per_rule"] == {"edit": {"n": 1, "accuracy": 0.0},
                              "thumbs": {"n": 2, "accuracy": 0.5}}
     assert m["reward_length_corr"] is not None

@@ -83,8 +83,8 @@ def test_metadata_records_split_hashes_counts_config_metrics_and_gates(
             assert part["sha256"] == manifest[part["partition"]]["sha256"]
     assert meta["cutoff"] == "2024-05-01T03:00:00+00:00"
     assert [g["gate"] for g in meta["counts"]["train"]] == [
-        "split", "eval_prompt_group", "min_confidence", "exact_duplicate", "near_duplicate",
-        "per_user_cap", "too_long"]
+        "split", "eval_prompt_group", "min_confidence", "per_user_cap", "aggregate",
+        "near_duplicate", "too_long"]
     assert meta["counts"]["train"][-1]["kept"] == meta["n_train"] == 48
     assert meta["counts"]["eval"][-1]["kept"] == meta["n_eval"] == 16
     assert meta["config"]["max_length"] == 64 and meta["backbone"] == str(tiny_backbone())
@@ -92,7 +92,9 @@ def test_metadata_records_split_hashes_counts_config_metrics_and_gates(
             "reward_length_corr"} <= set(meta["metrics"]["eval"])
     assert set(meta["metrics"]["probes"]["probes"]) == {
         "whitespace_padding", "filler", "repetition", "flattery", "longer_but_emptier"}
-    assert set(meta["gates"]) == {"calibration", "no_regression"}
+    assert set(meta["gates"]) == {"calibration", "reward_hacking", "no_regression"}
+    assert meta["lengths"]["train"] == {"truncated": 0, "dropped": 0}
+    assert meta["lengths"]["max_length"] == 64 and meta["warnings"] == []
     assert meta["length_bias"]["train"]["share_chosen_longer"] == 1.0
     assert meta["seen_through"] == "2024-05-01T04" and meta["created_at"]
 
@@ -169,9 +171,11 @@ def test_export_writes_trl_and_kto_jsonl_from_sealed_partitions(
 
 def test_a_later_cycle_compares_with_the_current_model(tmp_path: Path) -> None:
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=4, unsealed=False)
-    config = tiny_config(epochs=4)
+    config = tiny_config(epochs=4, allow_unaudited=True)  # the loud opt-in: no labels here
     first = run_once(data_dir, config)
     assert first is not None and first.promoted
+    assert first.gates["calibration"]["unaudited"] is True
+    assert first.gates["calibration"]["reason"].startswith("UNAUDITED")
     add_sealed_hours(data_dir, range(4, 6), 16)
     second = run_once(data_dir, config)
     assert second is not None and second.version == "v0002"
@@ -192,6 +196,16 @@ def test_calibration_below_threshold_blocks_promotion(tmp_path: Path) -> None:
     assert any(r.startswith("calibration: agreement") for r in result.reasons)
     assert list_versions(data_dir) == ["v0001"] and current_version(data_dir) is None
     assert read_metadata(data_dir, "v0001")["promoted"] is False
+
+
+def test_without_explicit_labels_a_version_is_registered_not_promoted(tmp_path: Path) -> None:
+    data_dir = build_data_dir(tmp_path / "data", sealed_hours=4, unsealed=False)
+    result = run_once(data_dir, tiny_config(epochs=1, head_epochs=0.5))
+    assert result is not None and result.trained and not result.promoted
+    gate = result.gates["calibration"]
+    assert gate["passed"] is False and gate["unaudited"] is True
+    assert any("no explicit labels configured" in r for r in result.reasons)
+    assert list_versions(data_dir) == ["v0001"] and current_version(data_dir) is None
 
 
 def test_too_few_partitions_or_pairs_train_nothing(tmp_path: Path) -> None:
@@ -375,3 +389,51 @@ def test_demo_step_uses_ground_truth_as_explicit_labels(tmp_path: Path,
     assert summary["pairs_after_gates"] == {"train": 32, "eval": 32}
     assert summary["calibration_agreement"] is not None
     assert json.loads(json.dumps(summary)) == summary
+
+
+def test_score_pairs_reports_accuracy_lengths_and_what_did_not_fit(
+        trained: tuple[Path, CycleResult], tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    data_dir = str(trained[0])
+    good, bad = "tea: good helpful correct answer {}.", "tea: bad wrong useless answer {}."
+    rows = [{"prompt": f"question {i} about tea?", "chosen": good.format(i),
+             "rejected": bad.format(i)} for i in range(6)]
+    rows += [{"prompt": "reversed?", "chosen": bad.format(7), "rejected": good.format(7)},
+             {"prompt": "long " * 80 + "question?", "chosen": good.format(8),
+              "rejected": bad.format(8)},                                       # prompt cut
+             {"prompt": "q?", "chosen": "good " * 90, "rejected": bad.format(9)}]  # dropped
+    plain = tmp_path / "pairs.jsonl"
+    plain.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli("score", "--data-dir", data_dir, "--pairs", str(plain), "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["rows"], report["scored"], report["truncated"], report["dropped"]) == (
+        9, 8, 1, 1)
+    assert report["version"] == "v0001" and report["max_length"] == 64
+    assert report["length_only_accuracy"] == pytest.approx(7 / 8)  # only the reversed row
+    assert report["accuracy"] >= 0.75 and report["reward_length_corr"] is not None
+    assert set(report["by_length_bucket"]) == {"<=10%", "10-30%", "30-60%", ">60%"}
+    assert report["length_matched"]["n"] == sum(b["n"] for k, b in
+                                                report["by_length_bucket"].items() if k == "<=10%")
+    dialogues = tmp_path / "hh.jsonl.gz"
+    with gzip.open(dialogues, "wt") as fh:
+        for i in range(3):
+            fh.write(json.dumps({"chosen": f"\n\nHuman: tea {i}?\n\nAssistant: {good.format(i)}",
+                                 "rejected": f"\n\nHuman: tea {i}?\n\nAssistant: "
+                                             f"{bad.format(i)}"}) + "\n")
+        fh.write(json.dumps({"chosen": "\n\nHuman: x\n\nAssistant: same",
+                             "rejected": "\n\nHuman: x\n\nAssistant: same"}) + "\n")
+    assert cli("score", "--data-dir", data_dir, "--pairs", str(dialogues)) == 0
+    text = capsys.readouterr().out
+    assert "3 of 4 rows scored with v0001" in text and "1 rows not a pair" in text
+    assert "length-only baseline" in text and "length-matched (within 10%)" in text
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "q"}\n')
+    for argv, message in ((["--pairs", str(plain), "--prompt", "q"], "without --prompt"),
+                          (["--pairs", str(tmp_path / "missing.jsonl")], "no file"),
+                          ([], "give --prompt and --answer, or --pairs FILE"),
+                          (["--pairs", str(broken)], "broken.jsonl:1")):
+        assert cli("score", "--data-dir", data_dir, *argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
