@@ -8,6 +8,7 @@ from this interpreter's site-packages through a ``.pth`` line (offline, seconds)
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -61,13 +62,17 @@ def test_the_wheel_has_one_top_level_name(wheel: Path) -> None:
 
 
 def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path) -> None:
+    # nothing of the checkout may leak in: no PYTHONPATH (its prefstream.egg-info would read as
+    # installed), and every command runs away from it
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
-                   timeout=120)
+                   timeout=120, env=env, cwd=tmp_path)
     python = venv / "bin" / "python"
     purelib = Path(subprocess.run([str(python), "-c", "import sysconfig; "
-                                   "print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
+                                   "print(sysconfig.get_paths()['purelib'])"], env=env,
+                                  cwd=tmp_path, capture_output=True, text=True,
+                                  check=True).stdout.strip())
     # the dependencies (torch, faust, ...) come from this interpreter's site-packages; a .pth
     # path line adds the folder without running its .pth files (so not this checkout's editable
     # install)
@@ -75,7 +80,7 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
     (purelib / "deps.pth").write_text(deps + "\n")
     done = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install",
                            "--no-deps", "--no-index", "-q", str(wheel)],
-                          capture_output=True, text=True, timeout=300)
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     installed = {p.name for p in purelib.iterdir() if not p.name.endswith((".dist-info", ".pth"))}
     assert installed - {"__pycache__"} == {"prefstream"}
@@ -83,12 +88,12 @@ def test_the_installed_wheel_runs_its_console_script(wheel: Path, tmp_path: Path
     where = subprocess.run([str(python), "-c", "import prefstream.streams.core.pairing as m, "
                             "importlib.util as u; print(m.__file__); "
                             "print(u.find_spec('streams'), u.find_spec('storage'))"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
     module, specs = where.stdout.splitlines()
     assert Path(module).is_relative_to(purelib), module
     assert specs == "None None"
-    help_ = subprocess.run([str(venv / "bin" / "prefstream"), "--help"], cwd=tmp_path,
+    help_ = subprocess.run([str(venv / "bin" / "prefstream"), "--help"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert help_.returncode == 0, help_.stderr[-3000:]
     assert "usage: prefstream" in help_.stdout and "worker" in help_.stdout
