@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from storage.partitions import CURRENT, file_name, generation_dir, partition_bounds
-from storage.quarantine import DAMAGED, readable
+from storage.quarantine import DAMAGED, mkdir_private, readable
 from storage.tables import SEALED_TABLES, TABLES, arrow_schema, to_arrow
 
 log = logging.getLogger(__name__)
@@ -83,21 +83,10 @@ class Watermark:
     open_sessions: int
 
 
-def _mkdir_private(path: Path) -> None:
-    """Create ``path`` and missing parents owner-only (``mkdir(mode=)`` sets only the last)."""
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        folder.chmod(0o700)
-
-
 def init_data_dir(data_dir: Path) -> None:
     """Create the layout with owner-only permissions and zero-row schema files per table (one
     for each glob of the views: partitions with and without generations)."""
-    _mkdir_private(data_dir)
+    mkdir_private(data_dir)
     for table, (model, _) in TABLES.items():
         folder = data_dir / table / SCHEMA_DIR
         for path in (folder / "empty.parquet", folder / generation_dir(0) / "empty.parquet"):
@@ -108,7 +97,7 @@ def init_data_dir(data_dir: Path) -> None:
     if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
         empty = data_dir / "manifest" / f"{SCHEMA_DIR}.parquet"
         _write_atomic(MANIFEST_SCHEMA.empty_table(), empty)
-    _mkdir_private(data_dir / "watermarks")
+    mkdir_private(data_dir / "watermarks")
 
 
 def fsync_path(path: Path) -> None:
@@ -130,7 +119,7 @@ def write_atomic(table: pa.Table | Callable[[Path], None], folder: Path,
     ``name()`` (asked for once the file is complete). ``table`` may also be a function writing
     the Parquet file at the path it is given (a file too large to hold in memory at once).
     ``exclusive``: ``FileExistsError`` rather than replacing a file of that name."""
-    _mkdir_private(folder)
+    mkdir_private(folder)
     tmp = folder / f".{uuid.uuid4().hex[:8]}.parquet.tmp"
     try:
         if callable(table):
@@ -325,7 +314,7 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
 
 
 def _write_part(folder: Path, rows: pa.Table) -> Path:
-    _mkdir_private(folder)
+    mkdir_private(folder)
     with partition_lock(folder):
         target = _generation_for_writes(folder)
         token = uuid.uuid4().hex[:8]
@@ -343,7 +332,7 @@ def _generation_for_writes(folder: Path) -> Path:
     if any(name.endswith(".parquet") for name in os.listdir(folder)):
         return folder
     first = folder / generation_dir(0)
-    _mkdir_private(first)
+    mkdir_private(first)
     os.symlink(first.name, folder / CURRENT)
     return first
 

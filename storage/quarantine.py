@@ -59,7 +59,7 @@ def quarantine_file(data_dir: Path, path: Path, reason: str) -> Path:
     ``.reason`` file; a rename on the same file system, so nothing is copied or deleted."""
     relative = path.resolve().relative_to(data_dir.resolve())
     target = data_dir / QUARANTINE_DIR / relative
-    _mkdir_private(target.parent)
+    mkdir_private(target.parent)
     if target.exists():  # the same name quarantined before: keep both
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         target = target.with_name(f"{target.name}.{stamp}")
@@ -81,7 +81,8 @@ def quarantined(data_dir: Path) -> list[Path]:
                   and not p.name.endswith(REASON_SUFFIX))
 
 
-def _mkdir_private(path: Path) -> None:
+def mkdir_private(path: Path) -> None:
+    """Create ``path`` and missing parents owner-only (``mkdir(mode=)`` sets only the last)."""
     missing = []
     while not path.exists():
         missing.append(path)
