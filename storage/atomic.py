@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: long between two of its appends, so removing it never pulls a file from a live writer
 STALE_TEMP_S = 600.0
 
-def _mkdir_private(path: Path) -> None:
+def mkdir_private(path: Path) -> None:
     """Create ``path`` and missing parents owner-only (``mkdir(mode=)`` sets only the last)."""
     missing = []
     while not path.exists():
@@ -54,7 +54,7 @@ def write_atomic(table: pa.Table | Callable[[Path], None], folder: Path,
     ``name()`` (asked for once the file is complete). ``table`` may also be a function writing
     the Parquet file at the path it is given (a file too large to hold in memory at once).
     ``exclusive``: ``FileExistsError`` rather than replacing a file of that name."""
-    _mkdir_private(folder)
+    mkdir_private(folder)
     tmp = folder / f".{uuid.uuid4().hex[:8]}.parquet.tmp"
     try:
         if callable(table):

@@ -68,10 +68,10 @@ from pydantic import BaseModel
 from prefstream.storage.catalog import catalog_in_use, free_catalog
 from prefstream.storage.files import (
     SCHEMA_DIR,
-    _mkdir_private,
     is_sealed,
     live_files,
     manifest_versions,
+    mkdir_private,
     partition_lock,
     reseal,
     write_atomic,
@@ -124,7 +124,7 @@ def compact_partition(*, data_dir: Path, table: str, partition: str,
         numbers = [n for n in map(generation_number, os.listdir(folder)) if n is not None]
         nxt = folder / generation_dir(max(numbers) + 1)
         _mark(data_dir, table, partition, GC)  # first: a crash leaves no unmarked folder
-        _mkdir_private(nxt)  # nobody reads it before the swap
+        mkdir_private(nxt)  # nobody reads it before the swap
         token = uuid.uuid4().hex[:8]
         n_rows = 0
 
@@ -153,7 +153,7 @@ def readers_allow(data_dir: Path, wait: timedelta, *, now: datetime | None = Non
         marker.unlink(missing_ok=True)
         return True
     if not marker.exists():
-        _mkdir_private(marker.parent)
+        mkdir_private(marker.parent)
         marker.touch(mode=0o600)
     now = now or datetime.now(timezone.utc)
     held = now - datetime.fromtimestamp(marker.stat().st_mtime, tz=timezone.utc)
@@ -351,7 +351,7 @@ def marked(data_dir: Path, kind: str) -> list[tuple[str, str]]:
 
 def _mark(data_dir: Path, table: str, partition: str, kind: str) -> None:
     folder = data_dir / MARKERS_DIR
-    _mkdir_private(folder)
+    mkdir_private(folder)
     (folder / f"{table}@{partition}.{kind}").touch(mode=0o600)
 
 

@@ -41,10 +41,10 @@ from pydantic import BaseModel
 
 from prefstream.storage.atomic import (  # noqa: F401  (re-exported)
     STALE_TEMP_S,
-    _mkdir_private,
     _write_atomic,
     fsync_path,
     live_files,
+    mkdir_private,
     partition_lock,
     remove_stale_temps,
     write_atomic,
@@ -82,7 +82,7 @@ log = logging.getLogger(__name__)
 def init_data_dir(data_dir: Path) -> None:
     """Create the layout with owner-only permissions and zero-row schema files per table (one
     for each glob of the views: partitions with and without generations)."""
-    _mkdir_private(data_dir)
+    mkdir_private(data_dir)
     for table, (model, _) in TABLES.items():
         folder = data_dir / table / SCHEMA_DIR
         for path in (folder / "empty.parquet", folder / generation_dir(0) / "empty.parquet"):
@@ -93,7 +93,7 @@ def init_data_dir(data_dir: Path) -> None:
     if not (data_dir / "manifest" / f"{SCHEMA_DIR}.parquet").exists():
         empty = data_dir / "manifest" / f"{SCHEMA_DIR}.parquet"
         _write_atomic(MANIFEST_SCHEMA.empty_table(), empty)
-    _mkdir_private(data_dir / "watermarks")
+    mkdir_private(data_dir / "watermarks")
 
 class IdIndex:
     """Which ids are stored, per (table, partition), so every id is written once and the views
@@ -246,7 +246,7 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
     return written
 
 def _write_part(folder: Path, rows: pa.Table) -> Path:
-    _mkdir_private(folder)
+    mkdir_private(folder)
     with partition_lock(folder):
         target = _generation_for_writes(folder)
         token = uuid.uuid4().hex[:8]
@@ -263,7 +263,7 @@ def _generation_for_writes(folder: Path) -> Path:
     if any(name.endswith(".parquet") for name in os.listdir(folder)):
         return folder
     first = folder / generation_dir(0)
-    _mkdir_private(first)
+    mkdir_private(first)
     os.symlink(first.name, folder / CURRENT)
     return first
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from prefstream.storage.atomic import mkdir_private
+
 log = logging.getLogger(__name__)
 
 QUARANTINE_DIR = "quarantine"
@@ -59,7 +61,7 @@ def quarantine_file(data_dir: Path, path: Path, reason: str) -> Path:
     ``.reason`` file; a rename on the same file system, so nothing is copied or deleted."""
     relative = path.resolve().relative_to(data_dir.resolve())
     target = data_dir / QUARANTINE_DIR / relative
-    _mkdir_private(target.parent)
+    mkdir_private(target.parent)
     if target.exists():  # the same name quarantined before: keep both
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         target = target.with_name(f"{target.name}.{stamp}")
@@ -79,13 +81,3 @@ def quarantined(data_dir: Path) -> list[Path]:
         return []
     return sorted(p for p in root.rglob("*") if p.is_file()
                   and not p.name.endswith(REASON_SUFFIX))
-
-
-def _mkdir_private(path: Path) -> None:
-    missing = []
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    for folder in reversed(missing):
-        folder.mkdir(mode=0o700, exist_ok=True)
-        folder.chmod(0o700)

@@ -21,6 +21,16 @@ def broker() -> Iterator[EmbeddedBroker]:
         yield running
 
 
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, so a test shows the product sets file modes itself."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """``prefstream demo`` as the README runs it, once per test session: no ``--data-dir`` (the

@@ -10,6 +10,7 @@ over the demo's defaults.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,13 @@ from prefstream.trainer.config import ENV_PREFIX, TrainConfig
 from prefstream.trainer.data import temporal_split
 from prefstream.trainer.service import CycleResult, read_pairs, run_once
 
-DEMO_DEFAULTS: dict[str, Any] = {"max_length": 128, "epochs": 2, "head_epochs": 0.5}
+log = logging.getLogger(__name__)
+
+#: A demo trains on a few hundred pairs in a minute: no such model clears the reward-hacking
+#: probes at the service's 0.2 (docs/reward-model.md), so the demo, and only the demo, promotes
+#: whatever the probes say, with a warning; the probes are still measured and recorded.
+DEMO_DEFAULTS: dict[str, Any] = {"max_length": 128, "epochs": 2, "head_epochs": 0.5,
+                                 "max_probe_raise": 1.0}
 LABELS_FILE = "demo-explicit-labels.jsonl"
 
 
@@ -34,6 +41,10 @@ def train_after_demo(data_dir: Path, traffic: HasQuality, *,
     ``Interrupted`` when ``should_stop()`` turns true before a version is written."""
     unset = {k: v for k, v in DEMO_DEFAULTS.items() if f"{ENV_PREFIX}{k.upper()}" not in os.environ}
     config = TrainConfig(**unset)
+    if config.max_probe_raise >= 1.0:
+        log.warning("demo: the reward-hacking gate is off for this toy model (max_probe_raise "
+                    "1.0; the trainer service refuses above %.1f); its probe rates are recorded",
+                    TrainConfig().max_probe_raise)
     labels = write_truth_labels(data_dir, traffic.quality, config)
     if labels is not None:
         config = config.model_copy(update={"explicit_labels": labels})
@@ -75,6 +86,7 @@ def brief(result: CycleResult) -> dict[str, Any]:
             "accuracy"),
         "calibration_agreement": gates.get("calibration", {}).get("agreement"),
         "probe_raise_rate": metrics.get("probes", {}).get("overall_rate"),
+        "reward_hacking_gate": gates.get("reward_hacking", {}).get("reason"),
         "train_pairs_per_s": metrics.get("train", {}).get("pairs_per_s"),
         "wall_s": result.wall_s,
     }

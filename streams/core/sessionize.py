@@ -260,10 +260,17 @@ def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules
     full = next(g for g in groups if any(i.event.event_id == event_id for i in g.events))
     if len(full.events) < rules.max_events:
         return slot
-    kept = tuple(i for i in session.events if all(i is not j for j in full.events))
+    # A straggler that bridges two groups can take the joined one past the cap: it closes in
+    # groups of exactly the cap, in event-time order; the rest stays open.
+    ordered = sorted(full.events, key=lambda i: (i.event.ts, i.offset))
+    n = rules.max_events
+    chunks = [tuple(ordered[k:k + n]) for k in range(0, len(ordered) // n * n, n)]
+    closing = {id(i) for chunk in chunks for i in chunk}
+    kept = tuple(i for i in session.events if id(i) not in closing)
     still_open = _with_events(session, kept) if kept else None
-    closed = ClosedSession(session=full.model_copy(update={"cut": True}), reason="max_events")
-    return SessionSlot(open=still_open, pending=slot.pending, held=(*slot.held, closed))
+    closed = tuple(ClosedSession(session=_with_events(full, chunk).model_copy(update={"cut": True}),
+                                 reason="max_events") for chunk in chunks)
+    return SessionSlot(open=still_open, pending=slot.pending, held=(*slot.held, *closed))
 
 
 def _count_duplicate(slot: SessionSlot, event_id: str, offset: int,

@@ -515,15 +515,6 @@ def test_ensure_catalog_never_waits_for_a_reader_in_the_same_process(data_dir):
 
 # --- data dir layout -------------------------------------------------------------------------
 
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -56,15 +56,6 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.fixture
-def umask_022():
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
 def damage_files(folder: Path) -> tuple[Path, Path]:
     """A truncated copy of a good file and a file of garbage, both named as the writer names."""
     good = live_files(folder)[0]
