@@ -48,6 +48,9 @@ class Flusher:
         self.uncommitted: dict[TP, int] = {}
         # the flush being written, at most one (see ``Pipeline.start_flush``)
         self.writing: list[asyncio.Future[None]] = []
+        #: whether this process logged a flush yet: the first is logged even when idle, so an
+        #: operator (and the handover test) sees the worker commit before any row is stored
+        self.logged_once = False
 
     def handled(self, tp: TP, offset: int) -> None:
         """The message at ``offset`` of ``tp`` was handled: commit past it at the next flush."""
@@ -99,8 +102,9 @@ class Flusher:
         self.pipeline.finish_flush(job, {tp.partition: off for tp, off in committed.items()})
         self._report_lag(targets)
         done = {name: n for name, n in batch.counts.items() if n}  # idle flushes: no line
-        if done:
-            log.info("flushed batch: %s", done)
+        if done or not self.logged_once:
+            log.info("flushed batch: %s", done or "nothing stored (ticks only), offsets committed")
+            self.logged_once = True
 
     async def write_rows(self, job: FlushJob) -> Any:
         """The batch's rows as Parquet files, in the flush thread."""
