@@ -83,7 +83,7 @@ from prefstream.storage.partitions import (
     generation_number,
     stamp_of,
 )
-from prefstream.storage.quarantine import damage, quarantine_file
+from prefstream.storage.quarantine import quarantine_file, split_damaged
 from prefstream.storage.tables import SEALED_TABLES, TABLES, arrow_schema
 
 log = logging.getLogger(__name__)
@@ -167,13 +167,9 @@ def readers_allow(data_dir: Path, wait: timedelta, *, now: datetime | None = Non
 def _undamaged(data_dir: Path, files: list[Path]) -> list[Path]:
     """``files`` less the damaged ones, which go to quarantine (a merge would fail on them,
     and deleting the old generation would delete them)."""
-    kept = []
-    for path in files:
-        reason = damage(path)
-        if reason is None:
-            kept.append(path)
-        else:
-            quarantine_file(data_dir, path, reason)
+    kept, damaged = split_damaged(files)
+    for path, reason in damaged:
+        quarantine_file(data_dir, path, reason)
     return kept
 
 

@@ -44,15 +44,24 @@ def damage(path: Path) -> str | None:
     return None
 
 
-def readable(files: Iterable[Path]) -> list[Path]:
-    """The files whose footer reads, in order; each other one is named in a warning."""
-    kept = []
+def split_damaged(files: Iterable[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files whose footer reads, in order, and the others with the reason each is damaged."""
+    kept: list[Path] = []
+    damaged: list[tuple[Path, str]] = []
     for path in files:
         reason = damage(path)
         if reason is None:
             kept.append(path)
         else:
-            log.warning("skipping damaged file %s: %s", path, reason)
+            damaged.append((path, reason))
+    return kept, damaged
+
+
+def readable(files: Iterable[Path]) -> list[Path]:
+    """The files whose footer reads, in order; each other one is named in a warning."""
+    kept, damaged = split_damaged(files)
+    for path, reason in damaged:
+        log.warning("skipping damaged file %s: %s", path, reason)
     return kept
 
 
