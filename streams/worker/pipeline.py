@@ -185,7 +185,7 @@ class Pipeline:
         # a client clock ahead of it moves neither the clock of the partition nor the
         # future-time bound (see docs/hostile-input.md).
         arrival_ms = timestamp_ms  # a bogus one stays bogus: dead-lettered as such
-        if arrival_time(timestamp_ms) is not None:
+        if 0 <= timestamp_ms < MAX_WALL_MS:  # arrival_time's range, without a datetime per event
             arrival_ms = min(timestamp_ms, self._wall_ms())
         if raw.startswith(TICK_PREFIX):
             wall_ms, reason = verify_tick(self.tick_key, topic, partition, raw)
