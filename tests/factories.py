@@ -110,3 +110,8 @@ def read_records(bootstrap: str, topic: str, **config: object) -> list[Any]:
     records = list(consumer)
     consumer.close()
     return records
+
+
+def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:
+    """The values of every record of ``topic``, as ``read_records`` reads them."""
+    return [r.value for r in read_records(bootstrap, topic, **config)]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_traffic import PLAIN_ROWS, write_hh_source
+from helpers.content import PLAIN_ROWS, write_hh_source
 
 from prefstream.cli import build_parser, main
 from prefstream.sim.content import read_source

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import random
 from collections import defaultdict
@@ -12,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from helpers.content import PLAIN_ROWS, hh_row, write_hh_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
@@ -30,7 +30,6 @@ from prefstream.sim.content import (
 from prefstream.sim.traffic import (
     BAD_KINDS,
     LATE_BY,
-    TOPICS,
     Traffic,
     TrafficConfig,
     generate_traffic,
@@ -275,11 +274,7 @@ def test_messages_are_compact_json_objects(good: list[Parsed]) -> None:
 
 # --- external content: a preference file instead of the built-in texts -----------------------
 
-#: literal prompt/chosen/rejected rows, then rows that break the pair contract
-PLAIN_ROWS = [
-    {"prompt": f"How do I {task}?", "chosen": good, "rejected": wrong}
-    for task, good, wrong in TOPICS[:20]
-]
+#: rows that break the pair contract (PLAIN_ROWS: literal valid ones)
 BROKEN_LINES = [
     "this is not json",
     json.dumps(["a", "list"]),
@@ -291,27 +286,6 @@ BROKEN_LINES = [
 ]
 PLAIN_SKIPPED = {"not_json": 1, "not_a_pair_object": 2, "identical_answers": 1, "empty_text": 1,
                  "text_too_long": 1}
-
-
-def hh_row(prompt_turns: list[str], chosen: str, rejected: str) -> dict[str, str]:
-    """An HH-RLHF style row: two whole dialogues that differ in the final assistant turn."""
-    prefix = "".join(f"\n\n{turn}" for turn in prompt_turns) + "\n\nAssistant:"
-    return {"chosen": f"{prefix} {chosen}", "rejected": f"{prefix} {rejected}"}
-
-
-def write_hh_source(path: Path) -> dict[str, int]:
-    """A gzipped HH-format file (30 good rows, one multi-turn); returns its skipped counts."""
-    rows = [hh_row([f"Human: How can I {task}?"], good, wrong) for task, good, wrong in TOPICS]
-    rows.append(hh_row(["Human: I need help with git.", "Assistant: Sure, what is it?",
-                        "Human: How do I see the log?"], "Run `git log --oneline`.",
-                       "Git has no history."))
-    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: hello",  # differs before the last turn
-                 "rejected": "\n\nHuman: yo\n\nAssistant: hey"})
-    rows.append({"chosen": "\n\nHuman: hi\n\nAssistant: same", "rejected":
-                 "\n\nHuman: hi\n\nAssistant: same"})  # identical dialogues
-    with gzip.open(path, "wt", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
-    return {"dialogue_mismatch": 2}
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -23,18 +20,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from factories import at, pair, session_row
+from helpers.storage import (
+    ARRIVAL_MS,
+    H12,
+    analyst_connected,
+    canonical,
+    feed_pipeline,
+    query,
+    traffic_records,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka.partitioner.default import murmur2
-from test_storage import query
 
 from prefstream.schemas.records import DeadLetter, Pair
 from prefstream.settings import Settings
-from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage import compact, files
 from prefstream.storage.catalog import (
     catalog_in_use,
-    ensure_catalog,
     live_scan_sql,
     table_view_sql,
 )
@@ -74,12 +76,11 @@ from prefstream.storage.partitions import (
     stamp_of,
 )
 from prefstream.storage.tables import SEALED_TABLES, TABLES, to_arrow
-from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
+from prefstream.streams.worker.pipeline import replay
 
-H12, H13 = "2024-05-01T12", "2024-05-01T13"
+H13 = "2024-05-01T13"
 GAP = timedelta(minutes=30)
 GRACE = timedelta(minutes=10)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -98,12 +99,6 @@ def live_rows(data_dir: Path, table: str, partition: str) -> list[dict]:
     return stored_rows(live_files(data_dir / table / partition))
 
 
-def canonical(rows: Iterable[dict]) -> list[tuple]:
-    """A multiset of rows as a sorted list (lists made hashable)."""
-    return sorted(tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(r.items()))
-                  for r in rows)
-
-
 view = query  # a SQL query through the catalog's views
 
 
@@ -113,35 +108,6 @@ def current(data_dir: Path, table: str, partition: str) -> str:
 
 def generations(folder: Path) -> list[str]:
     return sorted(n for n in os.listdir(folder) if generation_number(n) is not None)
-
-
-HOLD_CATALOG = r"""
-import sys
-from pathlib import Path
-from prefstream.storage.catalog import connect_readonly
-con = connect_readonly(Path(sys.argv[1]))
-con.execute("SELECT count(*) FROM pairs").fetchall()
-print("ready", flush=True)
-sys.stdin.readline()  # hold the connection until told
-con.close()
-"""
-
-
-@contextmanager
-def analyst_connected(data_dir: Path) -> Iterator[None]:
-    """Another process holding the catalog open, as an analyst's session does."""
-    assert ensure_catalog(data_dir)
-    reader = subprocess.Popen([sys.executable, "-c", HOLD_CATALOG, str(data_dir)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert reader.stdin is not None and reader.stdout is not None
-    try:
-        assert reader.stdout.readline() == "ready\n"
-        yield
-    finally:
-        reader.stdin.write("done\n")
-        reader.stdin.close()
-        assert reader.wait(timeout=30) == 0
 
 
 # --- names -----------------------------------------------------------------------------------
@@ -624,45 +590,6 @@ def test_markers_and_merged_files_are_owner_only(data_dir):
 
 
 # --- the worker's flush hook -----------------------------------------------------------------
-
-ARRIVAL_MS = int(datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc).timestamp() * 1000)
-
-
-def kafka_records(messages: Sequence[tuple[bytes, bytes]], partitions: int
-                  ) -> list[tuple[int, int, bytes, bytes, int]]:
-    """``(partition, offset, key, value, timestamp_ms)`` as the producer would partition them."""
-    offsets = [0] * partitions
-    records = []
-    for key, value in messages:
-        p = (murmur2(key) & 0x7FFFFFFF) % partitions
-        records.append((p, offsets[p], key, value, ARRIVAL_MS))
-        offsets[p] += 1
-    return records
-
-
-def feed_pipeline(settings: Settings, records: Sequence[tuple[int, int, bytes, bytes, int]], *,
-                  flush_every: int, pause_s: float = 0.0) -> int:
-    """The worker's loop without Kafka: handle records, flush (write, seal, compact) every
-    ``flush_every``, then tick every partition far ahead and flush once more. Returns flushes."""
-    pipeline = Pipeline(settings, MemoryStore())
-    flushes = 0
-    for i, (p, offset, key, value, ts_ms) in enumerate(records, 1):
-        pipeline.handle(topic=settings.events_topic, partition=p, offset=offset, key=key,
-                        value=value, timestamp_ms=ts_ms)
-        if i % flush_every == 0 or i == len(records):
-            if i == len(records):
-                pipeline.tick_all(ARRIVAL_MS + 10**9)
-            pipeline.flush_and_forget()
-            flushes += 1
-            time.sleep(pause_s)
-    return flushes
-
-
-def traffic_records(n_events: int, partitions: int) -> list[tuple[int, int, bytes, bytes, int]]:
-    traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=3, hours=4,
-                                             end=datetime(2026, 11, 20, 10, tzinfo=timezone.utc)))
-    return kafka_records(traffic.messages, partitions)
-
 
 @pytest.mark.slow
 def test_the_pipeline_compacts_after_sealing_and_matches_a_single_flush(tmp_path):

@@ -24,7 +24,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from test_compaction import ARRIVAL_MS, canonical, traffic_records
+from helpers.storage import ARRIVAL_MS, canonical, traffic_records
 
 from prefstream.settings import Settings
 from prefstream.storage.catalog import ensure_catalog
@@ -46,7 +46,7 @@ from datetime import timedelta
 from pathlib import Path
 from prefstream.settings import Settings
 from prefstream.storage.compact import compact_after_flush
-from test_compaction import feed_pipeline, traffic_records
+from helpers.storage import feed_pipeline, traffic_records
 
 data_dir, n_events, grace_s = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 counts = {"compacted": 0, "removed": 0}
@@ -148,8 +148,7 @@ while not last:
 
 
 def spawn(script: str, args: list[str], out: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     with open(out, "wb") as fh:
         return subprocess.Popen([sys.executable, "-c", script, *args], stdout=fh,
                                 stderr=subprocess.STDOUT, env=env, cwd=ROOT)

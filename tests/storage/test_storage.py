@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from factories import at, pair, session_row
+from helpers.storage import query
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,15 +54,6 @@ def data_dir(tmp_path: Path) -> Path:
     path = tmp_path / "data"
     init_data_dir(path)
     return path
-
-
-def query(data_dir: Path, sql: str) -> list[tuple]:
-    assert ensure_catalog(data_dir)
-    con = connect_readonly(data_dir)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def parquet_files(table_dir: Path) -> list[Path]:

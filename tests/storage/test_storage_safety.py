@@ -18,9 +18,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 from factories import at, pair
+from helpers.storage import H12, analyst_connected
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_compaction import H12, analyst_connected
 from trainer_fixtures import build_data_dir, tiny_config
 
 from prefstream.report import write_report

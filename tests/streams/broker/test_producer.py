@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from factories import read_records
+from factories import read_all, read_records
 from pydantic import ValidationError
 from tls_broker import Pki, TlsBroker, make_pki
 
@@ -75,10 +75,6 @@ SASL_PASSWORD = "producer-sasl-pw-3Nd"
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), KEY_PASSWORD)
-
-
-def read_all(bootstrap: str, topic: str, **config: object) -> list[bytes]:
-    return [r.value for r in read_records(bootstrap, topic, **config)]
 
 
 def test_events_reach_a_tls_listener_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:

@@ -45,11 +45,11 @@ from typing import Any, Literal
 
 import pytest
 from factories import T0, event, kafka_partition, kafka_records
+from helpers.worker import T0 as E2E_END
+from helpers.worker import make_settings, query, read_topic, reference, start_worker, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaProducer
-from test_e2e import T0 as E2E_END
-from test_e2e import make_settings, query, read_topic, reference, start_worker, stop
 
 from prefstream.schemas.events import MAX_ID_CHARS, MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings

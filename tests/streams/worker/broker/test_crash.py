@@ -17,24 +17,25 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from test_e2e import T0, TABLE_IDS, make_settings, query, start_worker, stop, wait_for
+from helpers.worker import (
+    applied,
+    assert_equals_uninterrupted,
+    is_drained,
+    make_settings,
+    produce_stream,
+    publish,
+    start_worker,
+    stop,
+    wait_for,
+)
 
-from prefstream.settings import Settings
-from prefstream.sim.demo import drained, end_offsets
-from prefstream.sim.traffic import TrafficConfig, generate_traffic
-from prefstream.storage.files import init_data_dir, read_watermarks
+from prefstream.sim.demo import end_offsets
 from prefstream.streams.broker import EmbeddedBroker
-from prefstream.streams.producer import FeedbackProducer
 from prefstream.streams.worker.crashpoints import CRASH_ENV, SIGNAL_ENV, CrashPoints, parse
-from prefstream.streams.worker.pipeline import TICK_PREFIX, replay
-from prefstream.streams.worker.run import prepare
-from prefstream.streams.worker.ticks import with_tick_key_of
 
 pytestmark = pytest.mark.broker
 
@@ -63,73 +64,6 @@ def test_a_crash_point_kills_the_process_like_kill_9(tmp_path: Path) -> None:
                           env={**os.environ, CRASH_ENV: "write:2"}, timeout=60)
     assert done.returncode == -signal.SIGKILL
     assert done.stdout.split() == ["alive"]
-
-
-# -- helpers ---------------------------------------------------------------------------------
-def rows(data_dir: Path) -> dict[str, list[tuple]]:
-    """Every stored row of every table, all columns, in id order."""
-    out = {}
-    for table, id_col in TABLE_IDS.items():
-        cols = [c[0] for c in query(data_dir, f"DESCRIBE {table}")]
-        listed = ", ".join(f'"{c}"' for c in cols)
-        out[table] = query(data_dir, f"SELECT {listed} FROM {table} ORDER BY {id_col}")
-    return out
-
-
-def produce_stream(settings: Settings, n_events: int, seed: int,
-                   upto: int | None = None) -> list[tuple[bytes, bytes]]:
-    """Publishes the traffic's messages (only the first ``upto`` of them, if given; see
-    ``publish``) and returns them all."""
-    prepare(settings)
-    traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=seed, end=T0))
-    publish(settings, traffic.messages[:upto])
-    return traffic.messages
-
-
-def publish(settings: Settings, messages: list[tuple[bytes, bytes]]) -> None:
-    producer = FeedbackProducer(settings.kafka_bootstrap, topic=settings.events_topic)
-    for key, value in messages:
-        producer.send_raw(key, value)
-    producer.flush()
-    producer.close()
-
-
-def applied(settings: Settings) -> int:
-    """Messages the stored batches cover, over all partitions."""
-    return sum(m.applied_offset + 1 for m in read_watermarks(settings.data_dir).values())
-
-
-def is_drained(settings: Settings, targets: dict[int, int], since: datetime) -> Callable[[], bool]:
-    idle_mark = since - timedelta(seconds=settings.grace_s)
-    return lambda: drained(read_watermarks(settings.data_dir), targets, idle_mark)
-
-
-def recorded(settings: Settings) -> list[tuple[int, int, bytes | None, bytes, int]]:
-    """The stream as the broker holds it: offsets, arrival times, and the watermark ticks the
-    workers added (a tick before a late message decides whether it is late)."""
-    consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, consumer_timeout_ms=3000,
-                             auto_offset_reset="earliest", enable_auto_commit=False)
-    tps = [TopicPartition(settings.events_topic, p) for p in range(settings.partitions)]
-    consumer.assign(tps)
-    consumer.seek_to_beginning(*tps)
-    records = [(m.partition, m.offset, m.key, m.value, m.timestamp) for m in consumer]
-    consumer.close()
-    return records
-
-
-def assert_equals_uninterrupted(settings: Settings, n_messages: int, ref_dir: Path) -> int:
-    """The stored rows equal the pure pipeline's over the same records; returns rows compared."""
-    records = recorded(settings)
-    assert sum(not r[3].startswith(TICK_PREFIX) for r in records) == n_messages
-    # the reference trusts the ticks the workers signed (their key is in their data dir)
-    ref = with_tick_key_of(settings.model_copy(update={"data_dir": ref_dir}), settings)
-    init_data_dir(ref_dir)
-    replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
-    got, want = rows(settings.data_dir), rows(ref_dir)
-    for table in TABLE_IDS:
-        assert got[table] == want[table], table
-    assert len(want["pairs"]) > 100
-    return sum(len(r) for r in want.values())
 
 
 # -- one worker, killed again and again ------------------------------------------------------

@@ -6,65 +6,32 @@ rows are read back through the DuckDB views.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterable
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from factories import kafka_records
-from kafka import KafkaConsumer, TopicPartition
+from helpers.worker import (
+    T0,
+    TABLE_IDS,
+    make_settings,
+    query,
+    read_topic,
+    reference,
+    start_worker,
+    stop,
+)
 
 from prefstream.settings import Settings
 from prefstream.sim.demo import end_offsets, wait_until_drained
 from prefstream.sim.traffic import TrafficConfig, generate_traffic
-from prefstream.storage.catalog import connect_readonly, ensure_catalog
-from prefstream.storage.files import init_data_dir, read_watermarks
+from prefstream.storage.files import read_watermarks
 from prefstream.streams.broker import EmbeddedBroker
 from prefstream.streams.producer import FeedbackProducer
-from prefstream.streams.worker.pipeline import replay
 from prefstream.streams.worker.run import prepare
 
 pytestmark = pytest.mark.broker
-
-FAST = {"idle_s": 1.5, "tick_interval_s": 0.5, "flush_interval_s": 0.5, "rebalance_timeout_s": 2.0,
-        "session_timeout_s": 4.0, "metrics_port": 0}
-T0 = datetime(2026, 11, 20, 9, 0, tzinfo=timezone.utc)
-
-
-def make_settings(broker: EmbeddedBroker, data_dir: Path, name: str, **extra: object) -> Settings:
-    return Settings(kafka_bootstrap=broker.bootstrap, data_dir=data_dir, app_id=name,
-                    events_topic=f"{name}-events", dead_letter_topic=f"{name}-dlq",
-                    late_topic=f"{name}-late", partitions=2, **FAST, **extra)
-
-
-def start_worker(settings: Settings, log_path: Path,
-                 **extra_env: str) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.as_env(), **extra_env}
-    with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "prefstream.cli", "worker"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        proc.wait(timeout=30)
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float,
-             workers: Iterable[subprocess.Popen[bytes]] = ()) -> None:
-    """Until ``condition()``; fails once ``timeout_s`` passed or any of ``workers`` exited."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        for w in workers:
-            assert w.poll() is None, f"a worker exited with {w.returncode} waiting for {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
-        time.sleep(0.1)
 
 
 def run_until_drained(settings: Settings, log_path: Path) -> None:
@@ -73,15 +40,6 @@ def run_until_drained(settings: Settings, log_path: Path) -> None:
         wait_until_drained(settings, end_offsets(settings), worker, timeout_s=90)
     finally:
         stop(worker)
-
-
-def query(data_dir: Path, sql: str) -> list[tuple]:
-    ensure_catalog(data_dir)
-    con = connect_readonly(data_dir)
-    try:
-        return con.execute(sql).fetchall()
-    finally:
-        con.close()
 
 
 def scripted_session(producer: FeedbackProducer) -> None:
@@ -138,33 +96,9 @@ def test_exact_pairs_from_a_scripted_session(broker: EmbeddedBroker, tmp_path: P
     assert len(dlq) == 2 and all(b'"reason"' in v for v in dlq)
 
 
-def read_topic(broker: EmbeddedBroker, topic: str) -> list[bytes]:
-    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest",
-                             consumer_timeout_ms=3000)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    values = [m.value for m in consumer]
-    consumer.close()
-    return values
-
-
-TABLE_IDS = {"pairs": "pair_id", "ties": "tie_id", "unpaired": "row_id",
-             "refusals": "refusal_id", "sessions": "session_key",
-             "dead_letters": "dead_letter_id", "late_events": "late_id"}
-
-
 def snapshot(data_dir: Path) -> dict[str, set[str]]:
     return {t: {r[0] for r in query(data_dir, f"SELECT {c} FROM {t}")}
             for t, c in TABLE_IDS.items()}
-
-
-def reference(settings: Settings, messages: list[tuple[bytes, bytes]], data_dir: Path) -> None:
-    """The same messages through the pure pipeline, partitioned as the producer does."""
-    records = kafka_records(messages, settings.partitions, int(time.time() * 1000))
-    ref = settings.model_copy(update={"data_dir": data_dir})
-    init_data_dir(ref.data_dir)
-    replay(ref, records, final_tick_ms=int(time.time() * 1000) + 10**9)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])

@@ -14,8 +14,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from test_crash import applied, assert_equals_uninterrupted, is_drained, produce_stream
-from test_e2e import make_settings, start_worker, stop, wait_for
+from helpers.worker import (
+    applied,
+    assert_equals_uninterrupted,
+    is_drained,
+    make_settings,
+    produce_stream,
+    start_worker,
+    stop,
+    wait_for,
+)
 
 from prefstream.sim.demo import end_offsets
 from prefstream.streams.broker import EmbeddedBroker

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 from factories import event
+from helpers.worker import make_settings, start_worker, wait_for
 from kafka import KafkaProducer
-from test_e2e import make_settings, start_worker, wait_for
 
 from prefstream.schemas.events import MAX_TEXT_CHARS
 from prefstream.sim.demo import funnel

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from factories import read_all
+from helpers.worker import FAST, query, start_worker, stop, wait_for
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
-from test_e2e import FAST, query, start_worker, stop, wait_for
-from test_producer import read_all
 
 from prefstream.errors import ProducerError
 from prefstream.settings import Settings
