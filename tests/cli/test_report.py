@@ -25,7 +25,7 @@ import duckdb
 import pytest
 from factories import at, pair, session_row
 
-from prefstream import report
+from prefstream import charts, report, report_data
 from prefstream.cli import main
 from prefstream.schemas.records import DeadLetter, Refusal, Tie
 from prefstream.storage.catalog import CATALOG_NAME, ensure_catalog
@@ -344,7 +344,7 @@ def test_a_report_in_progress_never_blocks_the_writer(data_dir: Path, tmp_path: 
     refresh = ("import sys, time; from pathlib import Path; from prefstream.storage.catalog import "
                "ensure_catalog; t = time.monotonic(); ok = ensure_catalog(Path(sys.argv[1])); "
                "print(ok, time.monotonic() - t)")
-    con = report._connect(copy)
+    con = report_data.connect(copy)
     try:
         write_rows(data_dir=copy, table="pairs", rows=[pair("late-pair", minute=HOURS * 60)])
         done = subprocess.run([sys.executable, "-c", refresh, str(copy)], capture_output=True,
@@ -365,7 +365,7 @@ def test_data_is_escaped() -> None:
 
 @pytest.mark.parametrize(("lo", "hi"), [(0, 1), (0, 7), (0, 4868), (-137.5, 142.5), (0, 0.3)])
 def test_ticks_cover_the_range_in_round_steps(lo: float, hi: float) -> None:
-    ticks = report._ticks(lo, hi)
+    ticks = charts.nice_ticks(lo, hi)
     assert ticks[0] <= lo and ticks[-1] >= hi and 2 <= len(ticks) <= 8
     steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:], strict=False)}
     assert len(steps) == 1
