@@ -3,7 +3,7 @@ VENV ?= .venv
 CONSTRAINTS ?= constraints.txt
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint layers clean bench
+.PHONY: install demo test test-fast lint layers clean bench
 
 $(BIN)/prefstream: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: install
 TEST_WORKERS ?= 3
 test: layers
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+
+# The pure tests only: no broker, no worker process, no training (markers `broker` and `slow`,
+# tests/conftest.py). In one process: on two cores the xdist workers' start-up costs more than
+# they save here. Under a minute.
+FAST_WORKERS ?= 0
+test-fast: layers
+	$(BIN)/python -m pytest -q -n $(FAST_WORKERS) -m "not broker and not slow" $(ARGS)
 
 # The import contracts of pyproject.toml ([tool.importlinter]): layers only point down.
 layers: install
