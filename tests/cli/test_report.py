@@ -17,6 +17,7 @@ import subprocess
 import sys
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,17 @@ from prefstream.trainer.data import length_bias
 from prefstream.trainer.registry import METADATA, json_default, models_dir, promote
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run "
-    "installs it)")
+
+
+def needs_chromium(test: Callable[..., None]) -> Callable[..., None]:
+    """A headless Chromium process renders the page: ``slow`` (a process, not in the pure run),
+    and skipped where Chromium is not installed."""
+    missing = pytest.mark.skipif(
+        CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; "
+        ".ci/run installs it)")
+    return pytest.mark.slow(missing(test))
+
+
 HOURS, SEALED = 6, 4
 RULES = (("thumbs", 0.95), ("copy_over_skipped", 0.8), ("edit", 0.75),
          ("click_over_skipped_above", 0.6), ("reformulate_same_intent", 0.53))

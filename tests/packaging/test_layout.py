@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+SCRIPT_IMPORT = re.compile(r"^\s*(?:from|import) (\w+)", flags=re.MULTILINE)
 
 
 def layers() -> list[list[str]]:
@@ -85,19 +86,17 @@ def expands_to(cell: str, package: str) -> bool:
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Top-level names of the modules ``path`` imports, in its code and in the string constants
+    that read as Python run in a subprocess (those import things too)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.update(SCRIPT_IMPORT.findall(node.value))
     return names
-
-
-def scripts(path: Path) -> list[str]:
-    """String constants that read as Python run in a subprocess (they import things too)."""
-    return [n.value for n in ast.walk(ast.parse(path.read_text()))
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and "import " in n.value]
 
 
 def test_no_test_module_imports_another() -> None:
@@ -107,9 +106,6 @@ def test_no_test_module_imports_another() -> None:
     test_modules = {p.stem for p in TESTS.rglob("test_*.py")}
     found = {}
     for path in TESTS.rglob("*.py"):
-        names = imported_modules(path)
-        for code in scripts(path):
-            names |= set(re.findall(r"^\s*(?:from|import) (test_\w+)", code, flags=re.MULTILINE))
-        if hits := sorted(names & test_modules):
+        if hits := sorted(imported_modules(path) & test_modules):
             found[str(path.relative_to(TESTS))] = hits
     assert found == {}
