@@ -225,14 +225,10 @@ class PartitionSessions:
         n, self._evicted = self._evicted, 0
         return n
 
-    def take_closed(self) -> list[ClosedSession]:
-        """Closed sessions whose rows are to be written, in their latest state; returned again
-        until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe)."""
-        return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
-
     def pending_groups(self) -> dict[str, tuple[ClosedSession, ...]]:
-        """The pending groups of each session with rows to write, as :meth:`take_closed` lists
-        them; pass them to :meth:`forget_flushed` once written."""
+        """The pending groups of each session with rows to write, in their latest state; given
+        again until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe), to
+        which a flush passes them once written."""
         return {sid: self.slots[sid].pending for sid in self._pending}
 
     def forget_flushed(self, resume_offset: int | None = None, *,

@@ -23,8 +23,8 @@ from faust.types import TP
 from prefstream.settings import Settings
 from prefstream.streams import metrics
 from prefstream.streams.core.sessionize import Clock, SessionSlot
+from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import App
-from prefstream.streams.worker.crashpoints import CrashPoints
 from prefstream.streams.worker.flush import Flusher
 from prefstream.streams.worker.offsetguard import DROP, HANDLE
 from prefstream.streams.worker.pipeline import Pipeline, SideMessage
@@ -44,9 +44,8 @@ class TableStore:
     every key is the Kafka partition its session lives in, never Faust's "current event".
     """
 
-    def __init__(self, table: Any, crash: CrashPoints | None = None) -> None:
+    def __init__(self, table: Any) -> None:
         self.table = table
-        self.crash = crash or CrashPoints({})
         self.in_flight: list[Any] = []  # changelog sends not yet acknowledged by the broker
         self.touched: set[int] = set()  # changelog partitions written since the last marker
 
@@ -64,7 +63,7 @@ class TableStore:
         sends, self.in_flight = self.in_flight, []
         if sends:
             await asyncio.gather(*sends)
-            self.crash.reach("changelog")
+            crashpoints.reach("changelog")
         touched, self.touched = sorted(self.touched), set()
         if touched:
             await asyncio.gather(*(self.table.send_changelog(p, MARK_KEY.format(p), "1")
@@ -157,11 +156,11 @@ def create_app(settings: Settings) -> faust.App:
             for name in (settings.dead_letter_topic, settings.late_topic)}
     table = app.Table("sessions", default=None, partitions=settings.partitions,
                       key_type=str, value_type=str)
-    crash = CrashPoints.from_env()  # empty unless a crash test asks
-    store = TableStore(table, crash)
-    pipeline = Pipeline(settings, store, crash=crash)
-    flusher = Flusher(app, pipeline, store, crash)
-    rebalance = Rebalance(app, settings, flusher, crash)
+    crashpoints.arm()  # none unless a crash test asks; a bad value stops the worker here
+    store = TableStore(table)
+    pipeline = Pipeline(settings, store)
+    flusher = Flusher(app, pipeline, store)
+    rebalance = Rebalance(app, settings, flusher)
 
     async def send_side(messages: list[SideMessage]) -> None:
         for m in messages:
@@ -215,7 +214,7 @@ def create_app(settings: Settings) -> faust.App:
                      "their partitions now reads them from the committed offsets", stale)
         for tp, offset in rewind.items():
             await rebalance.seek_back(tp, offset)
-        crash.reach("handle", len(batch))
+        crashpoints.reach("handle", len(batch))
         await send_side(side_messages)
         if pipeline.due():
             await flusher.flush()

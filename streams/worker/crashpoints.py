@@ -16,6 +16,9 @@ first one reached its count wins. Points, in the order a batch passes them:
 ``PREFSTREAM_WORKER_CRASH_SIGNAL=TERM`` sends SIGTERM instead, once: the worker goes on from
 that point and stops the way an operator's ``kill`` stops it, while the point's work is in
 flight.
+
+The worker's code marks each point with :func:`reach` (a no-op unless the variable is set), so
+no production constructor takes the hook; :func:`arm` reads the variables, once per process.
 """
 
 from __future__ import annotations
@@ -80,3 +83,24 @@ class CrashPoints:
             if self.sig == signal.SIGKILL:
                 logging.shutdown()
             os.kill(os.getpid(), self.sig)
+
+
+#: the points this process crashes at, read from the environment once (see :func:`arm`)
+_armed: CrashPoints | None = None
+
+
+def arm() -> CrashPoints:
+    """Read the crash variables once per process (the worker calls it when it starts, so a bad
+    value stops it there, with ``ConfigError``); later calls return the same points."""
+    global _armed
+    if _armed is None:
+        _armed = CrashPoints.from_env()
+    return _armed
+
+
+def reach(point: str, n: int = 1) -> None:
+    """``point`` was reached ``n`` times: kills the process there if a crash test asked for it;
+    otherwise nothing (one check per call)."""
+    points = _armed if _armed is not None else arm()
+    if points:
+        points.reach(point, n)

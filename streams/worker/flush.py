@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from faust.types import TP
 
+from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import commit_offsets
-from prefstream.streams.worker.crashpoints import CrashPoints
 from prefstream.streams.worker.pipeline import Checkpoint, FlushJob, Pipeline
 
 if TYPE_CHECKING:
@@ -35,9 +35,8 @@ COMMIT_ATTEMPTS = 50
 class Flusher:
     """Batches of handled events made durable and committed, one at a time."""
 
-    def __init__(self, app: Any, pipeline: Pipeline, store: TableStore,
-                 crash: CrashPoints) -> None:
-        self.app, self.pipeline, self.store, self.crash = app, pipeline, store, crash
+    def __init__(self, app: Any, pipeline: Pipeline, store: TableStore) -> None:
+        self.app, self.pipeline, self.store = app, pipeline, store
         #: held while handling a batch of events and while starting a flush
         self.lock = asyncio.Lock()
         # Flushes run one at a time; one long-lived thread does them all, so the files' buffers
@@ -116,7 +115,7 @@ class Flusher:
         self.pipeline.save_checkpoint(state)
         await self.app.producer.flush()
         await self.store.wait_sent()
-        self.crash.reach("checkpoint")
+        crashpoints.reach("checkpoint")
 
     async def commit_offsets(self, targets: dict[TP, int]) -> dict[TP, int]:
         """Commit exactly these offsets (next offset per partition) for the consumer group.
@@ -139,7 +138,7 @@ class Flusher:
         else:
             raise RuntimeError(f"offsets {targets} not committed after {COMMIT_ATTEMPTS} "
                                "attempts")
-        self.crash.reach("commit")
+        crashpoints.reach("commit")
         return committed
 
     def _report_lag(self, targets: dict[TP, int]) -> None:

@@ -1,8 +1,11 @@
 """What the worker does with each message, apart from Faust: validate, sessionize, pair, batch.
 
 :class:`Pipeline` turns raw Kafka records into session state changes and buffered rows; the Faust
-agent (``streams/worker/app.py``) feeds it messages and calls :meth:`Pipeline.flush` to make a batch
-durable before acknowledging the offsets it covers.
+agent (``streams/worker/app.py``) feeds it messages, and the worker's
+:class:`~prefstream.streams.worker.flush.Flusher` makes a batch durable through its flush steps
+(:meth:`Pipeline.start_flush`, :meth:`~Pipeline.take_checkpoint`, :meth:`~Pipeline.write_flush`,
+:meth:`~Pipeline.save_checkpoint`, :meth:`~Pipeline.finish_flush`) before committing the offsets
+it covers; :func:`flush_offline` runs the same steps for runs without Kafka.
 
 Its size (~480 lines) is the one hot path kept whole: validation, sessionizing, pairing and
 batching of a message share the per-message state and are read in one pass; the durability
@@ -36,7 +39,7 @@ from prefstream.streams.core.pairing import session_to_pairs
 from prefstream.streams.core.sessionize import EPOCH, Clock, SessionSlot, state_bytes
 from prefstream.streams.core.state import PartitionSessions
 from prefstream.streams.metrics import Metrics
-from prefstream.streams.worker.crashpoints import CrashPoints
+from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.ticks import sign_tick, tick_key, verify_tick
 
 log = logging.getLogger(__name__)
@@ -112,8 +115,7 @@ def arrival_time(timestamp_ms: int) -> datetime | None:
 
 class Pipeline:
     def __init__(self, settings: Settings, store: StateStore,
-                 clock_ms: Callable[[], int] | None = None,
-                 crash: CrashPoints | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None) -> None:
         self.settings = settings
         self.rules = settings.session_rules()
         self.store = store
@@ -127,7 +129,6 @@ class Pipeline:
         self._wall_ms = clock_ms or (lambda: int(time.time() * 1000))
         self.metrics = Metrics()
         self.stored = IdIndex(settings.data_dir)
-        self.crash = crash or CrashPoints({})
         self.tick_key = tick_key(settings)
         self.starts = StartLog(settings.data_dir)
         self.stored_ids = StoredIds(settings.data_dir,
@@ -292,14 +293,6 @@ class Pipeline:
         elapsed = time.monotonic() - self._last_flush
         return self._events_since_flush > 0 and elapsed >= self.settings.flush_interval_s
 
-    def flush_rows(self) -> Batch:
-        """Write the batch's rows durably, record watermarks, seal; returns the batch written
-        (:meth:`start_flush` and :meth:`write_flush` in one go)."""
-        job = self.start_flush()
-        batch = self.write_flush(job)
-        self.stored_ids.remember(job.stored_ids, job.watermarks)
-        return batch
-
     def start_flush(self) -> FlushJob:
         """Take the batch and the closed sessions to write, as of now; a new batch starts.
 
@@ -318,12 +311,11 @@ class Pipeline:
             if state is not None:
                 job.marks.append(Watermark(p, state.clock.watermark, offset, state.unfinished))
         job.watermarks = {p: state.clock.watermark for p, state in self.partitions.items()}
-        self._count_state(batch)
+        self._count_state(batch)  # once: it takes the evictions counted since the last flush
         if n := batch.counts["dead_letter"]:  # one line per flush: a flood must not flood the log
             log.warning("%d messages set aside as dead letters since the last flush (in %s and "
                         "the dead_letters table, each with its reason); the first: %s", n,
                         self.settings.dead_letter_topic, batch.first_dead_letter)
-        self._count_state(batch)
         self._events_since_flush = 0
         self._last_flush = time.monotonic()
         return job
@@ -342,7 +334,7 @@ class Pipeline:
         for table, rows in batch.rows.items():
             if rows:
                 write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
-                self.crash.reach("write")
+                crashpoints.reach("write")
         job.stored_ids = self.stored_ids.write(job.closed, job.watermarks)
         self._count_rows(batch)  # before the watermark files: they tell readers we are done
         for mark in job.marks:
@@ -361,8 +353,9 @@ class Pipeline:
 
     def finish_flush(self, job: FlushJob, committed: dict[int, int]) -> None:
         """After the job's rows are durable and ``committed`` (next offset per Kafka partition)
-        is: forget the sessions the job wrote (see :meth:`forget_flushed`); sessions closed
-        since it started stay, to be written by the next one."""
+        is: forget the sessions the job wrote (but those a restart would still replay events of,
+        see :meth:`PartitionSessions.forget_flushed`); sessions closed since it started stay, to
+        be written by the next one."""
         self.resume_offsets.update(committed)
         self.stored_ids.remember(job.stored_ids, job.watermarks)  # before their sessions go
         for p, state in self.partitions.items():
@@ -396,11 +389,6 @@ class Pipeline:
                         "partition %s: over max_open_sessions=%d", sum(evicted.values()),
                         evicted, self.settings.max_open_sessions)
 
-    def checkpoint(self) -> None:
-        """Persist changed session slots and clocks (after the rows they cover are durable,
-        before the offsets are committed)."""
-        self.save_checkpoint(self.take_checkpoint())
-
     def take_checkpoint(self) -> Checkpoint:
         """The clocks and the slots changed since the last one, as of now (immutable values):
         the worker takes it with a flush's job and saves it once that job's rows are durable."""
@@ -413,16 +401,6 @@ class Pipeline:
         for p, clock, dirty in checkpoint:
             self.store.save(p, clock, dirty)
 
-    def forget_flushed(self, committed: dict[int, int] | None = None) -> None:
-        """After the commit of ``committed`` (next offset per Kafka partition): pending sessions
-        are durable, drop them from state, but those a restart would still replay events of
-        (see :meth:`PartitionSessions.forget_flushed`). ``None``: everything handled so far
-        was committed (a replay without Kafka)."""
-        if committed is not None:
-            self.resume_offsets.update(committed)
-        for p, state in self.partitions.items():
-            state.forget_flushed(None if committed is None else self.resume_offsets.get(p))
-
     def wall_ms(self) -> int:
         return self._wall_ms()
 
@@ -433,14 +411,6 @@ class Pipeline:
         for p in range(self.settings.partitions):
             self.handle(topic=topic, partition=p, offset=1 << 40, key=None,
                         value=sign_tick(self.tick_key, topic, p, wall_ms), timestamp_ms=wall_ms)
-
-    def flush_and_forget(self, committed: dict[int, int] | None = None) -> Batch:
-        """Write the batch, checkpoint, then forget as after a commit of ``committed`` (see
-        :meth:`forget_flushed`): the worker's flush with nothing to wait for."""
-        batch = self.flush_rows()
-        self.checkpoint()
-        self.forget_flushed(committed)
-        return batch
 
 
 class MemoryStore:
@@ -476,5 +446,20 @@ def replay(settings: Settings, records: Iterable[tuple[int, int, bytes | None, b
         side += pipeline.handle(topic=settings.events_topic, partition=partition, offset=offset,
                                 key=key, value=value, timestamp_ms=ts_ms)
     pipeline.tick_all(final_tick_ms)
-    pipeline.flush_and_forget()
+    flush_offline(pipeline)
     return side
+
+
+def flush_offline(pipeline: Pipeline, committed: dict[int, int] | None = None) -> Batch:
+    """The worker's flush, its steps in the worker's order, with no Kafka to wait for (replays,
+    references): take the job and the checkpoint, write the rows, save the checkpoint, then
+    forget as after a commit of ``committed`` (next offset per Kafka partition; ``None``: every
+    record the job covers, as a replay has nothing left to read again)."""
+    job = pipeline.start_flush()
+    checkpoint = pipeline.take_checkpoint()
+    batch = pipeline.write_flush(job)
+    pipeline.save_checkpoint(checkpoint)
+    if committed is None:
+        committed = {p: offset + 1 for p, offset in job.batch.applied.items()}
+    pipeline.finish_flush(job, committed)
+    return batch

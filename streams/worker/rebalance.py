@@ -20,8 +20,8 @@ from aiokafka.errors import KafkaError
 from faust.types import TP
 
 from prefstream.settings import Settings
+from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import commit_offsets, committed_offsets
-from prefstream.streams.worker.crashpoints import CrashPoints
 from prefstream.streams.worker.flush import Flusher
 from prefstream.streams.worker.logwatch import LogWatch, TopicIds
 from prefstream.streams.worker.offsetguard import OffsetGuard
@@ -32,9 +32,8 @@ log = logging.getLogger(__name__)
 class Rebalance:
     """The worker's side of a consumer group rebalance."""
 
-    def __init__(self, app: Any, settings: Settings, flusher: Flusher,
-                 crash: CrashPoints) -> None:
-        self.app, self.settings, self.flusher, self.crash = app, settings, flusher, crash
+    def __init__(self, app: Any, settings: Settings, flusher: Flusher) -> None:
+        self.app, self.settings, self.flusher = app, settings, flusher
         # Assignments seen so far (bumped by every revoke), and the one each buffered message
         # was fetched in: only messages of the current one are handled (see ``on_revoked``).
         self.epoch = 0
@@ -73,7 +72,7 @@ class Rebalance:
         self.epoch += 1
         ours = {tp.partition for tp in revoked if tp.topic == self.settings.events_topic}
         if ours:
-            self.crash.reach("revoke")
+            crashpoints.reach("revoke")
         flusher = self.flusher
         async with flusher.lock:
             if flusher.uncommitted:

@@ -18,7 +18,7 @@ from kafka.partitioner.default import murmur2
 from prefstream.settings import Settings
 from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
-from prefstream.streams.worker.pipeline import MemoryStore, Pipeline
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, flush_offline
 
 ROOT = Path(__file__).resolve().parents[2]
 H12 = "2024-05-01T12"  # the partition of factories.T0
@@ -95,7 +95,7 @@ def feed_pipeline(settings: Settings, records: Sequence[tuple[int, int, bytes, b
         if i % flush_every == 0 or i == len(records):
             if i == len(records):
                 pipeline.tick_all(ARRIVAL_MS + 10**9)
-            pipeline.flush_and_forget()
+            flush_offline(pipeline)
             flushes += 1
             time.sleep(pause_s)
     return flushes

@@ -1,6 +1,6 @@
 """Readers in other processes while the worker's flush loop writes, seals, compacts and deletes.
 
-A writer process runs the real pipeline (``Pipeline.flush_rows``: ``write_rows``, ``seal_ready``,
+A writer process runs the real pipeline (``Pipeline.write_flush``: ``write_rows``, ``seal_ready``,
 then ``compact_after_flush``) over generated traffic, flushing every few dozen events with a
 compaction threshold of 3 files and a 1 s grace, so merges and deletions happen all the time.
 Two analyst processes query the catalog's views (pairs by rule, funnel, partitions) through

@@ -31,6 +31,13 @@ def fresh(rules: SessionRules = RULES, max_open: int | None = None) -> Partition
     return PartitionSessions(Clock(kafka_partition=0), rules, max_open=max_open)
 
 
+def pending(ps: PartitionSessions) -> list[ClosedSession]:
+    """The closed groups still to be written, in the order a flush writes them (by session id,
+    then group): they stay pending until ``forget_flushed``."""
+    groups = ps.pending_groups()
+    return [c for sid in sorted(groups) for c in groups[sid]]
+
+
 def ids(closed: ClosedSession) -> list[str]:
     return [item.event.event_id for item in closed.session.events]
 
@@ -84,18 +91,18 @@ def test_a_redelivery_moves_event_time_as_the_first_delivery_did():
     first = fresh()
     assert send(first, a, 0) == "accepted"
     assert send(first, b, 1) == "accepted"  # watermark 35 closes s1 (deadline 30)
-    [closed] = first.take_closed()
+    [closed] = pending(first)
 
     slots = [(sid, add_event(None, ev, offset=o, clock=Clock(kafka_partition=0),
                              rules=RULES)[0]) for sid, ev, o in (("s1", a, 0), ("s2", b, 1))]
     back = PartitionSessions(Clock(kafka_partition=0), RULES, slots)
-    assert back.take_closed() == []
+    assert pending(back) == []
     assert send(back, a, 0) == "redelivered"
     assert (back.clock.max_event_ts, back.clock.watermark) == (at(0), at(-5))
-    assert back.take_closed() == []
+    assert pending(back) == []
     assert send(back, b, 1) == "redelivered"
     assert back.clock == first.clock
-    assert back.take_closed() == [closed]
+    assert pending(back) == [closed]
     assert back.slots == first.slots
 
 
@@ -111,10 +118,10 @@ def test_a_partition_receiving_only_late_or_duplicate_messages_is_not_idle():
     assert send(ps, event(minute=6, event_id=a.event_id), 2, minute=51) == "duplicate"
     ps.on_tick(ms(51) + 29_999)
     assert ps.clock.watermark == at(5)
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     ps.on_tick(ms(51) + 30_000)  # idle since the last arrival: follows the wall clock
     assert ps.clock.watermark == at(51) + RULES.idle - RULES.grace  # past a's deadline (40)
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert (ids(closed), closed.session.n_duplicates) == ([a.event_id], 1)
 
 
@@ -122,13 +129,13 @@ def test_watermark_from_another_session_closes_a_due_session():
     ps = fresh()
     send(ps, event(minute=0, session_id="s1"), 0)
     send(ps, event(minute=34, session_id="s2"), 1)  # watermark 29: s1's deadline is 30
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     send(ps, event(minute=35, session_id="s2"), 2)  # watermark 30
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert (closed.session.session_id, closed.reason) == ("s1", "gap")
-    assert ps.take_closed() == [closed]  # still to be written until forget_flushed()
+    assert pending(ps) == [closed]  # still to be written until forget_flushed()
     ps.forget_flushed()
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     assert ps.open_sessions == 1
 
 
@@ -137,10 +144,10 @@ def test_an_extended_session_is_not_closed_by_its_old_deadline():
     send(ps, event(minute=0, session_id="s1"), 0)
     send(ps, event(minute=20, session_id="s1"), 1)  # deadline moves from 30 to 50
     send(ps, event(minute=40, session_id="s2"), 2)  # watermark 35 passes the stale entry
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     assert ps.slots["s1"].open is not None
     send(ps, event(minute=55, session_id="s2"), 3)  # watermark 50
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert closed.session.session_id == "s1"
     assert len(closed.session.events) == 2
 
@@ -151,9 +158,9 @@ def test_tick_closes_quiet_sessions_only_after_idle():
     ps.on_tick(ms(0) + 29_999)
     assert ps.clock.watermark == at(-5)
     ps.on_tick(ms(34))  # watermark 29
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     ps.on_tick(ms(35))  # watermark 30 = last + gap
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert closed.reason == "gap"
     assert ps.open_sessions == 0
 
@@ -164,11 +171,11 @@ def test_session_end_closes_after_grace():
     send(ps, event("session_end", minute=10), 1)
     assert send(ps, event(minute=6), 2, minute=11) == "accepted"  # straggler within grace
     ps.on_tick(ms(14))  # watermark 9
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     ps.on_tick(ms(15))  # watermark 10 = ended_at = last event: not past it yet, still open
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     ps.on_tick(ms(15) + 1)  # watermark one millisecond past the last event
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert closed.reason == "session_end"
     assert len(closed.session.events) == 3
 
@@ -179,7 +186,7 @@ def test_gap_close_on_arrival_is_emitted_at_once():
     a, b = event(minute=0), event(minute=40)
     send(ps, a, 0)
     send(ps, b, 1)  # arrives at its own time: watermark 35 >= 0 + 30
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert ids(closed) == [a.event_id]
     assert ps.slots["s1"].open.events[0].event == b
 
@@ -191,35 +198,35 @@ def test_gap_close_waits_for_the_watermark():
     a, b = event(minute=0), event(minute=31)
     send(ps, a, 0)
     send(ps, b, 1)  # watermark 26 < 0 + 30
-    assert ps.take_closed() == []
+    assert pending(ps) == []
     assert [item.event for item in ps.slots["s1"].open.events] == [a, b]
     send(ps, event(minute=35, session_id="s2"), 2)  # watermark 30
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert (closed.reason, ids(closed)) == ("gap", [a.event_id])
     assert [item.event for item in ps.slots["s1"].open.events] == [b]
 
 
-def test_take_closed_returns_pending_sessions_in_their_latest_state_until_forgotten():
+def test_pending_groups_return_closed_sessions_in_their_latest_state_until_forgotten():
     ps = fresh()
     a = event(minute=0)
     send(ps, a, 0)
     send(ps, event(minute=35, session_id="s2"), 1)  # watermark 30 closes s1
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert closed.session.n_duplicates == 0
     ps.take_dirty()
     # A copy as old as a (minute 0, or 2 as here before) is now late: older than the watermark
     # (30). Only a copy stamped at or after the watermark can still reach the pending session.
     assert send(ps, event(minute=2, event_id=a.event_id), 3, minute=36) == "late"
     assert ps.take_dirty() == {}
-    assert ps.take_closed() == [closed]
+    assert pending(ps) == [closed]
     assert send(ps, event(minute=31, event_id=a.event_id), 2, minute=36) == "duplicate"
     assert list(ps.take_dirty()) == ["s1"]
-    [again] = ps.take_closed()
+    [again] = pending(ps)
     assert again == closed.model_copy(update={"session": closed.session.model_copy(update={
         "duplicates": ((2, a.event_id),), "n_duplicates": 1})})
-    assert ps.take_closed() == [again]
+    assert pending(ps) == [again]
     ps.forget_flushed()
-    assert ps.take_closed() == []
+    assert pending(ps) == []
 
 
 def test_forget_flushed_drops_pending_sessions():
@@ -228,9 +235,9 @@ def test_forget_flushed_drops_pending_sessions():
     send(ps, event(minute=40, session_id="s1"), 1)  # s1: one pending, one open
     send(ps, event(minute=41, session_id="s2"), 2)
     send(ps, event(minute=90, session_id="s3"), 3)  # watermark 85 closes both 40/41 sessions
-    closed = ps.take_closed()
+    closed = pending(ps)
     assert len(closed) == 3
-    assert ps.take_closed() == closed  # nothing is dropped before forget_flushed()
+    assert pending(ps) == closed  # nothing is dropped before forget_flushed()
     ps.take_dirty()
     ps.forget_flushed()
     assert "s2" not in ps.slots  # nothing open, nothing pending: the slot is deleted
@@ -239,7 +246,7 @@ def test_forget_flushed_drops_pending_sessions():
     dirty = ps.take_dirty()
     assert set(dirty) == {"s1", "s2"}
     assert dirty["s2"] is None
-    assert ps.take_closed() == []
+    assert pending(ps) == []
 
 
 def test_recovery_from_dirty_slots_reemits_pending_and_continues_open_sessions():
@@ -250,23 +257,23 @@ def test_recovery_from_dirty_slots_reemits_pending_and_continues_open_sessions()
     send(ps, b, 1)
     send(ps, c, 2)
     send(ps, event(minute=36, session_id="s3"), 3)  # watermark 31: s1 closes, s2 stays open
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert ids(closed) == [a.event_id, b.event_id]
 
     # crash before the flush was durable: the worker rebuilds from its checkpointed slots
     slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
     back = PartitionSessions(ps.clock, RULES, slots.items())
-    assert back.take_closed() == [closed]  # emitted again (ids dedupe downstream)
-    assert back.take_closed() == [closed]  # ...and kept until forget_flushed()
+    assert pending(back) == [closed]  # emitted again (ids dedupe downstream)
+    assert pending(back) == [closed]  # ...and kept until forget_flushed()
     assert back.open_sessions == 2
     # replayed messages are recognised, new ones join the open session
     assert send(back, a, 0, minute=40) == "redelivered"
     assert send(back, c, 2, minute=40) == "redelivered"
     d = event(minute=40, session_id="s2")
     assert send(back, d, 4, minute=40) == "accepted"
-    assert back.take_closed() == [closed]  # nothing new closed
+    assert pending(back) == [closed]  # nothing new closed
     back.on_tick(FAR_MS)  # the recovered deadlines still fire
-    closed_after = {c.session.session_id: ids(c) for c in back.take_closed()}
+    closed_after = {c.session.session_id: ids(c) for c in pending(back)}
     assert closed_after["s1"] == [a.event_id, b.event_id]
     assert closed_after["s2"] == [c.event_id, d.event_id]
     assert set(closed_after) == {"s1", "s2", "s3"}
@@ -274,7 +281,7 @@ def test_recovery_from_dirty_slots_reemits_pending_and_continues_open_sessions()
     # once flushed and forgotten, a restart emits nothing again
     back.forget_flushed()
     slots = {sid: s for sid, s in back.slots.items()}
-    assert PartitionSessions(back.clock, RULES, slots.items()).take_closed() == []
+    assert pending(PartitionSessions(back.clock, RULES, slots.items())) == []
 
 
 def test_a_pending_session_with_events_past_the_resume_offset_is_kept_until_a_commit_passes():
@@ -286,15 +293,15 @@ def test_a_pending_session_with_events_past_the_resume_offset_is_kept_until_a_co
     send(ps, a, 1)
     send(ps, b, 3)
     send(ps, event(minute=40, session_id="s2"), 4)  # watermark 35: s1 closes
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
 
     back = PartitionSessions(ps.clock, RULES, slots.items())
     back.forget_flushed(resume_offset=2)  # offset 3 will be read again
-    assert back.take_closed() == [closed]
+    assert pending(back) == [closed]
     assert send(back, b, 3, minute=40) == "redelivered"  # not late, not a new session
     back.forget_flushed(resume_offset=4)  # the commit passed every event of s1
-    assert back.take_closed() == []
+    assert pending(back) == []
     assert "s1" not in back.slots
     assert back.slots["s2"].open is not None  # open sessions are never forgotten
 
@@ -365,7 +372,7 @@ def run(messages, rules: SessionRules = RULES, max_open: int | None = None):
     ps = fresh(rules, max_open)
     outcomes = play(ps, messages)
     ps.on_tick(FAR_MS)
-    return ps, outcomes, ps.take_closed()
+    return ps, outcomes, pending(ps)
 
 
 def canon(closed: list[ClosedSession]) -> set[tuple]:
@@ -425,7 +432,7 @@ def assert_every_accepted_event_lands_once(ps: PartitionSessions, messages, outc
     kept = [p.session for slot in ps.slots.values() for p in slot.pending]
     assert sum(s.n_duplicates for s in kept) == len(by_outcome.get("duplicate", []))
     assert Counter(len(s.events) for s in kept) == Counter(len(c.session.events) for c in closed)
-    # take_closed() gives those very sessions, in their latest state, duplicate counts included
+    # pending() gives those very sessions, in their latest state, duplicate counts included
     assert sorted((c.session for c in closed), key=lambda s: s.key) == sorted(
         kept, key=lambda s: s.key)
     dup_msgs = sorted((offset, ev.event_id) for (_, ev, offset, _), outcome
@@ -434,9 +441,9 @@ def assert_every_accepted_event_lands_once(ps: PartitionSessions, messages, outc
     for c in closed:
         assert c.session.n_duplicates == len(c.session.duplicates)
         assert {i for _, i in c.session.duplicates} <= set(ids(c))
-    assert ps.take_closed() == closed
+    assert pending(ps) == closed
     ps.forget_flushed()
-    assert ps.take_closed() == [] and ps.slots == {}
+    assert pending(ps) == [] and ps.slots == {}
 
 
 def assert_gap_closed_sessions_are_a_gap_apart(closed, rules, *, cut_by_the_cap_ok=False):
@@ -495,7 +502,7 @@ def test_straggler_inside_grace_merges_sessions_it_bridges():
     assert send(ps, event(minute=27, event_id="c"), 2, minute=32) == "accepted"  # in time
     ps.on_tick(FAR_MS)
     # c is 27 min after a and 4 min before b: one session window holds all three
-    assert sorted(ids(c) for c in ps.take_closed()) == [["a", "b", "c"]]
+    assert sorted(ids(c) for c in pending(ps)) == [["a", "b", "c"]]
 
 
 @settings(max_examples=200, deadline=None)
@@ -510,16 +517,16 @@ def test_redelivering_every_message_changes_nothing(messages, rules):
 
 
 def play_flushing(ps: PartitionSessions, messages, flush_after: set[int]) -> tuple[list, list]:
-    """``play``, flushing (take_closed, then forget_flushed) after the messages in
+    """``play``, flushing (pending_groups, then forget_flushed) after the messages in
     ``flush_after`` and at the end; returns the outcomes and every session written."""
     outcomes, written = [], []
     for k, msg in enumerate(messages):
         outcomes += play(ps, [msg])
         if k in flush_after:
-            written += ps.take_closed()
+            written += pending(ps)
             ps.forget_flushed()
     ps.on_tick(FAR_MS)
-    written += ps.take_closed()
+    written += pending(ps)
     ps.forget_flushed()
     return outcomes, written
 
@@ -571,7 +578,7 @@ def test_a_group_held_by_the_event_cap_is_unfinished_until_the_watermark_passes_
     assert (ps.open_sessions, ps.unfinished) == (0, 1)
     ps.on_tick(FAR_MS)  # the watermark passes its last event: pending, to be written
     assert (ps.open_sessions, ps.unfinished) == (0, 0)
-    assert [ids(c) for c in ps.take_closed()] == [["a", "b"]]
+    assert [ids(c) for c in pending(ps)] == [["a", "b"]]
 
 
 def play_writing_behind(ps: PartitionSessions, messages, starts: set[int], lag: int,
@@ -625,12 +632,12 @@ def test_a_flush_forgets_only_the_groups_it_took():
     send(ps, event(minute=0, event_id="a", session_id="s1"), 0)
     send(ps, event(minute=100, event_id="b", session_id="s2"), 1)  # watermark 95: s1 closes
     taken = ps.pending_groups()
-    assert [ids(c) for c in ps.take_closed()] == [["a"]]
+    assert [ids(c) for c in pending(ps)] == [["a"]]
     # while that flush is written, s1 starts again and closes, and so does s2
     send(ps, event(minute=101, event_id="c", session_id="s1"), 2)
     send(ps, event(minute=200, event_id="d", session_id="s3"), 3)  # watermark 195
     ps.forget_flushed(written=taken)
-    assert [ids(c) for c in ps.take_closed()] == [["c"], ["b"]]  # s1's new group, then s2
+    assert [ids(c) for c in pending(ps)] == [["c"], ["b"]]  # s1's new group, then s2
 
 
 @settings(max_examples=200, deadline=None)
@@ -643,12 +650,12 @@ def test_restart_and_replay_gives_the_same_sessions(messages, rules, data):
     j = data.draw(st.integers(0, k), label="replay from")
     ps = fresh(rules)
     play(ps, messages[:k])
-    emitted = ps.take_closed()
+    emitted = pending(ps)
     slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
     back = PartitionSessions(ps.clock, rules, slots.items())
     play(back, messages[j:])
     back.on_tick(FAR_MS)
-    emitted += back.take_closed()
+    emitted += pending(back)
     assert canon(emitted) == canon(reference)
 
 
@@ -659,9 +666,9 @@ def test_a_session_over_the_limit_evicts_the_one_with_the_oldest_last_event():
     send(ps, event(minute=0, session_id="s1"), 0)
     send(ps, event(minute=5, session_id="s2"), 1)
     send(ps, event(minute=10, session_id="s1"), 2)  # s1 now ends last: s2 is the oldest
-    assert ps.take_closed() == [] and ps.take_evicted() == 0
+    assert pending(ps) == [] and ps.take_evicted() == 0
     send(ps, event(minute=12, session_id="s3"), 3)
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert (closed.session.session_id, closed.reason) == ("s2", "evicted")
     assert ps.open_sessions == 2
     assert sorted(sid for sid, slot in ps.slots.items() if slot.open) == ["s1", "s3"]
@@ -674,7 +681,7 @@ def test_eviction_spares_the_session_just_opened_even_when_it_is_the_oldest():
     send(ps, event(minute=10, session_id="s1"), 0)
     send(ps, event(minute=8, session_id="s2"), 1)
     send(ps, event(minute=6, session_id="s3"), 2)  # in time (watermark 5), and the oldest
-    [closed] = ps.take_closed()
+    [closed] = pending(ps)
     assert (closed.session.session_id, closed.reason) == ("s2", "evicted")
     assert ps.slots["s3"].open is not None
 
@@ -686,7 +693,7 @@ def test_eviction_ties_go_to_the_smaller_session_id_whatever_the_arrival_order()
         for offset, sid in enumerate(order):
             send(ps, event(minute=3, session_id=sid), offset)
         send(ps, event(minute=4, session_id="s3"), 2)
-        assert [c.session.session_id for c in ps.take_closed()] == ["s1"]
+        assert [c.session.session_id for c in pending(ps)] == ["s1"]
 
 
 def test_an_evicted_session_closes_each_group_alone_and_later_events_start_a_new_one():
@@ -695,12 +702,12 @@ def test_an_evicted_session_closes_each_group_alone_and_later_events_start_a_new
     send(ps, a, 0)
     send(ps, b, 1)  # watermark 26: a and b are open groups of one session
     send(ps, event(minute=32, session_id="s2"), 2)
-    closed = ps.take_closed()
+    closed = pending(ps)
     assert [(ids(c), c.reason) for c in closed] == [(["a"], "evicted"), (["b"], "evicted")]
     assert send(ps, event(minute=31, event_id="b"), 3) == "duplicate"  # still pending: known
     assert send(ps, event(minute=33, event_id="c"), 4) == "accepted"  # a new session of s1...
     assert ps.slots["s1"].open.start == at(33)
-    assert [c.session.session_id for c in ps.take_closed()[2:]] == ["s2"]  # ...evicting s2
+    assert [c.session.session_id for c in pending(ps)[2:]] == ["s2"]  # ...evicting s2
     assert ps.open_sessions == 1
 
 
@@ -712,7 +719,7 @@ def test_recovered_state_over_a_lowered_limit_shrinks_at_the_next_new_session():
     back = PartitionSessions(roomy.clock, RULES, slots.items(), max_open=1)
     assert back.open_sessions == 3  # nothing is closed on load: recovery emits nothing new
     send(back, event(minute=3, session_id="s9"), 3)
-    assert sorted(c.session.session_id for c in back.take_closed()) == ["s0", "s1", "s2"]
+    assert sorted(c.session.session_id for c in pending(back)) == ["s0", "s1", "s2"]
     assert back.open_sessions == 1 and back.take_evicted() == 3
 
 
@@ -743,7 +750,7 @@ def test_open_sessions_never_exceed_the_limit_and_no_accepted_event_is_lost(
         assert ps.open_sessions <= max_open
         assert ps.open_sessions == sum(1 for slot in ps.slots.values() if slot.open)
     ps.on_tick(FAR_MS)
-    closed = ps.take_closed()
+    closed = pending(ps)
     n_evicted = ps.take_evicted()
     assert (n_evicted > 0) == any(c.reason == "evicted" for c in closed)
     assert_every_accepted_event_lands_once(ps, messages, outcomes, closed, rules)
@@ -760,10 +767,10 @@ def test_restart_and_replay_gives_the_same_sessions_under_the_limit(messages, ru
     j = data.draw(st.integers(0, k), label="replay from")
     ps = fresh(rules, max_open)
     play(ps, messages[:k])
-    emitted = ps.take_closed()
+    emitted = pending(ps)
     slots = {sid: slot for sid, slot in ps.take_dirty().items() if slot is not None}
     back = PartitionSessions(ps.clock, rules, slots.items(), max_open=max_open)
     play(back, messages[j:])
     back.on_tick(FAR_MS)
-    emitted += back.take_closed()
+    emitted += pending(back)
     assert canon(emitted) == canon(reference)

@@ -57,7 +57,13 @@ from prefstream.sim.demo import end_offsets, wait_until_drained
 from prefstream.sim.traffic import LATE_BY, TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
 from prefstream.storage.tables import TABLES
-from prefstream.streams.worker.pipeline import MAX_REASON_CHARS, MemoryStore, Pipeline, replay
+from prefstream.streams.worker.pipeline import (
+    MAX_REASON_CHARS,
+    MemoryStore,
+    Pipeline,
+    flush_offline,
+    replay,
+)
 from prefstream.streams.worker.run import prepare
 
 END = T0  # the latest event time of the valid traffic
@@ -550,7 +556,7 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
                                timestamp_ms=ARRIVAL_MS) == []
         assert pipeline.state(0).open_sessions <= 3
     with caplog.at_level(logging.WARNING, logger="prefstream.streams.worker.pipeline"):
-        batch = pipeline.flush_rows()
+        batch = flush_offline(pipeline)
     warnings = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("7 open sessions closed early")
     assert batch.counts["evicted"] == 7
@@ -561,9 +567,8 @@ def test_a_flood_of_sessions_is_evicted_counted_and_logged_once_per_flush(tmp_pa
     # pairing ran on each evicted session: a copy of an answer never shown is refused
     assert [r["reason"] for r in rows(config.data_dir, "refusals")] == ["not_exposed"] * 7
     caplog.clear()
-    pipeline.forget_flushed()
     with caplog.at_level(logging.WARNING, logger="prefstream.streams.worker.pipeline"):
-        pipeline.flush_rows()  # nothing evicted since: no warning, the counter stays
+        flush_offline(pipeline)  # nothing evicted since: no warning, the counter stays
     assert not [r for r in caplog.records if "evicted" in r.getMessage()]
     assert pipeline.metrics.value("prefstream_sessions_evicted_total", partition="0") == 7
 
@@ -578,8 +583,8 @@ def test_dead_letters_are_summed_up_in_one_warning_per_flush(tmp_path, caplog):
             assert len(pipeline.handle(topic=config.events_topic, partition=0, offset=i,
                                        key=b"k", value=b"{not json", timestamp_ms=ARRIVAL_MS)) == 1
         assert not caplog.records
-        pipeline.flush_rows()
-        pipeline.flush_rows()  # nothing set aside since: no warning
+        flush_offline(pipeline)
+        flush_offline(pipeline)  # nothing set aside since: no warning
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
     assert warnings[0].startswith("3 messages set aside as dead letters since the last flush")

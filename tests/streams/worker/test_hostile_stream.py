@@ -21,7 +21,13 @@ from prefstream.schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
 from prefstream.storage.files import init_data_dir, read_table
 from prefstream.streams.core.sessionize import Clock, SessionSlot
-from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, SideMessage, replay
+from prefstream.streams.worker.pipeline import (
+    MemoryStore,
+    Pipeline,
+    SideMessage,
+    flush_offline,
+    replay,
+)
 from prefstream.streams.worker.ticks import sign_tick, tick_key
 
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
@@ -189,9 +195,9 @@ def test_a_session_of_huge_impressions_closes_early_and_its_state_stays_checkpoi
     for n in range(20):
         feed.send(*impression(n, "x" * MAX_TEXT_CHARS, ts=NOW - timedelta(minutes=50)))
         if n % 5 == 4:
-            pipeline.flush_and_forget()
+            flush_offline(pipeline)
     pipeline.tick_all(NOW_MS + 10**9)
-    pipeline.flush_and_forget()
+    flush_offline(pipeline)
     assert 0 < store.largest <= settings.max_session_bytes
     assert accounted(settings.data_dir) == 20
     reasons = {s["close_reason"] for s in read_table(data_dir=settings.data_dir,
@@ -230,9 +236,9 @@ def test_no_session_outgrows_its_bound_and_every_message_is_accounted_for(
         sent.append(msg)
         feed.send(*msg)
         if flush:
-            pipeline.flush_and_forget()
+            flush_offline(pipeline)
     pipeline.tick_all(NOW_MS + 10**9)
-    pipeline.flush_and_forget()
+    flush_offline(pipeline)
     assert store.largest <= settings.max_session_bytes
     assert accounted(data_dir) == len(plan)
     assert all(r.startswith("session_id: the state of session") or "was stored already" in r
@@ -308,7 +314,7 @@ def test_an_id_reused_after_its_session_was_stored_is_refused_within_the_horizon
     for m in original:
         feed.send(*m)
     first.tick_all(NOW_MS + 60_000)  # idle: watermark NOW - 4 min, past t + gap: stored
-    first.flush_and_forget()
+    flush_offline(first)
     assert first.partitions[0].slots == {}
     again = [message("copy", ts=NOW - timedelta(minutes=1), session_id="s", event_id=f"e{n}")
              for n in range(3)]
@@ -316,7 +322,7 @@ def test_an_id_reused_after_its_session_was_stored_is_refused_within_the_horizon
         assert len(feed.send(*m)) == 1
     assert len(feed.reasons()) == 2 and all("was stored already" in r for r in feed.reasons())
     assert first.metrics.value("prefstream_stored_duplicates_total", partition="0") == 2
-    first.flush_and_forget()
+    flush_offline(first)
     kept = [p for p in (tmp_path / "data").rglob("*") if "dedupe" in p.parts]
     assert kept and {p.stat().st_mode & 0o777 for p in kept} == {0o700, 0o600}
 

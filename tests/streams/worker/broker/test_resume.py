@@ -19,7 +19,7 @@ from factories import T0
 from prefstream.settings import Settings
 from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
-from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, replay
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, flush_offline, replay
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +67,9 @@ def resume_and_reference(settings: Settings, store: MemoryStore, records: list[R
         chunk = rest[start:start + 70]
         handle(second, settings, chunk)
         committed.update({p: o + 1 for p, o, *_ in chunk})
-        second.flush_and_forget(committed)
+        flush_offline(second, committed)
     second.tick_all(FINAL_TICK_MS)
-    second.flush_and_forget({})
+    flush_offline(second, {})
     reference = settings.model_copy(update={"data_dir": ref_dir})
     init_data_dir(reference.data_dir)
     replay(reference, records, final_tick_ms=FINAL_TICK_MS)
@@ -94,12 +94,13 @@ def test_a_restart_from_a_checkpoint_ahead_of_the_commit_stores_what_one_run_sto
         chunk = records[start:start + 300]
         handle(first, settings, chunk)
         committed.update({p: o + 1 for p, o, *_ in chunk})
-        first.flush_and_forget(committed)
+        flush_offline(first, committed)
     # ...then checkpoints one more chunk and is killed before committing it
     chunk = records[done:done + behind * PARTITIONS]
     handle(first, settings, chunk)
-    first.flush_rows()
-    first.checkpoint()
+    job, checkpoint = first.start_flush(), first.take_checkpoint()
+    first.write_flush(job)
+    first.save_checkpoint(checkpoint)
     rest = [r for r in records if r[1] >= committed.get(r[0], 0)]
     assert rest[:len(chunk)] == chunk  # the checkpointed, uncommitted chunk is read again
     got, want = resume_and_reference(settings, store, records, committed, tmp_path / "ref")
@@ -125,7 +126,7 @@ def test_a_checkpoint_is_saved_only_once_its_rows_are_durable(
     head, chunk = records[:1200], records[1200:1500]
     handle(first, settings, head)
     committed.update({p: o + 1 for p, o, *_ in head})
-    first.flush_and_forget(committed)
+    flush_offline(first, committed)
     handle(first, settings, chunk)
     job, checkpoint = first.start_flush(), first.take_checkpoint()
     handle(first, settings, records[1500:1600])  # the stream goes on while the job is written
