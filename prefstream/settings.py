@@ -319,6 +319,12 @@ class Settings(BaseSettings):
                 env[f"PREFSTREAM_{name.upper()}"] = str(value)
         return env
 
+    @property
+    def partition_hours(self) -> int:
+        """Hours per storage partition: the writer's setting (it stamps each row's partition,
+        ``storage.partitions.stamp``), set as ``PREFSTREAM_RULES__PARTITION_HOURS`` as before."""
+        return self.rules.partition_hours
+
     def session_rules(self) -> SessionRules:
         return SessionRules(
             gap=timedelta(seconds=self.gap_s),

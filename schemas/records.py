@@ -1,8 +1,10 @@
 """What the worker derives from events: sessions, pairs, ties, unpaired rows, refusals.
 
 Pair columns follow TRL's names (``prompt``, ``chosen``, ``rejected``) so stored pairs flow into
-any preference trainer without renaming. Every row carries its provenance and the storage
-``partition`` (the event-time hour of the session's last event, ``YYYY-MM-DDTHH``).
+any preference trainer without renaming. Every row carries its provenance and, once stored,
+its storage ``partition`` (``YYYY-MM-DDTHH``): the writer stamps it from the row's own time (a
+session's rows: the hour of its last event; dead letters and late events: their arrival), never
+the pure core that builds the rows (see ``storage.partitions.stamp``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ TieKind = Literal["both_accepted", "both_rejected"]
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+#: the ``partition`` of a row the core built and the writer has not stamped yet
+UNSTAMPED = ""
 
 
 class SessionEvent(_Record):
@@ -86,7 +92,7 @@ class Pair(_Record):
     event_time: datetime = Field(description="Time of the decisive signal.")
     session_start: datetime
     session_end: datetime
-    partition: str
+    partition: str = Field(UNSTAMPED, description="Storage partition: the writer stamps it.")
 
 
 class Tie(_Record):
@@ -102,7 +108,7 @@ class Tie(_Record):
     user_id: str
     request_id: str
     event_time: datetime
-    partition: str
+    partition: str = Field(UNSTAMPED, description="Storage partition: the writer stamps it.")
 
 
 class UnpairedRow(_Record):
@@ -121,7 +127,7 @@ class UnpairedRow(_Record):
     model_version: str
     position: int | None
     event_time: datetime
-    partition: str
+    partition: str = Field(UNSTAMPED, description="Storage partition: the writer stamps it.")
 
 
 class Refusal(_Record):
@@ -136,7 +142,7 @@ class Refusal(_Record):
     response_ids: str
     detail: str
     event_time: datetime
-    partition: str
+    partition: str = Field(UNSTAMPED, description="Storage partition: the writer stamps it.")
 
 
 class SessionSummary(_Record):
@@ -156,7 +162,7 @@ class SessionSummary(_Record):
     n_ties: int
     n_unpaired: int
     n_refusals: int
-    partition: str
+    partition: str = Field(UNSTAMPED, description="Storage partition: the writer stamps it.")
 
 
 class DeadLetter(_Record):

@@ -34,6 +34,7 @@ class RuleConfig(BaseModel):
     )
     examination_eta: float = Field(1.0, ge=0, description="P(examine slot k) = 1/(k+1)**eta.")
     max_propensity_weight: float = Field(10.0, ge=1, description="Clip of inverse propensity.")
+    # read by the writer, not the rules (``Settings.partition_hours``); set here as it always was
     partition_hours: int = Field(1, ge=1, le=24, description="Hours per storage partition.")
 
 

@@ -52,6 +52,7 @@ from prefstream.storage.atomic import (  # noqa: F401  (re-exported)
 from prefstream.storage.partitions import (
     CURRENT,
     SCHEMA_DIR,
+    UNSTAMPED,
     file_name,
     generation_dir,
 )
@@ -228,6 +229,9 @@ def write_rows(*, data_dir: Path, table: str, rows: Sequence[BaseModel],
     by_partition: dict[str, list[BaseModel]] = defaultdict(list)
     for row in rows:
         by_partition[row.partition].append(row)  # type: ignore[attr-defined]
+    if UNSTAMPED in by_partition:  # an empty name would put the rows in the table's folder
+        raise ValueError(f"{len(by_partition[UNSTAMPED])} {table} rows without a storage "
+                         "partition: the writer stamps them first (storage.partitions.stamp)")
     written = []
     for partition, part_rows in sorted(by_partition.items()):
         ids = [getattr(r, id_col) for r in part_rows]

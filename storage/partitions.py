@@ -1,16 +1,31 @@
-"""Partition naming: a pure function of event time; names inside a partition folder."""
+"""Partition naming: a pure function of event time, the writer's stamp of each row's partition;
+names inside a partition folder."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from datetime import datetime, timezone
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 # the event-time naming is the rows' own (their ``partition`` field): kept with the records
 from prefstream.schemas.records import (  # noqa: F401  (re-exported)
     PARTITION_FORMAT,
+    UNSTAMPED,
     partition_bounds,
     partition_for,
 )
+
+Row = TypeVar("Row", bound=BaseModel)
+
+
+def stamp(rows: Iterable[Row], partition: str) -> list[Row]:
+    """The rows with their storage ``partition`` set: the writer decides where rows are stored
+    (a session's rows: :func:`partition_for` its last event), the core that builds them does
+    not."""
+    return [row.model_copy(update={"partition": partition}) for row in rows]
 
 # --- inside a partition folder: generations -----------------------------------------------------
 #

@@ -65,7 +65,7 @@ def fresh_demo_dir(data_dir: Path) -> None:
 
 def traffic_end(now: datetime, settings: Settings) -> datetime:
     """Latest event time such that every demo partition can seal once input goes idle."""
-    hours = settings.rules.partition_hours
+    hours = settings.partition_hours
     settle = now - timedelta(seconds=settings.gap_s + settings.grace_s) - timedelta(hours=hours)
     floored = settle.replace(minute=0, second=0, microsecond=0)
     return floored - timedelta(hours=floored.hour % hours, seconds=1)

@@ -19,13 +19,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
-from prefstream.schemas.records import (
-    ClosedSession,
-    PairingResult,
-    SessionSummary,
-    partition_for,
-)
-from prefstream.schemas.rules import RuleConfig
+from prefstream.schemas.records import ClosedSession, PairingResult, SessionSummary
 
 PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions are out of reach for any user count
 REDACT_HEX_CHARS = 32
@@ -118,8 +112,8 @@ def scrub_event(event: BaseModel, text_storage: str) -> bytes:
     return json.dumps(message, ensure_ascii=False).encode()
 
 
-def session_summary(closed: ClosedSession, result: PairingResult,
-                    rules: RuleConfig) -> SessionSummary:
+def session_summary(closed: ClosedSession, result: PairingResult) -> SessionSummary:
+    """The ``sessions`` row of a closed session (its storage ``partition`` left to the writer)."""
     session = closed.session
     events = [item.event for item in session.events]
     return SessionSummary(
@@ -139,22 +133,22 @@ def session_summary(closed: ClosedSession, result: PairingResult,
         n_ties=len(result.ties),
         n_unpaired=len(result.unpaired),
         n_refusals=len(result.refusals),
-        partition=partition_for(session.last, hours=rules.partition_hours),
     )
 
 
-def session_rows(closed: ClosedSession, result: PairingResult, rules: RuleConfig, *,
+def session_rows(closed: ClosedSession, result: PairingResult, *,
                  text_storage: str = "full") -> dict[str, list[BaseModel]]:
     """Table name -> rows for one closed session, texts stored as ``text_storage`` says.
 
-    Pairing ran on the full texts, so ids and rules do not depend on the storage mode.
+    Pairing ran on the full texts, so ids and rules do not depend on the storage mode. The
+    rows' storage ``partition`` is the writer's to stamp (``storage.partitions.stamp``).
     """
     rows: dict[str, list[BaseModel]] = {
         "pairs": list(result.pairs),
         "ties": list(result.ties),
         "unpaired": list(result.unpaired),
         "refusals": list(result.refusals),
-        "sessions": [session_summary(closed, result, rules)],
+        "sessions": [session_summary(closed, result)],
     }
     return {table: [scrub_row(r, table, text_storage) for r in table_rows]
             for table, table_rows in rows.items()}

@@ -51,7 +51,6 @@ from prefstream.schemas.records import (
     Session,
     Tie,
     UnpairedRow,
-    partition_for,
 )
 from prefstream.schemas.rules import RuleConfig
 
@@ -126,7 +125,6 @@ class _Ctx:
 
     rules: RuleConfig
     session: Session
-    part: str  # every row's partition
     shown: dict[str, _Shown] = field(default_factory=dict)
     by_request: dict[str, list[_Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
@@ -140,8 +138,7 @@ class _Ctx:
 
     @property
     def common(self) -> dict[str, str]:
-        return {"session_id": self.session.session_id, "user_id": self.session.user_id,
-                "partition": self.part}
+        return {"session_id": self.session.session_id, "user_id": self.session.user_id}
 
     def refuse(self, reason: str, rule: str, req: str, ids: tuple[str, ...], detail: str,
                ts: datetime, comparison: bool = True) -> None:
@@ -178,8 +175,7 @@ class _Ctx:
 
 def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     """Replay events in time order; answers are known only from their first impression on."""
-    part = partition_for(closed.session.last, hours=rules.partition_hours)
-    ctx = _Ctx(rules, closed.session, part)
+    ctx = _Ctx(rules, closed.session)
     ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
     for idx, se in enumerate(ordered):
         ev = se.event

@@ -31,7 +31,7 @@ from prefstream.settings import Settings
 from prefstream.storage.compact import compact_after_flush
 from prefstream.storage.files import IdIndex, Watermark, seal_ready, write_rows, write_watermark
 from prefstream.storage.ids import StoredIds
-from prefstream.storage.partitions import partition_for
+from prefstream.storage.partitions import partition_for, stamp
 from prefstream.storage.starts import StartLog
 from prefstream.storage.tables import release_free_memory
 from prefstream.streams.core.outputs import pseudonym, scrub_event, scrub_raw, session_rows
@@ -284,7 +284,9 @@ class Pipeline:
         return SideMessage(self.settings.late_topic, event.session_id.encode(), raw)
 
     def _arrival_partition(self, received: datetime) -> str:
-        return partition_for(received, hours=self.settings.rules.partition_hours)
+        """Where a dead letter or late event is stored: the hour it arrived (so late rows never
+        touch a sealed partition)."""
+        return partition_for(received, hours=self.settings.partition_hours)
 
     # -- batches -------------------------------------------------------------------------
     def due(self) -> bool:
@@ -321,15 +323,18 @@ class Pipeline:
         return job
 
     def write_flush(self, job: FlushJob) -> Batch:
-        """Pair the job's closed sessions and write every row durably, then the watermarks;
-        seal and compact what is due. Only files are touched here (it runs in a worker thread),
-        never Kafka or the session state."""
+        """Pair the job's closed sessions, stamp their rows' storage partition (the hour of the
+        session's last event) and write every row durably, then the watermarks; seal and compact
+        what is due. Only files are touched here (it runs in a worker thread), never Kafka or
+        the session state."""
         batch = job.batch
+        hours = self.settings.partition_hours
         for closed in job.closed:
             result = session_to_pairs(closed, self.settings.rules)
-            for table, rows in session_rows(closed, result, self.settings.rules,
+            part = partition_for(closed.session.last, hours=hours)
+            for table, rows in session_rows(closed, result,
                                             text_storage=self.settings.text_storage).items():
-                batch.rows[table].extend(rows)
+                batch.rows[table] += stamp(rows, part)
         data_dir = self.settings.data_dir
         for table, rows in batch.rows.items():
             if rows:
@@ -340,7 +345,7 @@ class Pipeline:
         for mark in job.marks:
             write_watermark(data_dir=data_dir, mark=mark)
         sealed = seal_ready(data_dir=data_dir, n_kafka_partitions=self.settings.partitions,
-                            gap=self.rules.gap, hours=self.settings.rules.partition_hours)
+                            gap=self.rules.gap, hours=hours)
         compact_after_flush(data_dir=data_dir, sealed=sealed, written=batch.rows,
                             max_files=self.settings.compaction_max_files,
                             grace=timedelta(seconds=self.settings.compaction_grace_s))

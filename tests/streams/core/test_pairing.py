@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from prefstream.schemas import events as sch
-from prefstream.schemas.records import ClosedSession, PairingResult, Session, SessionEvent
-from prefstream.storage.partitions import partition_for
+from prefstream.schemas.records import (
+    UNSTAMPED,
+    ClosedSession,
+    PairingResult,
+    Session,
+    SessionEvent,
+)
 from prefstream.streams.core.pairing import (
     REFUSAL_REASONS,
     RULES,
@@ -329,9 +334,11 @@ def test_ids_are_deterministic_and_per_session():
     assert len(run(*events).pairs[0].pair_id) == 32
 
 
-def test_partition_follows_session_last():
+def test_the_core_leaves_the_storage_partition_to_the_writer():
+    """Which partition a row is stored in (the hour of the session's last event) is the
+    writer's stamp: tests/streams/worker/test_stamping.py."""
     res = run(imp("a", 0, 0), ev("edit", "a", 3600 * 2 + 5, edited_text="x"), partition_hours=2)
-    assert res.pairs[0].partition == "2024-05-01T14"
+    assert res.pairs and {r.partition for r in (*res.pairs, *res.refusals)} == {UNSTAMPED}
 
 
 def test_constants():
@@ -402,7 +409,7 @@ def test_properties(cs: ClosedSession):
     assert {r.reason for r in res.refusals} <= set(REFUSAL_REASONS)
     assert res.n_candidates >= len(res.pairs) + len(res.ties)
     rows = [*res.pairs, *res.ties, *res.unpaired, *res.refusals]
-    assert {r.partition for r in rows} <= {partition_for(s.last, hours=rules.partition_hours)}
+    assert {r.partition for r in rows} <= {UNSTAMPED}  # the writer stamps it
     assert {r.session_id for r in rows} <= {s.session_id}
     in_pairs = {rid for p in res.pairs for rid in (p.chosen_response_id, p.rejected_response_id)}
     assert not in_pairs & {u.response_id for u in res.unpaired}
