@@ -20,6 +20,7 @@ from typing import Any
 import duckdb
 
 from prefstream.datadir import DATA_DIR_ENV, check_data_dir, default_data_dir
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage.catalog import CATALOG_NAME, live_scan_sql
 from prefstream.storage.files import SCHEMA_DIR, Watermark, read_watermarks, sealed_partitions
 from prefstream.storage.partitions import partition_bounds
@@ -113,7 +114,7 @@ def _partition_names(data_dir: Path) -> set[str]:
 def _partitions(data_dir: Path, counts: dict[str, dict[str, int]], low: datetime | None,
                 now: datetime) -> dict[str, Any]:
     manifest = sealed_partitions(data_dir)
-    sealed = {r["partition"] for r in manifest}
+    sealed = {r.partition for r in manifest}
     hours = _partition_hours(manifest)
     unsealed = []
     for name in sorted(_partition_names(data_dir) - sealed):
@@ -127,18 +128,18 @@ def _partitions(data_dir: Path, counts: dict[str, dict[str, int]], low: datetime
     return {
         "total": len(sealed) + len(unsealed), "sealed": len(sealed), "unsealed": len(unsealed),
         "partition_hours": hours,
-        "oldest_sealed": manifest[0]["partition"] if manifest else None,
-        "newest_sealed": manifest[-1]["partition"] if manifest else None,
-        "last_sealed_at": max((r["sealed_at"] for r in manifest), default=None),
+        "oldest_sealed": manifest[0].partition if manifest else None,
+        "newest_sealed": manifest[-1].partition if manifest else None,
+        "last_sealed_at": max((r.sealed_at for r in manifest), default=None),
         "low_watermark": low, "unsealed_partitions": unsealed,
     }
 
 
-def _partition_hours(manifest: list[dict[str, Any]]) -> int:
+def _partition_hours(manifest: list[ManifestRow]) -> int:
     """Hours per partition, from a sealed partition's bounds (1, the default, before any seal)."""
     if not manifest:
         return 1
-    return int((manifest[-1]["end"] - manifest[-1]["start"]) / timedelta(hours=1))
+    return int((manifest[-1].end - manifest[-1].start) / timedelta(hours=1))
 
 
 def _kafka(marks: dict[int, Watermark], per: dict[str, dict[int, int]]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """Sealed partitions: the manifest (``manifest/<partition>[.v<N>].parquet``, one row per
-partition: files, row counts, content hash; each reseal adds a version), sealing once every Kafka
-partition's watermark passed a partition, and the content hash of its rows."""
+partition: files, row counts, content hash; each reseal adds a version; the row's model is
+``schemas.manifest.ManifestRow``), sealing once every Kafka partition's watermark passed a
+partition, and the content hash of its rows."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage.atomic import live_files, partition_lock, remove_stale_temps, write_atomic
 from prefstream.storage.partitions import (
     SCHEMA_DIR,
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 #: rows per record batch when hashing a partition at its seal
 HASH_READ_ROWS = 4096
 
+#: the on-disk form of a :class:`ManifestRow` (its fields, in order; unchanged since the first
+#: sealed data dirs, which must keep reading)
 MANIFEST_SCHEMA = pa.schema(
     [
         ("partition", pa.string()),
@@ -109,38 +114,49 @@ def reseal(*, data_dir: Path, partition: str, keep_sealed_at: bool = False) -> N
     A new file, never a rewrite: a reader may be reading the previous version."""
     with partition_lock(data_dir / "manifest"):
         versions = manifest_versions(data_dir)[partition]
-        old = pq.read_table(versions[-1], schema=MANIFEST_SCHEMA).to_pylist()[0]
-        _seal(data_dir, partition, old["watermark"], (old["start"], old["end"]),
-              sealed_at=old["sealed_at"] if keep_sealed_at else None,
+        old = read_manifest_row(versions[-1])
+        _seal(data_dir, partition, old.watermark, (old.start, old.end),
+              sealed_at=old.sealed_at if keep_sealed_at else None,
               version=manifest_version(versions[-1].name) + 1,
               known=old if keep_sealed_at else None)
 
 def _seal(data_dir: Path, partition: str, watermark: datetime,
           bounds: tuple[datetime, datetime], sealed_at: datetime | None = None,
-          version: int = 0, known: Mapping[str, Any] | None = None) -> None:
+          version: int = 0, known: ManifestRow | None = None) -> None:
     """Write a manifest version. ``known``: a previous version whose hash and counts still hold
     when the files hold as many rows (a compaction moves rows, never adds or drops them; rows
     that landed meanwhile without a reseal, a writer killed in between, change the counts)."""
     listed = {t: readable(live_files(data_dir / t / partition)) for t in SEALED_TABLES}
     if known is not None and all(
-            known[f"n_{t}"] == sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
+            known.n_rows(t) == sum(pq.ParquetFile(f).metadata.num_rows for f in paths)
             for t, paths in listed.items()):
-        sha256, counts = known["sha256"], {t: known[f"n_{t}"] for t in listed}
+        sha256, counts = known.sha256, {t: known.n_rows(t) for t in listed}
     else:
         sha256, counts = _content_hash({t: _file_batches(t, paths)
                                         for t, paths in listed.items()})
     files = sorted(str(f.relative_to(data_dir)) for paths in listed.values() for f in paths)
     start, end = bounds
-    row = {
-        "partition": partition, "start": start, "end": end,
-        "sealed_at": sealed_at or datetime.now(timezone.utc), "watermark": watermark,
-        "files": files, **{f"n_{t}": n for t, n in counts.items()}, "sha256": sha256,
-    }
+    row = ManifestRow(
+        partition=partition, start=start, end=end,
+        sealed_at=sealed_at or datetime.now(timezone.utc), watermark=watermark,
+        files=tuple(files), **{f"n_{t}": n for t, n in counts.items()}, sha256=sha256,
+    )
     name = f"{partition}.parquet" if version == 0 else f"{partition}.v{version:06d}.parquet"
-    write_atomic(pa.Table.from_pylist([row], schema=MANIFEST_SCHEMA), data_dir / "manifest",
-                 lambda: name, exclusive=True)
-    log.info("sealed partition %s (%d pairs, %d files, version %d)", partition, row["n_pairs"],
+    write_atomic(manifest_table(row), data_dir / "manifest", lambda: name, exclusive=True)
+    log.info("sealed partition %s (%d pairs, %d files, version %d)", partition, row.n_pairs,
              len(files), version)
+
+
+def manifest_table(row: ManifestRow) -> pa.Table:
+    """A manifest row as the one-row table a manifest file holds."""
+    return pa.Table.from_pylist([row.model_dump()], schema=MANIFEST_SCHEMA)
+
+
+def read_manifest_row(path: Path) -> ManifestRow:
+    """The row of one manifest file; ``pa.ArrowException``, ``IndexError`` (no row) or
+    pydantic's ``ValidationError`` (a row that is not a manifest row) when it is damaged."""
+    return ManifestRow.model_validate(
+        pq.read_table(path, schema=MANIFEST_SCHEMA).to_pylist()[0])
 
 def content_sha256(tables: Mapping[str, pa.Table]) -> str:
     """Hash of the rows, not of the files holding them (so a compaction keeps it): per table, in
@@ -194,7 +210,7 @@ def _json_value(value: Any) -> str:
 
 _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, default=_json_value)
 
-def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
+def sealed_partitions(data_dir: Path) -> list[ManifestRow]:
     """Manifest rows of sealed partitions (each its newest version), oldest partition first: the
     trainer's only view of the data."""
     versions = manifest_versions(data_dir)
@@ -205,12 +221,11 @@ def sealed_partitions(data_dir: Path) -> list[dict[str, Any]]:
             rows.append(row)
     return rows
 
-def _newest_readable(versions: Sequence[Path]) -> dict[str, Any] | None:
+def _newest_readable(versions: Sequence[Path]) -> ManifestRow | None:
     """The newest manifest version that reads (a damaged one is named in a warning)."""
     for path in reversed(versions):
         try:
-            row: dict[str, Any] = pq.read_table(path, schema=MANIFEST_SCHEMA).to_pylist()[0]
-            return row
-        except (pa.ArrowException, IndexError) as exc:
+            return read_manifest_row(path)
+        except (pa.ArrowException, IndexError, ValidationError) as exc:
             log.warning("skipping damaged manifest file %s: %s", path, exc)
     return None

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage.files import content_sha256, read_table
 from prefstream.storage.tables import SEALED_TABLES
 
@@ -32,10 +32,10 @@ class SealedContent:
         return self.sha256 == self.expected
 
 
-def read_sealed(data_dir: Path, row: dict[str, Any]) -> SealedContent:
+def read_sealed(data_dir: Path, row: ManifestRow) -> SealedContent:
     """Every sealed table of the manifest row's partition (damaged files skipped with a
     warning), with the hash of those rows and the manifest's."""
-    partition = row["partition"]
+    partition = row.partition
     tables = {t: read_table(data_dir=data_dir, table=t, partitions=[partition])
               for t in SEALED_TABLES}
-    return SealedContent(partition, tables, content_sha256(tables), row["sha256"])
+    return SealedContent(partition, tables, content_sha256(tables), row.sha256)

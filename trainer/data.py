@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from prefstream.schemas.manifest import ManifestRow
+
 PairDict = dict[str, Any]
 Report = dict[str, Any]
 Gated = tuple[list[PairDict], Report]
@@ -24,16 +26,16 @@ SHINGLE = 5  # characters per shingle in near-duplicate detection
 class Split:
     """Manifest rows per role; training partitions all end at or before ``cutoff``."""
 
-    train: list[dict[str, Any]]
-    gap: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
+    train: list[ManifestRow]
+    gap: list[ManifestRow]
+    eval: list[ManifestRow]
     cutoff: datetime
 
     def names(self, role: str) -> list[str]:
-        return [row["partition"] for row in getattr(self, role)]
+        return [row.partition for row in getattr(self, role)]
 
 
-def temporal_split(manifest: Sequence[dict[str, Any]], *, eval_window: int, gap: int
+def temporal_split(manifest: Sequence[ManifestRow], *, eval_window: int, gap: int
                    ) -> Split | None:
     """Newest ``eval_window`` sealed partitions evaluate, ``gap`` before them are skipped, the
     rest train. None when fewer than ``eval_window + gap + 1`` partitions are sealed.
@@ -41,12 +43,12 @@ def temporal_split(manifest: Sequence[dict[str, Any]], *, eval_window: int, gap:
     The cutoff is the start of the first held-back partition; a training partition must end at or
     before it, which also holds for multi-hour partitions.
     """
-    rows = sorted(manifest, key=lambda r: r["partition"])
+    rows = sorted(manifest, key=lambda r: r.partition)
     held = eval_window + gap
     if len(rows) <= held:
         return None
-    cutoff = rows[-held]["start"]
-    train = [r for r in rows[:-held] if r["end"] <= cutoff]
+    cutoff = rows[-held].start
+    train = [r for r in rows[:-held] if r.end <= cutoff]
     return Split(train=train, gap=rows[-held:len(rows) - eval_window], eval=rows[-eval_window:],
                  cutoff=cutoff)
 

@@ -25,7 +25,7 @@ from prefstream.trainer.loss import pair_margin
 def sealed_names(data_dir: Path, partitions: Sequence[str] | None = None) -> list[str]:
     """The requested partitions (default: every sealed one); ``TrainerError`` if one is not
     sealed."""
-    sealed = [row["partition"] for row in sealed_partitions(data_dir)]
+    sealed = [row.partition for row in sealed_partitions(data_dir)]
     if partitions is None:
         return sealed
     unsealed = sorted(set(partitions) - set(sealed))

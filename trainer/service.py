@@ -26,6 +26,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from prefstream.errors import PrefstreamError
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage.files import live_files, sealed_partitions
 from prefstream.storage.verify import read_sealed
 from prefstream.streams.metrics import Metrics
@@ -127,16 +128,16 @@ def run_once(data_dir: Path, config: TrainConfig, *,
         return _cycle(data_dir, config, manifest, control, started)
 
 
-def has_new_partitions(manifest: Sequence[dict[str, Any]], last: dict[str, Any] | None) -> bool:
+def has_new_partitions(manifest: Sequence[ManifestRow], last: dict[str, Any] | None) -> bool:
     if not manifest:
         return False
     if last is None:
         return True
-    return (manifest[-1]["partition"] > last["seen_through"]
+    return (manifest[-1].partition > last["seen_through"]
             or len(manifest) > last["n_sealed"])
 
 
-def _cycle(data_dir: Path, config: TrainConfig, manifest: list[dict[str, Any]],
+def _cycle(data_dir: Path, config: TrainConfig, manifest: list[ManifestRow],
            control: Control, started: float) -> CycleResult:
     split = temporal_split(manifest, eval_window=config.eval_window_partitions,
                            gap=config.gap_partitions)
@@ -173,7 +174,7 @@ def _since(started: float) -> float:
     return round(time.perf_counter() - started, 3)
 
 
-def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]],
+def read_pairs(data_dir: Path, rows: Sequence[ManifestRow],
                refused: list[Report] | None = None) -> list[PairDict]:
     """Pairs of the given manifest rows (sealed partitions), oldest first. A partition whose
     rows no longer hash to its manifest's sha256 is left out, logged and added to ``refused``
@@ -181,20 +182,20 @@ def read_pairs(data_dir: Path, rows: Sequence[dict[str, Any]],
     pairs: list[PairDict] = []
     for row in rows:
         content = read_sealed(data_dir, row)
-        refusal = integrity_refusal(row["partition"], row["sha256"], content.sha256)
+        refusal = integrity_refusal(row.partition, row.sha256, content.sha256)
         if refusal is None:
             pairs += content.tables["pairs"].to_pylist()
             continue
-        log.warning("refusing sealed partition %s: %s", row["partition"], refusal["reason"])
+        log.warning("refusing sealed partition %s: %s", row.partition, refusal["reason"])
         if refused is not None:
             refused.append(refusal)
     for row in rows:
-        listed = {f for f in row["files"] if f.startswith("pairs/")}
+        listed = {f for f in row.files if f.startswith("pairs/")}
         present = {str(f.relative_to(data_dir))
-                   for f in live_files(data_dir / "pairs" / row["partition"])}
+                   for f in live_files(data_dir / "pairs" / row.partition)}
         if present != listed:
             log.warning("sealed partition %s: pairs files differ from its manifest row (%d "
-                        "listed, %d present)", row["partition"], len(listed), len(present))
+                        "listed, %d present)", row.partition, len(listed), len(present))
     return sorted(pairs, key=lambda p: (p["partition"], p["event_time"], p["pair_id"]))
 
 
@@ -251,9 +252,9 @@ def _length_counts(counts: dict[str, list[Report]], max_length: int) -> dict[str
     return out
 
 
-def _partition_info(**roles: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def _partition_info(**roles: list[ManifestRow]) -> dict[str, list[dict[str, Any]]]:
     """Name, content hash and pair count of each partition, per role."""
-    return {role: [{"partition": r["partition"], "sha256": r["sha256"], "n_pairs": r["n_pairs"]}
+    return {role: [{"partition": r.partition, "sha256": r.sha256, "n_pairs": r.n_pairs}
                    for r in rows] for role, rows in roles.items()}
 
 
@@ -296,13 +297,13 @@ def _no_regression(data_dir: Path, config: TrainConfig, eval_pairs: list[PairDic
 
 
 def _save(data_dir: Path, config: TrainConfig, s: Setup, result: CycleResult,
-          manifest: list[dict[str, Any]], data: Prepared, control: Control) -> None:
+          manifest: list[ManifestRow], data: Prepared, control: Control) -> None:
     result.version = next_version(data_dir)
     metadata = {
         **result.summary(), "created_at": datetime.now(timezone.utc),
         "config": config.model_dump(mode="json"), "backbone": str(s.backbone),
         "n_train": len(data.train), "n_eval": len(data.eval),
-        "seen_through": manifest[-1]["partition"], "n_sealed": len(manifest),
+        "seen_through": manifest[-1].partition, "n_sealed": len(manifest),
     }
     save_version(data_dir, result.version, model=s.model, tokenizer=s.tokenizer,
                  metadata=metadata, promote=result.promoted, pause=control.pause)
@@ -321,7 +322,7 @@ def serve(data_dir: Path, config: TrainConfig, *, pause_at: Collection[str] = ()
             while not stop.is_set():
                 manifest = sealed_partitions(data_dir)
                 stats.set("prefstream_trainer_sealed_partitions", len(manifest))
-                state = (manifest[-1]["partition"], len(manifest)) if manifest else None
+                state = (manifest[-1].partition, len(manifest)) if manifest else None
                 if state != seen and not _poll(data_dir, config, stop, stats, pause_at):
                     break
                 seen = state

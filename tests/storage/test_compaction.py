@@ -32,6 +32,7 @@ from helpers.storage import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.schemas.records import DeadLetter, Pair
 from prefstream.settings import Settings
 from prefstream.storage import compact, files
@@ -363,8 +364,8 @@ def seal_all(data_dir: Path) -> list[str]:
     return seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP)
 
 
-def manifest_row(data_dir: Path, partition: str) -> dict:
-    return next(r for r in sealed_partitions(data_dir) if r["partition"] == partition)
+def manifest_row(data_dir: Path, partition: str) -> ManifestRow:
+    return next(r for r in sealed_partitions(data_dir) if r.partition == partition)
 
 
 def test_a_compaction_after_rows_landed_without_a_reseal_hashes_them(data_dir):
@@ -375,12 +376,12 @@ def test_a_compaction_after_rows_landed_without_a_reseal_hashes_them(data_dir):
     assert seal_all(data_dir) == [H12]
     old = manifest_row(data_dir, H12)
     files._write_part(data_dir / "pairs" / H12, to_arrow(Pair, [pair("p9")]))  # no reseal
-    assert manifest_row(data_dir, H12)["sha256"] == old["sha256"]
+    assert manifest_row(data_dir, H12).sha256 == old.sha256
     compact_after_flush(data_dir=data_dir, sealed=[], written={"pairs": [pair("p9")]},
                         max_files=1, grace=GRACE)
     row = manifest_row(data_dir, H12)
-    assert row["n_pairs"] == 4 and row["sha256"] != old["sha256"]
-    assert row["sha256"] == content_sha256(
+    assert row.n_pairs == 4 and row.sha256 != old.sha256
+    assert row.sha256 == content_sha256(
         {t: read_table(data_dir=data_dir, table=t, partitions=[H12]) for t in SEALED_TABLES})
 
 
@@ -392,36 +393,36 @@ def test_compacting_a_sealed_partition_keeps_its_hash_and_lists_the_new_files(da
     sealed = seal_all(data_dir)
     assert sealed == [H12, H13]
     old = manifest_row(data_dir, H12)
-    assert len(old["files"]) == 6
+    assert len(old.files) == 6
 
     made = compact_after_flush(data_dir=data_dir, sealed=sealed, written={}, max_files=32,
                                grace=GRACE)
     assert sorted(p.parent.parent.name for p in made) == [H12, H12]  # pairs and sessions
     assert marked(data_dir, TODO) == []
     row = manifest_row(data_dir, H12)
-    assert row["files"] == sorted(str(p.relative_to(data_dir)) for p in made)
-    assert row["sha256"] == old["sha256"]
-    assert (row["n_pairs"], row["n_sessions"], row["sealed_at"]) == (
-        old["n_pairs"], old["n_sessions"], old["sealed_at"])
+    assert list(row.files) == sorted(str(p.relative_to(data_dir)) for p in made)
+    assert row.sha256 == old.sha256
+    assert (row.n_pairs, row.n_sessions, row.sealed_at) == (
+        old.n_pairs, old.n_sessions, old.sealed_at)
     assert [manifest_version(p.name) for p in manifest_versions(data_dir)[H12]] == [0, 1]
-    assert len(manifest_row(data_dir, H13)["files"]) == 1  # one file: nothing to merge
+    assert len(manifest_row(data_dir, H13).files) == 1  # one file: nothing to merge
     assert view(data_dir, "SELECT partition, sealed, sha256, n_pairs FROM partitions") == [
-        (H12, True, old["sha256"], 3), (H13, True, manifest_row(data_dir, H13)["sha256"], 1)]
+        (H12, True, old.sha256, 3), (H13, True, manifest_row(data_dir, H13).sha256, 1)]
 
     # a late row for the sealed, compacted partition still lands, and is resealed
     [late] = write_rows(data_dir=data_dir, table="pairs", rows=[pair("p9"), pair("p0")])
     assert late.parent.name == "g000001"
     resealed = manifest_row(data_dir, H12)
-    assert resealed["n_pairs"] == 4 and resealed["sha256"] != old["sha256"]
-    assert str(late.relative_to(data_dir)) in resealed["files"]
+    assert resealed.n_pairs == 4 and resealed.sha256 != old.sha256
+    assert str(late.relative_to(data_dir)) in resealed.files
     assert view(data_dir, f"SELECT sha256, n_pairs FROM partitions WHERE partition = '{H12}'"
-                ) == [(resealed["sha256"], 4)]
+                ) == [(resealed.sha256, 4)]
     [again] = compact_after_flush(data_dir=data_dir, sealed=[], written={"pairs": [pair("p9")]},
                                   max_files=1, grace=GRACE)
     assert again.parent.name == "g000002"
     final = manifest_row(data_dir, H12)
-    assert final["sha256"] == resealed["sha256"] and final["n_pairs"] == 4
-    assert [f for f in final["files"] if f.startswith("pairs/")] == [
+    assert final.sha256 == resealed.sha256 and final.n_pairs == 4
+    assert [f for f in final.files if f.startswith("pairs/")] == [
         str(again.relative_to(data_dir))]
     assert sorted(r["pair_id"] for r in read_table(data_dir=data_dir, table="pairs",
                                                    partitions=[H12]).to_pylist()) == [
@@ -440,7 +441,7 @@ def test_a_manifest_version_is_never_rewritten(data_dir):
     assert first.stat().st_ino == inode
     rows = [pq.read_table(p).to_pylist()[0] for p in versions]
     assert rows[2]["sealed_at"] == rows[1]["sealed_at"] > rows[0]["sealed_at"]
-    assert sealed_partitions(data_dir) == [rows[2]]
+    assert sealed_partitions(data_dir) == [ManifestRow.model_validate(rows[2])]
     assert seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP) == []  # sealed once
     # old versions go after the grace, version 0 stays: it marks the partition sealed
     assert remove_superseded_manifests(data_dir=data_dir, grace=GRACE) == []
@@ -604,12 +605,12 @@ def test_the_pipeline_compacts_after_sealing_and_matches_a_single_flush(tmp_path
 
     many, one = sealed_partitions(compacted.data_dir), sealed_partitions(reference.data_dir)
     assert len(many) >= 4
-    assert [(r["partition"], r["sha256"], r["n_pairs"]) for r in many] == [
-        (r["partition"], r["sha256"], r["n_pairs"]) for r in one]
+    assert [(r.partition, r.sha256, r.n_pairs) for r in many] == [
+        (r.partition, r.sha256, r.n_pairs) for r in one]
     for row in many:  # sealed: one live file per table, and the manifest lists exactly those
         live = [f for t in SEALED_TABLES for f in live_files(compacted.data_dir / t /
-                                                             row["partition"])]
-        assert row["files"] == sorted(str(f.relative_to(compacted.data_dir)) for f in live)
+                                                             row.partition)]
+        assert list(row.files) == sorted(str(f.relative_to(compacted.data_dir)) for f in live)
         assert len(live) == len({f.parents[1] for f in live})
     assert any(f.name.startswith("compact-")
                for f in compacted.data_dir.glob("*/*/current/*.parquet"))

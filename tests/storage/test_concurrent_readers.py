@@ -131,11 +131,11 @@ while not last:
         started = time.time()
         manifest = sealed_partitions(data_dir)
         pairs = read_table(data_dir=data_dir, table="pairs",
-                           partitions=[r["partition"] for r in manifest]).to_pylist()
+                           partitions=[r.partition for r in manifest]).to_pylist()
         per = {}
         for p in pairs:
             per[p["partition"]] = per.get(p["partition"], 0) + 1
-        short = [r["partition"] for r in manifest if per.get(r["partition"], 0) < r["n_pairs"]]
+        short = [r.partition for r in manifest if per.get(r.partition, 0) < r.n_pairs]
         split = temporal_split(manifest, eval_window=1, gap=0)
         train = within_split(pairs, split.names("train"), split.cutoff)[0] if split else []
         ids = [p["pair_id"] for p in pairs]
@@ -258,8 +258,8 @@ def test_readers_never_fail_nor_see_a_row_twice_while_the_worker_writes_and_comp
         else:
             assert {t: n for t, (n, _) in last["rows"].items()} == {
                 t: len(read_table(data_dir=data_dir, table=t)) for t in TABLES}
-    assert [(r["partition"], r["sha256"]) for r in sealed_partitions(data_dir)] == [
-        (r["partition"], r["sha256"]) for r in sealed_partitions(reference.data_dir)]
+    assert [(r.partition, r.sha256) for r in sealed_partitions(data_dir)] == [
+        (r.partition, r.sha256) for r in sealed_partitions(reference.data_dir)]
     for folder in data_dir.glob("*/*"):  # one generation per partition; sealed: one file
         if folder.parent.name in TABLES and folder.name != "_schema":
             [generation] = [p for p in folder.iterdir() if p.name != CURRENT]

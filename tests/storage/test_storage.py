@@ -25,6 +25,7 @@ from helpers.storage import query
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage import files
 from prefstream.storage.catalog import CATALOG_NAME, connect_readonly, ensure_catalog
 from prefstream.storage.files import (
@@ -292,7 +293,7 @@ def test_partial_and_temporary_files_are_ignored(data_dir):
     write_watermark(data_dir=data_dir, mark=Watermark(0, at(120), 0, 0))
     assert seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP) == [H12]
     [manifest] = sealed_partitions(data_dir)
-    assert manifest["files"] == [str(good.relative_to(data_dir))]
+    assert list(manifest.files) == [str(good.relative_to(data_dir))]
 
 
 def test_a_torn_file_named_parquet_would_break_the_views(data_dir):
@@ -353,13 +354,13 @@ def test_sealing_waits_for_every_kafka_partition_then_writes_the_manifest(data_d
     files = sorted(str(p.relative_to(data_dir))
                    for t in SEALED_TABLES for p in live_files(data_dir / t / H12))
     assert len(files) == 2  # one pairs and one sessions file: the redelivery wrote none
-    assert row["files"] == files
-    assert (row["partition"], row["start"], row["end"]) == (H12, at(0), at(60))
-    assert row["watermark"] == at(90)
-    assert (row["n_pairs"], row["n_sessions"], row["n_ties"], row["n_unpaired"],
-            row["n_refusals"]) == (2, 1, 0, 0, 0)
-    assert row["sha256"] == _sha256(data_dir, H12)
-    assert row["sealed_at"] <= datetime.now(timezone.utc)
+    assert list(row.files) == files
+    assert (row.partition, row.start, row.end) == (H12, at(0), at(60))
+    assert row.watermark == at(90)
+    assert (row.n_pairs, row.n_sessions, row.n_ties, row.n_unpaired,
+            row.n_refusals) == (2, 1, 0, 0, 0)
+    assert row.sha256 == _sha256(data_dir, H12)
+    assert row.sealed_at <= datetime.now(timezone.utc)
 
     assert query(data_dir, "SELECT partition, sealed, n_pairs, n_sessions, sha256 IS NOT NULL "
                            "FROM partitions") == [
@@ -386,14 +387,14 @@ def test_sealed_partition_skips_known_ids_but_keeps_new_ones(data_dir):
     # the manifest is refreshed to match the files: new file list, counts and hash
     [row] = sealed_partitions(data_dir)
     rel = sorted(str(p.relative_to(data_dir)) for p in before + [path])
-    assert row["files"] == rel
-    assert (row["n_pairs"], row["n_sessions"]) == (3, 1)
-    assert row["sha256"] == _sha256(data_dir, H12) != old["sha256"]
-    assert (row["start"], row["end"], row["watermark"]) == (old["start"], old["end"],
-                                                            old["watermark"])
+    assert list(row.files) == rel
+    assert (row.n_pairs, row.n_sessions) == (3, 1)
+    assert row.sha256 == _sha256(data_dir, H12) != old.sha256
+    assert (row.start, row.end, row.watermark) == (old.start, old.end,
+                                                            old.watermark)
 
 
-def _seal_all(data_dir: Path) -> list[dict]:
+def _seal_all(data_dir: Path) -> list[ManifestRow]:
     write_watermark(data_dir=data_dir, mark=Watermark(0, at(600), 1, 0))
     seal_ready(data_dir=data_dir, n_kafka_partitions=1, gap=GAP)
     return sealed_partitions(data_dir)
@@ -411,8 +412,8 @@ def test_the_manifest_hash_is_of_the_rows_not_of_the_files_holding_them(tmp_path
                rows=[*rows[:5], pair("p5", minute=5, rule="thumbs")])
     write_rows(data_dir=dirs["elsewhere"], table="pairs", rows=rows[:5])
     write_rows(data_dir=dirs["elsewhere"], table="sessions", rows=[session_row("p5", minute=5)])
-    hashes = {name: _seal_all(path)[0]["sha256"] for name, path in dirs.items()}
-    assert len(_seal_all(dirs["three"])[0]["files"]) == 3
+    hashes = {name: _seal_all(path)[0].sha256 for name, path in dirs.items()}
+    assert len(_seal_all(dirs["three"])[0].files) == 3
     assert hashes["one"] == hashes["three"]
     assert len({hashes["one"], hashes["edited"], hashes["elsewhere"]}) == 3
 

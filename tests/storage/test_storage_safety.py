@@ -330,6 +330,6 @@ def test_a_damaged_manifest_version_is_skipped_then_quarantined(data_dir, caplog
     newest.write_bytes(newest.read_bytes()[:30])
     with caplog.at_level(logging.WARNING):
         [row] = sealed_partitions(data_dir)  # the previous version answers
-    assert row["n_pairs"] == 1 and str(newest) in caplog.text
+    assert row.n_pairs == 1 and str(newest) in caplog.text
     assert [p.name for p in repair_data_dir(data_dir)] == [newest.name]
     assert [p.name for p in manifest_versions(data_dir)[H12]] == [f"{H12}.parquet"]

@@ -9,6 +9,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prefstream.schemas.manifest import ManifestRow
 from prefstream.streams.core.pairing import normalize_prompt
 from prefstream.trainer.data import (
     cap_per_user,
@@ -28,10 +29,12 @@ from prefstream.trainer.data import (
 BASE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 
 
-def manifest_row(hour: int, hours: int = 1) -> dict[str, Any]:
+def manifest_row(hour: int, hours: int = 1) -> ManifestRow:
     start = BASE + timedelta(hours=hour)
-    return {"partition": start.strftime("%Y-%m-%dT%H"), "start": start,
-            "end": start + timedelta(hours=hours), "sha256": f"h{hour}", "n_pairs": 1}
+    end = start + timedelta(hours=hours)
+    return ManifestRow(partition=start.strftime("%Y-%m-%dT%H"), start=start, end=end,
+                       sealed_at=end, watermark=end, files=(), n_pairs=1, n_ties=0,
+                       n_unpaired=0, n_refusals=0, n_sessions=1, sha256=f"h{hour}")
 
 
 def pair(prompt: str = "p", chosen: str = "good", rejected: str = "bad", *, user: str = "u",
@@ -85,8 +88,8 @@ def test_no_training_row_is_newer_than_the_cutoff_or_shares_an_eval_prompt_group
     if split is None:
         assert len(manifest) <= eval_window + gap
         return
-    assert split.train and all(r["end"] <= split.cutoff for r in split.train)
-    assert all(r["start"] >= split.cutoff for r in split.gap + split.eval)
+    assert split.train and all(r.end <= split.cutoff for r in split.train)
+    assert all(r.start >= split.cutoff for r in split.gap + split.eval)
     assert split.eval == manifest[-eval_window:]
     pairs = [pair(prompt, hour=ordered[i % len(ordered)], minute=m) for i, m, prompt in rows]
     train, _ = within_split(pairs, split.names("train"), split.cutoff)

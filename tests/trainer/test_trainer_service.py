@@ -73,14 +73,14 @@ def test_metadata_records_split_hashes_counts_config_metrics_and_gates(
         trained: tuple[Path, CycleResult]) -> None:
     data_dir, _ = trained
     meta = read_metadata(data_dir, "v0001")
-    manifest = {r["partition"]: r for r in sealed_partitions(data_dir)}
+    manifest = {r.partition: r for r in sealed_partitions(data_dir)}
     assert [p["partition"] for p in meta["partitions"]["train"]] == [
         "2024-05-01T00", "2024-05-01T01", "2024-05-01T02"]
     assert [p["partition"] for p in meta["partitions"]["gap"]] == ["2024-05-01T03"]
     assert [p["partition"] for p in meta["partitions"]["eval"]] == ["2024-05-01T04"]
     for role in ("train", "gap", "eval"):
         for part in meta["partitions"][role]:
-            assert part["sha256"] == manifest[part["partition"]]["sha256"]
+            assert part["sha256"] == manifest[part["partition"]].sha256
     assert meta["cutoff"] == "2024-05-01T03:00:00+00:00"
     assert [g["gate"] for g in meta["counts"]["train"]] == [
         "split", "eval_prompt_group", "min_confidence", "per_user_cap", "aggregate",
