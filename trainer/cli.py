@@ -1,8 +1,9 @@
 """Subcommands ``trainer``, ``score``, ``rerank`` and ``export`` for the ``prefstream`` script.
 
 Every ``TrainConfig`` field is a ``trainer`` flag (``max_length`` -> ``--max-length``) that
-overrides ``PREFSTREAM_TRAIN_<FIELD>``. Torch and transformers load only when a command runs;
-importing this module registers the ``models`` catalog view for whatever process loads it.
+overrides ``PREFSTREAM_TRAIN_<FIELD>``. Torch and transformers load only when a command runs.
+``prefstream/cli.py`` registers these subcommands explicitly (its ``COMMANDS``); the ``models``
+catalog view is registered with every other view in ``storage.catalog``, not by an import.
 
 Exit codes: 0 done (a model was promoted, or nothing new to do; the service stopped by SIGTERM),
 1 error, 2 bad usage or config, 3 the cycle ran but promoted nothing (too little data, or a gate

@@ -13,7 +13,9 @@ Crash safety: files are fsynced before each rename, so a version folder exists o
 A run killed at any point leaves at most a hidden ``.tmp`` folder (never listed, removed by the
 next run's ``recover``) or a staged promotion of a complete version (finished by ``recover``).
 The lock is an ``flock``: the kernel releases it when its holder dies, so it never goes stale.
-Importing this module registers the ``models`` view (no torch import here).
+The ``models`` view over these folders is one of the views ``storage.catalog`` registers
+explicitly (``MODELS_VIEW_SQL``); saving a version rewrites the catalog (no torch import
+here).
 """
 
 from __future__ import annotations
