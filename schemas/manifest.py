@@ -1,6 +1,6 @@
 """A sealed partition's manifest row: what storage writes when it seals a partition
-(``manifest/<partition>[.v<N>].parquet``, one row; each reseal adds a version) and the only
-thing the trainer, ``prefstream status`` and the reports read to know which data is final."""
+(``manifest/<partition>[.v<N>].parquet``, one row; each reseal adds a version), and what the
+trainer and ``prefstream status`` read to know which data is final (``sealed_partitions``)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ from typing import Any
 import pyarrow as pa
 from pydantic import BaseModel
 
-from prefstream.schemas.manifest import SEALED_TABLES
+# tables whose partitions follow the event-time watermark and get sealed: defined with the
+# manifest row that counts them
+from prefstream.schemas.manifest import SEALED_TABLES  # noqa: F401  (re-exported)
 from prefstream.schemas.records import (
     DeadLetter,
     LateEvent,
@@ -34,9 +36,6 @@ TABLES: dict[str, tuple[type[BaseModel], str]] = {
     "dead_letters": (DeadLetter, "dead_letter_id"),
     "late_events": (LateEvent, "late_id"),
 }
-__all__ = ["SEALED_TABLES", "SIDE_TABLES", "TABLES", "arrow_schema", "to_arrow"]
-#: tables whose partitions follow the event-time watermark and get sealed: ``SEALED_TABLES``,
-#: defined with the manifest row that counts them (``schemas.manifest``)
 #: side tables partitioned by arrival hour
 SIDE_TABLES = ("dead_letters", "late_events")
 
