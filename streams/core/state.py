@@ -10,16 +10,21 @@ closes the open session whose last event is the oldest early (reason ``evicted``
 one-event sessions (hostile or buggy producers) cannot grow the state without bound. A second heap,
 keyed by last event time, finds that session in O(log n); the limit is per Kafka partition, not
 per worker, so which sessions are evicted never depends on how partitions are assigned.
+
+Open sessions are held compactly (:mod:`~prefstream.streams.core.compact`); every rule runs on
+the sessionizer's models, materialized for the few events that need more than a plain accept.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
+from prefstream.streams.core import compact
+from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
 from prefstream.streams.core.sessionize import (
     Clock,
     Outcome,
@@ -43,6 +48,48 @@ def last_offset(session: Session) -> int:
     return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
 
 
+def _open_last(slot: StoredSlot | None) -> datetime | None:
+    """The last event time of the open session of ``slot`` (None: nothing open)."""
+    if slot is None:
+        return None
+    if isinstance(slot, OpenSlot):
+        return slot.last
+    return slot.open.last if slot.open is not None else None
+
+
+def _n_held(slot: StoredSlot | None) -> int:
+    return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
+
+
+def _next_deadline(slot: StoredSlot, rules: SessionRules) -> datetime | None:
+    if isinstance(slot, OpenSlot):
+        return compact.deadline(slot, rules)[0]
+    return next_deadline(slot, rules)
+
+
+def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
+    return compact.compact(slot, session_id) if isinstance(slot, SessionSlot) else slot
+
+
+class SlotView(Mapping[str, SessionSlot]):
+    """The slots of a partition as the sessionizer's models (materialized on access)."""
+
+    def __init__(self, slots: dict[str, StoredSlot]) -> None:
+        self._slots = slots
+
+    def __getitem__(self, session_id: str) -> SessionSlot:
+        return to_model(self._slots[session_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._slots
+
+
 def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
     """Close the open session of ``slot`` now, before its deadline (reason ``evicted``).
 
@@ -57,7 +104,7 @@ class PartitionSessions:
         self,
         clock: Clock,
         rules: SessionRules,
-        slots: Iterable[tuple[str, SessionSlot]] = (),
+        slots: Iterable[tuple[str, StoredSlot]] = (),
         *,
         max_open: int | None = None,
     ) -> None:
@@ -66,7 +113,7 @@ class PartitionSessions:
         self.clock = clock
         self.rules = rules
         self.max_open = max_open
-        self.slots: dict[str, SessionSlot] = dict(slots)
+        self._slots: dict[str, StoredSlot] = {sid: _stored(sid, s) for sid, s in slots}
         self._heap: list[tuple[datetime, str]] = []
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
@@ -79,13 +126,18 @@ class PartitionSessions:
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
-        self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
+        self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
-        for session_id, slot in self.slots.items():
+        for session_id, slot in self._slots.items():
             self._schedule(session_id, slot)
-            self._n_open += slot.open is not None
-            self._n_held += len(slot.held)
+            self._n_open += _open_last(slot) is not None
+            self._n_held += _n_held(slot)
         self._rebuild_by_last()
+
+    @property
+    def slots(self) -> SlotView:
+        """Each session id's state, as the sessionizer's models (read only)."""
+        return SlotView(self._slots)
 
     @property
     def open_sessions(self) -> int:
@@ -96,8 +148,8 @@ class PartitionSessions:
         """Open sessions plus held groups: the sessions whose rows are still to come."""
         return self._n_open + self._n_held
 
-    def _schedule(self, session_id: str, slot: SessionSlot) -> None:
-        due = next_deadline(slot, self.rules)
+    def _schedule(self, session_id: str, slot: StoredSlot) -> None:
+        due = _next_deadline(slot, self.rules)
         if due is None:
             self._due.pop(session_id, None)
         elif self._due.get(session_id) != due:
@@ -108,12 +160,12 @@ class PartitionSessions:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
         if self.max_open is None:
             return
-        self._by_last = [(slot.open.last, sid) for sid, slot in self.slots.items()
-                         if slot.open is not None]
+        lasts = ((_open_last(slot), sid) for sid, slot in self._slots.items())
+        self._by_last = [(last, sid) for last, sid in lasts if last is not None]
         heapq.heapify(self._by_last)
 
-    def _track_last(self, session_id: str, before: SessionSlot | None,
-                    after: SessionSlot | None) -> None:
+    def _track_last(self, session_id: str, before: StoredSlot | None,
+                    after: StoredSlot | None) -> None:
         """Keep the open and held counts, and an eviction heap entry for every open session's
         last event.
 
@@ -121,24 +173,24 @@ class PartitionSessions:
         rebuilt once stale entries outnumber live ones, so it stays O(open sessions) in size
         at an amortized O(log n) per event.
         """
-        was = before.open if before is not None else None
-        now = after.open if after is not None else None
+        was, now = _open_last(before), _open_last(after)
         self._n_open += (now is not None) - (was is not None)
-        self._n_held += (len(after.held) if after is not None else 0) - (
-            len(before.held) if before is not None else 0)
-        if self.max_open is None or now is None or (was is not None and was.last == now.last):
+        self._n_held += _n_held(after) - _n_held(before)
+        if self.max_open is None or now is None or (was is not None and was == now):
             return  # no limit, nothing open, or the session's entry is still live
-        heapq.heappush(self._by_last, (now.last, session_id))
+        heapq.heappush(self._by_last, (now, session_id))
         if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
             self._rebuild_by_last()
 
-    def _put(self, session_id: str, slot: SessionSlot | None) -> None:
-        self._track_last(session_id, self.slots.get(session_id), slot)
+    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
+        if slot is not None:
+            slot = _stored(session_id, slot)
+        self._track_last(session_id, self._slots.get(session_id), slot)
         if slot is None:
-            self.slots.pop(session_id, None)
+            self._slots.pop(session_id, None)
             self._due.pop(session_id, None)
         else:
-            self.slots[session_id] = slot
+            self._slots[session_id] = slot
             self._schedule(session_id, slot)
         if slot is not None and slot.pending:
             self._pending.add(session_id)
@@ -150,16 +202,17 @@ class PartitionSessions:
                  size: int = 0) -> Outcome:
         """Apply one event; ``size``: its state bytes (:func:`~streams.core.sessionize.state_bytes`,
         0 = not counted)."""
-        before = self.slots.get(event.session_id)
-        slot, outcome = add_event(before, event, offset=offset, clock=self.clock,
+        stored = self._slots.get(event.session_id)
+        fast = None
+        if stored is None or isinstance(stored, OpenSlot):  # the hot path, held compactly
+            fast = compact.append(stored, event, offset=offset, clock=self.clock,
                                   rules=self.rules, size=size)
+        if fast is not None:
+            outcome: Outcome = "accepted"
+            self._put(event.session_id, fast)
+        else:
+            outcome = self._add(event, stored, offset, size)
         self.clock = self.clock.arrived(arrival_ms)
-        if outcome in ("accepted", "duplicate", "oversized") and slot is not before and (
-                slot is not None or before is not None):
-            if slot is not None:  # a closure appends to pending: count the byte bound's
-                added = slot.pending[len(before.pending) if before else 0:]
-                self._over_bytes += sum(c.reason == "max_bytes" for c in added)
-            self._put(event.session_id, slot)
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
@@ -171,10 +224,26 @@ class PartitionSessions:
             self._evict_over_limit(keep=event.session_id)
         return outcome
 
+    def _add(self, event: FeedbackEvent, stored: StoredSlot | None, offset: int,
+             size: int) -> Outcome:
+        """``event`` through the sessionizer's rules, on the slot as its model."""
+        before = None if stored is None else to_model(stored)
+        slot, outcome = add_event(before, event, offset=offset, clock=self.clock,
+                                  rules=self.rules, size=size)
+        if outcome in ("accepted", "duplicate", "oversized") and slot is not before and (
+                slot is not None or before is not None):
+            if slot is not None:  # a closure appends to pending: count the byte bound's
+                added = slot.pending[len(before.pending) if before else 0:]
+                self._over_bytes += sum(c.reason == "max_bytes" for c in added)
+            self._put(event.session_id, slot)
+        return outcome
+
     def holds(self, session_id: str, event_id: str) -> bool:
         """Whether the state of ``session_id`` holds an event with this id (open, held or
         pending): a copy of it is the session rules' to count."""
-        slot = self.slots.get(session_id)
+        slot = self._slots.get(session_id)
+        if isinstance(slot, OpenSlot):
+            return compact.holds(slot, event_id)
         return slot is not None and find(slot, event_id, -1) is not None
 
     def on_tick(self, wall_ms: int) -> None:
@@ -187,7 +256,7 @@ class PartitionSessions:
             if self._due.get(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
             del self._due[session_id]
-            slot = self.slots[session_id]
+            slot = to_model(self._slots[session_id])
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)
@@ -204,13 +273,13 @@ class PartitionSessions:
         held = []
         while self._n_open > self.max_open:
             last, session_id = heapq.heappop(self._by_last)
-            slot = self.slots.get(session_id)
-            if slot is None or slot.open is None or slot.open.last != last:
+            slot = self._slots.get(session_id)
+            if slot is None or _open_last(slot) != last:
                 continue  # stale entry: the session closed or moved on
             if session_id == keep:
                 held.append((last, session_id))
                 continue
-            self._put(session_id, evict(slot, self.rules))
+            self._put(session_id, evict(to_model(slot), self.rules))
             self._evicted += 1
         for entry in held:
             heapq.heappush(self._by_last, entry)
@@ -228,12 +297,12 @@ class PartitionSessions:
     def take_closed(self) -> list[ClosedSession]:
         """Closed sessions whose rows are to be written, in their latest state; returned again
         until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe)."""
-        return [c for sid in sorted(self._pending) for c in self.slots[sid].pending]
+        return [c for sid in sorted(self._pending) for c in self._slots[sid].pending]
 
     def pending_groups(self) -> dict[str, tuple[ClosedSession, ...]]:
         """The pending groups of each session with rows to write, as :meth:`take_closed` lists
         them; pass them to :meth:`forget_flushed` once written."""
-        return {sid: self.slots[sid].pending for sid in self._pending}
+        return {sid: self._slots[sid].pending for sid in self._pending}
 
     def forget_flushed(self, resume_offset: int | None = None, *,
                        written: dict[str, tuple[ClosedSession, ...]] | None = None) -> None:
@@ -251,7 +320,7 @@ class PartitionSessions:
         stay pending for the next flush. ``None``: every pending group was written.
         """
         for session_id in list(self._pending):
-            slot = self.slots[session_id]
+            slot = to_model(self._slots[session_id])  # a model: it has pending groups
             if resume_offset is not None and any(last_offset(c.session) >= resume_offset
                                                  for c in slot.pending):
                 continue
@@ -264,8 +333,9 @@ class PartitionSessions:
                     continue
             self._put(session_id, flushed(slot))
 
-    def take_dirty(self) -> dict[str, SessionSlot | None]:
-        """Slots changed since the last checkpoint (``None`` = deleted)."""
-        dirty = {sid: self.slots.get(sid) for sid in self._dirty}
+    def take_dirty(self) -> dict[str, StoredSlot | None]:
+        """Slots changed since the last checkpoint (``None`` = deleted), as held: immutable,
+        open sessions compact (see :mod:`~prefstream.streams.core.compact`)."""
+        dirty = {sid: self._slots.get(sid) for sid in self._dirty}
         self._dirty = set()
         return dirty

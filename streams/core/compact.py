@@ -1,0 +1,269 @@
+"""Open sessions held compactly: what a worker keeps for each of (possibly) 100,000s of them.
+
+The sessionizer (:mod:`~prefstream.streams.core.sessionize`) works on validated pydantic models;
+held that way an open session costs about 4 KB per event (the event model, its ``SessionEvent``
+and ``Session`` wrappers). An :class:`OpenSlot` holds the same state in a few hundred bytes:
+
+* each event as one ``bytes`` object: a fixed header (event time in microseconds and its UTC
+  offset, Kafka offset, counted size, event type) followed by the event id and the event's other
+  fields as a JSON array of values (texts in UTF-8, not as Python strings; the session's user id
+  left out when it is the session's);
+* the session's bounds and counters as references to objects the events share.
+
+Only open-only slots (no pending or held groups) are held this way; a slot with closed groups
+stays a :class:`~prefstream.streams.core.sessionize.SessionSlot` model until they are written.
+Every rule still runs on the models: :func:`to_model` materializes a slot exactly as the
+sessionizer would have built it, and :func:`append` is the one step done compactly, the plain
+accept of an event into an open session (the hot path), decided as :func:`sessionize.add_event`
+decides it. See docs/operations.md ("State memory").
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from prefstream.schemas.events import EVENT_TYPES, FeedbackEvent
+from prefstream.schemas.records import Session, SessionEvent
+from prefstream.streams.core.sessionize import (
+    EPOCH,
+    TICK,
+    Clock,
+    CloseReason,
+    SessionRules,
+    SessionSlot,
+    _deadline_of,
+)
+
+#: event time (µs since the epoch), its UTC offset (µs), Kafka offset, counted size, type code
+HEADER = struct.Struct("<qqqqB")
+_SEP = b"\x00"  # ends the event id (ids never hold NUL: schemas.events.Id)
+_SKIP = frozenset({"event_id", "schema_version", "session_id", "user_id", "ts", "type"})
+_FIELDS = tuple(tuple(f for f in cls.model_fields if f not in _SKIP) for cls in EVENT_TYPES)
+_CODE = {cls: code for code, cls in enumerate(EVENT_TYPES)}
+_END = _CODE[next(c for c in EVENT_TYPES if c.__name__ == "SessionEnd")]
+_ZONES: dict[int, timezone] = {0: timezone.utc}
+
+
+class OpenSlot:
+    """A :class:`SessionSlot` with an open session only, held compactly (immutable).
+
+    ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order.
+    Reads like a ``SessionSlot`` (``open``, ``pending``, ``held``, equality) by materializing it.
+    """
+
+    __slots__ = ("session_id", "user_id", "kafka_partition", "start", "last", "ended_at",
+                 "n_bytes", "duplicates", "events")
+
+    def __init__(self, session_id: str, user_id: str, kafka_partition: int, start: datetime,
+                 last: datetime, ended_at: datetime | None, n_bytes: int,
+                 duplicates: tuple[tuple[int, str], ...], events: bytes | tuple[bytes, ...]
+                 ) -> None:
+        self.session_id, self.user_id, self.kafka_partition = session_id, user_id, kafka_partition
+        self.start, self.last, self.ended_at = start, last, ended_at
+        self.n_bytes, self.duplicates, self.events = n_bytes, duplicates, events
+
+    def blobs(self) -> tuple[bytes, ...]:
+        return (self.events,) if isinstance(self.events, bytes) else self.events
+
+    @property
+    def open(self) -> Session:
+        return to_session(self)
+
+    pending: tuple[()] = ()
+    held: tuple[()] = ()
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, OpenSlot | SessionSlot):
+            return to_model(self) == to_model(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"OpenSlot({self.session_id!r}, {len(self.blobs())} events)"
+
+
+#: how a partition holds a session id's state
+StoredSlot = OpenSlot | SessionSlot
+
+
+# --- events ---------------------------------------------------------------------------------
+
+def _micros(ts: datetime) -> int:
+    return (ts - EPOCH) // TICK
+
+
+def _zone(offset_us: int) -> timezone:
+    zone = _ZONES.get(offset_us)
+    if zone is None:
+        zone = timezone(timedelta(microseconds=offset_us))
+        if len(_ZONES) < 64:  # the few offsets producers use; more are built each time
+            _ZONES[offset_us] = zone
+    return zone
+
+
+def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str) -> bytes:
+    """One event as :class:`OpenSlot` holds it (``user_id``: its session's)."""
+    code = _CODE[type(event)]
+    ts = event.ts
+    offset_us = ts.utcoffset() // TICK  # type: ignore[operator]
+    values: list[Any] = [None if event.user_id == user_id else event.user_id]
+    values += [getattr(event, f) for f in _FIELDS[code]]
+    body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    return (HEADER.pack(_micros(ts), offset_us, offset, size, code)
+            + event.event_id.encode() + _SEP + body.encode("utf-8", "surrogatepass"))
+
+
+def event_id_of(blob: bytes) -> str:
+    return blob[HEADER.size:blob.index(_SEP, HEADER.size)].decode()
+
+
+def _has_id(blob: bytes, event_id: bytes) -> bool:
+    return blob.startswith(event_id, HEADER.size) and blob[HEADER.size + len(event_id)] == 0
+
+
+def decode_event(blob: bytes, session_id: str, user_id: str) -> SessionEvent:
+    """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had)."""
+    micros, offset_us, offset, size, code = HEADER.unpack_from(blob)
+    end = blob.index(_SEP, HEADER.size)
+    values = json.loads(blob[end + 1:].decode("utf-8", "surrogatepass"))
+    ts = (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
+    cls = EVENT_TYPES[code]
+    fields = dict(zip(_FIELDS[code], values[1:], strict=True))
+    event = cls.model_construct(
+        event_id=blob[HEADER.size:end].decode(), schema_version=1, session_id=session_id,
+        user_id=user_id if values[0] is None else values[0], ts=ts, type=cls.model_fields[
+            "type"].default, **fields)
+    return SessionEvent.model_construct(offset=offset, event=event, n_bytes=size)
+
+
+# --- slots ----------------------------------------------------------------------------------
+
+def to_session(slot: OpenSlot) -> Session:
+    events = tuple(decode_event(b, slot.session_id, slot.user_id) for b in slot.blobs())
+    return Session.model_construct(
+        session_id=slot.session_id, user_id=slot.user_id, kafka_partition=slot.kafka_partition,
+        start=slot.start, last=slot.last, events=events, n_duplicates=len(slot.duplicates),
+        duplicates=slot.duplicates, ended_at=slot.ended_at, cut=False, n_bytes=slot.n_bytes)
+
+
+def to_model(slot: StoredSlot) -> SessionSlot:
+    """The slot as the sessionizer's model."""
+    if isinstance(slot, SessionSlot):
+        return slot
+    return SessionSlot.model_construct(open=to_session(slot), pending=(), held=())
+
+
+def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
+    """``slot`` held compactly when it is an open session only (else the model itself)."""
+    session = slot.open
+    if (session is None or slot.pending or slot.held or session.cut
+            or session.n_duplicates != len(session.duplicates)
+            or (session_id is not None and session.session_id != session_id)
+            or any(i.event.session_id != session.session_id for i in session.events)):
+        return slot
+    blobs = tuple(encode_event(i.event, i.offset, i.n_bytes, session.user_id)
+                  for i in session.events)
+    return OpenSlot(session_id if session_id is not None else session.session_id,
+                    session.user_id, session.kafka_partition, session.start, session.last,
+                    session.ended_at, session.n_bytes, session.duplicates,
+                    blobs[0] if len(blobs) == 1 else blobs)
+
+
+def holds(slot: OpenSlot, event_id: str) -> bool:
+    """Whether the open session holds an event with this id."""
+    wanted = event_id.encode()
+    return any(_has_id(b, wanted) for b in slot.blobs())
+
+
+def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: Clock,
+           rules: SessionRules, size: int) -> OpenSlot | None:
+    """The slot after :func:`sessionize.add_event` accepts ``event`` into the open session,
+    when that is all it does; None when the general rules must decide (the event's id is in the
+    session already, it is late, or it takes the session to a cap)."""
+    ts = event.ts
+    if clock.is_late(ts) or rules.max_events <= 1 + (0 if slot is None else len(slot.blobs())):
+        return None
+    is_end = event.type == "session_end"
+    if slot is None:
+        if rules.max_bytes is not None and size > rules.max_bytes:
+            return None
+        return OpenSlot(event.session_id, event.user_id, clock.kafka_partition, ts, ts,
+                        ts if is_end else None, size, (),
+                        encode_event(event, offset, size, event.user_id))
+    n_bytes = slot.n_bytes + size
+    if (rules.max_bytes is not None and n_bytes > rules.max_bytes // 2) or holds(
+            slot, event.event_id):
+        return None
+    ended = slot.ended_at
+    if is_end:
+        ended = ts if ended is None else max(ended, ts)
+    blob = encode_event(event, offset, size, slot.user_id)
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, min(slot.start, ts),
+                    max(slot.last, ts), ended, n_bytes, slot.duplicates,
+                    (*slot.blobs(), blob))
+
+
+def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
+    """:func:`sessionize.deadline` of the open session, from the encoded event times."""
+    times = sorted(HEADER.unpack_from(b)[0:5:4] for b in slot.blobs())
+    gap = rules.gap // TICK
+    start = last = times[0][0]
+    ended = None
+    for micros, code in times:
+        if micros - last >= gap:
+            break
+        last = micros
+        if code == _END:
+            ended = micros
+    return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
+
+
+def _at(micros: int) -> datetime:
+    return EPOCH + timedelta(microseconds=micros)
+
+
+# --- the changelog record -------------------------------------------------------------------
+
+#: first element of an :class:`OpenSlot`'s changelog record (other records: a SessionSlot's JSON)
+RECORD_TAG = "open1"
+
+
+def to_json(slot: OpenSlot) -> str:
+    """The changelog record of ``slot``: a JSON array, each event's values as it holds them (its
+    texts are not decoded and encoded again)."""
+    head = json.dumps([RECORD_TAG, slot.session_id, slot.user_id, slot.kafka_partition,
+                       slot.start.isoformat(), slot.last.isoformat(),
+                       None if slot.ended_at is None else slot.ended_at.isoformat(),
+                       slot.n_bytes, slot.duplicates], separators=(",", ":"))
+    events = []
+    for blob in slot.blobs():
+        end = blob.index(_SEP, HEADER.size)
+        fields = ",".join(map(str, HEADER.unpack_from(blob)))
+        event_id = json.dumps(blob[HEADER.size:end].decode())
+        values = blob[end + 1:].decode("utf-8", "surrogatepass")
+        events.append(f"[{fields},{event_id},{values}]")
+    return f"{head[:-1]},[{','.join(events)}]]"
+
+
+def is_record(raw: str) -> bool:
+    return raw.startswith(f'["{RECORD_TAG}"')
+
+
+def from_json(raw: str, key: str | None = None) -> OpenSlot:
+    """The slot :func:`to_json` wrote (``key``: its table key, the session id, to share)."""
+    (_, session_id, user_id, partition, start, last, ended, n_bytes, dups,
+     events) = json.loads(raw)
+    blobs = []
+    for micros, offset_us, offset, size, code, event_id, values in events:
+        body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+        blobs.append(HEADER.pack(micros, offset_us, offset, size, code) + event_id.encode()
+                     + _SEP + body.encode("utf-8", "surrogatepass"))
+    return OpenSlot(key if key == session_id else session_id, user_id, partition,
+                    datetime.fromisoformat(start),
+                    datetime.fromisoformat(last),
+                    None if ended is None else datetime.fromisoformat(ended), n_bytes,
+                    tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))
