@@ -37,8 +37,12 @@ from prefstream.streams.core.sessionize import (
     _deadline_of,
 )
 
-#: event time (µs since the epoch), its UTC offset (µs), Kafka offset, counted size, type code
-HEADER = struct.Struct("<qqqqB")
+#: type code (flag ``_ZONED``: a UTC offset follows), event time (µs since the epoch), Kafka
+#: offset, counted size; then the UTC offset (µs) if flagged, the event id, NUL, the values
+HEAD = struct.Struct("<BqqI")
+ZONE = struct.Struct("<q")
+_ZONED = 0x80
+_MAX_SIZE = 0xFFFFFFFF
 _SEP = b"\x00"  # ends the event id (ids never hold NUL: schemas.events.Id)
 _SKIP = frozenset({"event_id", "schema_version", "session_id", "user_id", "ts", "type"})
 _FIELDS = tuple(tuple(f for f in cls.model_fields if f not in _SKIP) for cls in EVENT_TYPES)
@@ -48,25 +52,40 @@ _ZONES: dict[int, timezone] = {0: timezone.utc}
 
 
 class OpenSlot:
-    """A :class:`SessionSlot` with an open session only, held compactly (immutable).
+    """A :class:`SessionSlot` with an open session only, held compactly (immutable but for
+    ``due``, its deadline as the partition last scheduled it).
 
     ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order.
+    The first holds the user id; ``user_id`` is None when it is the session's (the usual case).
+    ``extra_bytes``: the session's counted size beyond its events' (duplicates counted).
     Reads like a ``SessionSlot`` (``open``, ``pending``, ``held``, equality) by materializing it.
     """
 
     __slots__ = ("session_id", "user_id", "kafka_partition", "start", "last", "ended_at",
-                 "n_bytes", "duplicates", "events")
+                 "extra_bytes", "duplicates", "events", "due")
 
-    def __init__(self, session_id: str, user_id: str, kafka_partition: int, start: datetime,
-                 last: datetime, ended_at: datetime | None, n_bytes: int,
+    def __init__(self, session_id: str, user_id: str | None, kafka_partition: int,
+                 start: datetime, last: datetime, ended_at: datetime | None, extra_bytes: int,
                  duplicates: tuple[tuple[int, str], ...], events: bytes | tuple[bytes, ...]
                  ) -> None:
         self.session_id, self.user_id, self.kafka_partition = session_id, user_id, kafka_partition
         self.start, self.last, self.ended_at = start, last, ended_at
-        self.n_bytes, self.duplicates, self.events = n_bytes, duplicates, events
+        self.extra_bytes, self.duplicates, self.events = extra_bytes, duplicates, events
+        self.due: datetime | None = None
 
     def blobs(self) -> tuple[bytes, ...]:
         return (self.events,) if isinstance(self.events, bytes) else self.events
+
+    @property
+    def session_user(self) -> str:
+        if self.user_id is not None:
+            return self.user_id
+        first = self.blobs()[0]
+        return json.loads(first[first.index(_SEP, _id_at(first)) + 1:])[0]  # type: ignore[no-any-return]
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(HEAD.unpack_from(b)[3] for b in self.blobs()) + self.extra_bytes
 
     @property
     def open(self) -> Session:
@@ -105,49 +124,80 @@ def _zone(offset_us: int) -> timezone:
     return zone
 
 
-def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str) -> bytes:
-    """One event as :class:`OpenSlot` holds it (``user_id``: its session's)."""
+def _id_at(blob: bytes) -> int:
+    return HEAD.size + (ZONE.size if blob[0] & _ZONED else 0)
+
+
+def _pack(code: int, micros: int, offset_us: int, offset: int, size: int, event_id: str,
+          values: str) -> bytes:
+    head = HEAD.pack(code | (_ZONED if offset_us else 0), micros, offset, size)
+    if offset_us:
+        head += ZONE.pack(offset_us)
+    return head + event_id.encode() + _SEP + values.encode("utf-8", "surrogatepass")
+
+
+def _unpack(blob: bytes) -> tuple[int, int, int, int, int, str, str]:
+    """code, µs, UTC offset (µs), Kafka offset, size, event id, values (JSON) of a blob."""
+    flags, micros, offset, size = HEAD.unpack_from(blob)
+    offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
+    at = _id_at(blob)
+    end = blob.index(_SEP, at)
+    return (flags & ~_ZONED, micros, offset_us, offset, size, blob[at:end].decode(),
+            blob[end + 1:].decode("utf-8", "surrogatepass"))
+
+
+def encodable(size: int, offset: int) -> bool:
+    return 0 <= size <= _MAX_SIZE and -(1 << 63) <= offset < (1 << 63)
+
+
+def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | None) -> bytes:
+    """One event as :class:`OpenSlot` holds it; its user id left out when it is ``user_id``
+    (its session's; None: always written)."""
     code = _CODE[type(event)]
     ts = event.ts
-    offset_us = ts.utcoffset() // TICK  # type: ignore[operator]
     values: list[Any] = [None if event.user_id == user_id else event.user_id]
     values += [getattr(event, f) for f in _FIELDS[code]]
     body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-    return (HEADER.pack(_micros(ts), offset_us, offset, size, code)
-            + event.event_id.encode() + _SEP + body.encode("utf-8", "surrogatepass"))
-
-
-def event_id_of(blob: bytes) -> str:
-    return blob[HEADER.size:blob.index(_SEP, HEADER.size)].decode()
+    return _pack(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
+                 offset, size, event.event_id, body)
 
 
 def _has_id(blob: bytes, event_id: bytes) -> bool:
-    return blob.startswith(event_id, HEADER.size) and blob[HEADER.size + len(event_id)] == 0
+    at = _id_at(blob)
+    return blob.startswith(event_id, at) and blob[at + len(event_id)] == 0
+
+
+def _written_user(blob: bytes, user_id: str) -> bool:
+    """Whether ``blob`` (a slot's first) names ``user_id`` as its user."""
+    at = blob.index(_SEP, _id_at(blob)) + 1
+    name = json.dumps(user_id, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return blob.startswith(b"[" + name + b",", at)
 
 
 def decode_event(blob: bytes, session_id: str, user_id: str) -> SessionEvent:
     """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had)."""
-    micros, offset_us, offset, size, code = HEADER.unpack_from(blob)
-    end = blob.index(_SEP, HEADER.size)
-    values = json.loads(blob[end + 1:].decode("utf-8", "surrogatepass"))
+    code, micros, offset_us, offset, size, event_id, body = _unpack(blob)
+    values = json.loads(body)
     ts = (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
     cls = EVENT_TYPES[code]
     fields = dict(zip(_FIELDS[code], values[1:], strict=True))
     event = cls.model_construct(
-        event_id=blob[HEADER.size:end].decode(), schema_version=1, session_id=session_id,
-        user_id=user_id if values[0] is None else values[0], ts=ts, type=cls.model_fields[
-            "type"].default, **fields)
+        event_id=event_id, schema_version=1, session_id=session_id,
+        user_id=user_id if values[0] is None else values[0], ts=ts,
+        type=cls.model_fields["type"].default, **fields)
     return SessionEvent.model_construct(offset=offset, event=event, n_bytes=size)
 
 
 # --- slots ----------------------------------------------------------------------------------
 
 def to_session(slot: OpenSlot) -> Session:
-    events = tuple(decode_event(b, slot.session_id, slot.user_id) for b in slot.blobs())
+    user_id = slot.session_user
+    events = tuple(decode_event(b, slot.session_id, user_id) for b in slot.blobs())
     return Session.model_construct(
-        session_id=slot.session_id, user_id=slot.user_id, kafka_partition=slot.kafka_partition,
+        session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
         start=slot.start, last=slot.last, events=events, n_duplicates=len(slot.duplicates),
-        duplicates=slot.duplicates, ended_at=slot.ended_at, cut=False, n_bytes=slot.n_bytes)
+        duplicates=slot.duplicates, ended_at=slot.ended_at, cut=False,
+        n_bytes=slot.n_bytes)
 
 
 def to_model(slot: StoredSlot) -> SessionSlot:
@@ -163,14 +213,23 @@ def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
     if (session is None or slot.pending or slot.held or session.cut
             or session.n_duplicates != len(session.duplicates)
             or (session_id is not None and session.session_id != session_id)
-            or any(i.event.session_id != session.session_id for i in session.events)):
+            or any(i.event.session_id != session.session_id
+                   or not encodable(i.n_bytes, i.offset) for i in session.events)):
         return slot
-    blobs = tuple(encode_event(i.event, i.offset, i.n_bytes, session.user_id)
-                  for i in session.events)
+    user_id = session.user_id
+    first, *rest = session.events
+    blobs = (encode_event(first.event, first.offset, first.n_bytes, None),
+             *(encode_event(i.event, i.offset, i.n_bytes, user_id) for i in rest))
     return OpenSlot(session_id if session_id is not None else session.session_id,
-                    session.user_id, session.kafka_partition, session.start, session.last,
-                    session.ended_at, session.n_bytes, session.duplicates,
-                    blobs[0] if len(blobs) == 1 else blobs)
+                    None if first.event.user_id == user_id else user_id,
+                    session.kafka_partition, session.start, session.last, session.ended_at,
+                    session.n_bytes - sum(i.n_bytes for i in session.events),
+                    session.duplicates, blobs[0] if len(blobs) == 1 else blobs)
+
+
+def copy(slot: OpenSlot) -> OpenSlot:
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.start, slot.last,
+                    slot.ended_at, slot.extra_bytes, slot.duplicates, slot.events)
 
 
 def holds(slot: OpenSlot, event_id: str) -> bool:
@@ -185,39 +244,41 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     when that is all it does; None when the general rules must decide (the event's id is in the
     session already, it is late, or it takes the session to a cap)."""
     ts = event.ts
-    if clock.is_late(ts) or rules.max_events <= 1 + (0 if slot is None else len(slot.blobs())):
+    if (clock.is_late(ts) or not encodable(size, offset)
+            or rules.max_events <= 1 + (0 if slot is None else len(slot.blobs()))):
         return None
     is_end = event.type == "session_end"
     if slot is None:
         if rules.max_bytes is not None and size > rules.max_bytes:
             return None
-        return OpenSlot(event.session_id, event.user_id, clock.kafka_partition, ts, ts,
-                        ts if is_end else None, size, (),
-                        encode_event(event, offset, size, event.user_id))
-    n_bytes = slot.n_bytes + size
-    if (rules.max_bytes is not None and n_bytes > rules.max_bytes // 2) or holds(
+        return OpenSlot(event.session_id, None, clock.kafka_partition, ts, ts,
+                        ts if is_end else None, 0, (), encode_event(event, offset, size, None))
+    if (rules.max_bytes is not None and slot.n_bytes + size > rules.max_bytes // 2) or holds(
             slot, event.event_id):
         return None
     ended = slot.ended_at
     if is_end:
         ended = ts if ended is None else max(ended, ts)
-    blob = encode_event(event, offset, size, slot.user_id)
+    blobs = slot.blobs()
+    same = (event.user_id == slot.user_id if slot.user_id is not None
+            else _written_user(blobs[0], event.user_id))
+    blob = encode_event(event, offset, size, event.user_id if same else None)
     return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, min(slot.start, ts),
-                    max(slot.last, ts), ended, n_bytes, slot.duplicates,
-                    (*slot.blobs(), blob))
+                    max(slot.last, ts), ended, slot.extra_bytes, slot.duplicates,
+                    (*blobs, blob))
 
 
 def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
     """:func:`sessionize.deadline` of the open session, from the encoded event times."""
-    times = sorted(HEADER.unpack_from(b)[0:5:4] for b in slot.blobs())
+    times = sorted(HEAD.unpack_from(b)[1::-1] for b in slot.blobs())
     gap = rules.gap // TICK
     start = last = times[0][0]
     ended = None
-    for micros, code in times:
+    for micros, flags in times:
         if micros - last >= gap:
             break
         last = micros
-        if code == _END:
+        if flags & ~_ZONED == _END:
             ended = micros
     return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
 
@@ -238,14 +299,12 @@ def to_json(slot: OpenSlot) -> str:
     head = json.dumps([RECORD_TAG, slot.session_id, slot.user_id, slot.kafka_partition,
                        slot.start.isoformat(), slot.last.isoformat(),
                        None if slot.ended_at is None else slot.ended_at.isoformat(),
-                       slot.n_bytes, slot.duplicates], separators=(",", ":"))
+                       slot.extra_bytes, slot.duplicates], separators=(",", ":"))
     events = []
     for blob in slot.blobs():
-        end = blob.index(_SEP, HEADER.size)
-        fields = ",".join(map(str, HEADER.unpack_from(blob)))
-        event_id = json.dumps(blob[HEADER.size:end].decode())
-        values = blob[end + 1:].decode("utf-8", "surrogatepass")
-        events.append(f"[{fields},{event_id},{values}]")
+        code, micros, offset_us, offset, size, event_id, values = _unpack(blob)
+        events.append(f"[{code},{micros},{offset_us},{offset},{size},{json.dumps(event_id)},"
+                      f"{values}]")
     return f"{head[:-1]},[{','.join(events)}]]"
 
 
@@ -255,15 +314,12 @@ def is_record(raw: str) -> bool:
 
 def from_json(raw: str, key: str | None = None) -> OpenSlot:
     """The slot :func:`to_json` wrote (``key``: its table key, the session id, to share)."""
-    (_, session_id, user_id, partition, start, last, ended, n_bytes, dups,
+    (_, session_id, user_id, partition, start, last, ended, extra, dups,
      events) = json.loads(raw)
-    blobs = []
-    for micros, offset_us, offset, size, code, event_id, values in events:
-        body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
-        blobs.append(HEADER.pack(micros, offset_us, offset, size, code) + event_id.encode()
-                     + _SEP + body.encode("utf-8", "surrogatepass"))
+    blobs = [_pack(code, micros, offset_us, offset, size, event_id,
+                   json.dumps(values, ensure_ascii=False, separators=(",", ":")))
+             for code, micros, offset_us, offset, size, event_id, values in events]
     return OpenSlot(key if key == session_id else session_id, user_id, partition,
-                    datetime.fromisoformat(start),
-                    datetime.fromisoformat(last),
-                    None if ended is None else datetime.fromisoformat(ended), n_bytes,
+                    datetime.fromisoformat(start), datetime.fromisoformat(last),
+                    None if ended is None else datetime.fromisoformat(ended), extra,
                     tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))

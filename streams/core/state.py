@@ -8,8 +8,9 @@ changelog.
 With ``max_open`` set, a partition holds at most that many open sessions: a new session beyond it
 closes the open session whose last event is the oldest early (reason ``evicted``), so a flood of
 one-event sessions (hostile or buggy producers) cannot grow the state without bound. A second heap,
-keyed by last event time, finds that session in O(log n); the limit is per Kafka partition, not
-per worker, so which sessions are evicted never depends on how partitions are assigned.
+keyed by last event time and kept while more than half the limit is open, finds that session in
+O(log n); the limit is per Kafka partition, not per worker, so which sessions are evicted never
+depends on how partitions are assigned.
 
 Open sessions are held compactly (:mod:`~prefstream.streams.core.compact`); every rule runs on
 the sessionizer's models, materialized for the few events that need more than a plain accept.
@@ -71,6 +72,14 @@ def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
     return compact.compact(slot, session_id) if isinstance(slot, SessionSlot) else slot
 
 
+def _adopted(session_id: str, slot: StoredSlot) -> StoredSlot:
+    """A loaded slot, held as :func:`_stored`; an ``OpenSlot`` copied, as it notes its deadline
+    (the store's own object may be loaded by another partition state too)."""
+    if isinstance(slot, OpenSlot):
+        return compact.copy(slot)
+    return _stored(session_id, slot)
+
+
 class SlotView(Mapping[str, SessionSlot]):
     """The slots of a partition as the sessionizer's models (materialized on access)."""
 
@@ -113,14 +122,15 @@ class PartitionSessions:
         self.clock = clock
         self.rules = rules
         self.max_open = max_open
-        self._slots: dict[str, StoredSlot] = {sid: _stored(sid, s) for sid, s in slots}
+        self._slots: dict[str, StoredSlot] = {sid: _adopted(sid, s) for sid, s in slots}
         self._heap: list[tuple[datetime, str]] = []
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
-        self._due: dict[str, datetime] = {}
+        self._due: dict[str, datetime] = {}  # an OpenSlot holds its own (``due``)
         # (last event time, session id) of open sessions, oldest first; an entry is stale once
         # its session closed or moved on, and is skipped when popped (lazy invalidation)
         self._by_last: list[tuple[datetime, str]] = []
+        self._tracking = False  # whether _by_last is kept (see _track_last)
         self._n_open = 0
         self._evicted = 0
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
@@ -129,10 +139,11 @@ class PartitionSessions:
         self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
         for session_id, slot in self._slots.items():
-            self._schedule(session_id, slot)
+            self._schedule(session_id, slot, None)
             self._n_open += _open_last(slot) is not None
             self._n_held += _n_held(slot)
-        self._rebuild_by_last()
+        if self.max_open is not None and self._n_open > self.max_open // 2:
+            self._rebuild_by_last()
 
     @property
     def slots(self) -> SlotView:
@@ -148,18 +159,33 @@ class PartitionSessions:
         """Open sessions plus held groups: the sessions whose rows are still to come."""
         return self._n_open + self._n_held
 
-    def _schedule(self, session_id: str, slot: StoredSlot) -> None:
+    def _scheduled(self, session_id: str) -> datetime | None:
+        slot = self._slots.get(session_id)
+        return slot.due if isinstance(slot, OpenSlot) else self._due.get(session_id)
+
+    def _unschedule(self, session_id: str) -> None:
+        slot = self._slots.get(session_id)
+        if isinstance(slot, OpenSlot):
+            slot.due = None
+        self._due.pop(session_id, None)
+
+    def _schedule(self, session_id: str, slot: StoredSlot, before: datetime | None) -> None:
+        """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
+        now), and push it to the heap if it moved."""
         due = _next_deadline(slot, self.rules)
-        if due is None:
+        if isinstance(slot, OpenSlot):
+            slot.due = due
             self._due.pop(session_id, None)
-        elif self._due.get(session_id) != due:
+        elif due is None:
+            self._due.pop(session_id, None)
+        else:
             self._due[session_id] = due
+        if due is not None and due != before:
             heapq.heappush(self._heap, (due, session_id))
 
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
-        if self.max_open is None:
-            return
+        self._tracking = True
         lasts = ((_open_last(slot), sid) for sid, slot in self._slots.items())
         self._by_last = [(last, sid) for last, sid in lasts if last is not None]
         heapq.heapify(self._by_last)
@@ -172,12 +198,25 @@ class PartitionSessions:
         An entry is added only when a session opens or its last event moves; the heap is
         rebuilt once stale entries outnumber live ones, so it stays O(open sessions) in size
         at an amortized O(log n) per event.
+
+        The heap is kept only while more than half of ``max_open`` sessions are open (built
+        from the open sessions when their number passes that, dropped when it falls under a
+        quarter): a partition far from its limit never evicts, and spares its memory.
         """
         was, now = _open_last(before), _open_last(after)
         self._n_open += (now is not None) - (was is not None)
         self._n_held += _n_held(after) - _n_held(before)
-        if self.max_open is None or now is None or (was is not None and was == now):
-            return  # no limit, nothing open, or the session's entry is still live
+        if self.max_open is None:
+            return
+        if not self._tracking:
+            if self._n_open <= self.max_open // 2:
+                return
+            self._rebuild_by_last()  # from the slots before this change: the rest follows
+        elif self._n_open < self.max_open // 4:
+            self._by_last, self._tracking = [], False
+            return
+        if now is None or (was is not None and was == now):
+            return  # nothing open, or the session's entry is still live
         heapq.heappush(self._by_last, (now, session_id))
         if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
             self._rebuild_by_last()
@@ -187,11 +226,12 @@ class PartitionSessions:
             slot = _stored(session_id, slot)
         self._track_last(session_id, self._slots.get(session_id), slot)
         if slot is None:
+            self._unschedule(session_id)
             self._slots.pop(session_id, None)
-            self._due.pop(session_id, None)
         else:
+            before = self._scheduled(session_id)
             self._slots[session_id] = slot
-            self._schedule(session_id, slot)
+            self._schedule(session_id, slot, before)
         if slot is not None and slot.pending:
             self._pending.add(session_id)
         else:
@@ -253,9 +293,9 @@ class PartitionSessions:
     def _expire(self) -> None:
         while self._heap and self._heap[0][0] <= self.clock.watermark:
             due, session_id = heapq.heappop(self._heap)
-            if self._due.get(session_id) != due:
+            if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
-            del self._due[session_id]
+            self._unschedule(session_id)
             slot = to_model(self._slots[session_id])
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
