@@ -42,6 +42,8 @@ from prefstream.streams.core.sessionize import (
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
 EVICTION_HEAP_SLACK = 1024
+#: stale entries the deadline heap may hold beyond two per slot before it is rebuilt
+DEADLINE_HEAP_SLACK = 1024
 
 
 def last_offset(session: Session) -> int:
@@ -182,6 +184,16 @@ class PartitionSessions:
             self._due[session_id] = due
         if due is not None and due != before:
             heapq.heappush(self._heap, (due, session_id))
+            if len(self._heap) > 2 * len(self._slots) + DEADLINE_HEAP_SLACK:
+                self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        """The deadline heap from the deadlines scheduled now: each event that moves a
+        session's deadline leaves a stale entry, and an entry is popped only once the watermark
+        reaches it (a day later, with a day's gap)."""
+        dues = ((self._scheduled(sid), sid) for sid in self._slots)
+        self._heap = [(due, sid) for due, sid in dues if due is not None]
+        heapq.heapify(self._heap)
 
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
