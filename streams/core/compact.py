@@ -49,6 +49,11 @@ _FIELDS = tuple(tuple(f for f in cls.model_fields if f not in _SKIP) for cls in 
 _CODE = {cls: code for code, cls in enumerate(EVENT_TYPES)}
 _END = _CODE[next(c for c in EVENT_TYPES if c.__name__ == "SessionEnd")]
 _ZONES: dict[int, timezone] = {0: timezone.utc}
+_TEXTS = frozenset({"prompt", "response_text", "edited_text"})
+#: positions of the text fields in each type's values (after the user id)
+_TEXT_AT = tuple(tuple(1 + i for i, f in enumerate(fields) if f in _TEXTS) for fields in _FIELDS)
+#: shorter texts are held as they are: a reference (``[k,i]``) would save little
+MIN_SHARED_TEXT = 24
 
 
 class OpenSlot:
@@ -80,8 +85,7 @@ class OpenSlot:
     def session_user(self) -> str:
         if self.user_id is not None:
             return self.user_id
-        first = self.blobs()[0]
-        return json.loads(first[first.index(_SEP, _id_at(first)) + 1:])[0]  # type: ignore[no-any-return]
+        return _values(self.blobs()[0])[0]  # type: ignore[no-any-return]
 
     @property
     def n_bytes(self) -> int:
@@ -150,16 +154,43 @@ def encodable(size: int, offset: int) -> bool:
     return 0 <= size <= _MAX_SIZE and -(1 << 63) <= offset < (1 << 63)
 
 
-def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | None) -> bytes:
+def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | None,
+                 earlier: tuple[bytes, ...] = ()) -> bytes:
     """One event as :class:`OpenSlot` holds it; its user id left out when it is ``user_id``
-    (its session's; None: always written)."""
+    (its session's; None: always written), and each text an ``earlier`` event of the session
+    holds already written as a reference to it (``[k, i]``: value ``i`` of event ``k``)."""
     code = _CODE[type(event)]
     ts = event.ts
     values: list[Any] = [None if event.user_id == user_id else event.user_id]
     values += [getattr(event, f) for f in _FIELDS[code]]
+    if earlier:
+        for i in _TEXT_AT[code]:
+            values[i] = _shared(values[i], earlier)
     body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
     return _pack(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
                  offset, size, event.event_id, body)
+
+
+def _shared(text: str, earlier: tuple[bytes, ...]) -> str | list[int]:
+    """A reference to ``text`` in an earlier event of the session, or ``text`` itself.
+
+    Found by its JSON form in the encoded events (a fast byte search), then confirmed on the
+    decoded values: a match inside a longer text is no reference."""
+    if len(text) < MIN_SHARED_TEXT:
+        return text
+    needle = json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    for k, blob in enumerate(earlier):
+        if needle in blob:
+            values = _values(blob)
+            for i in _TEXT_AT[blob[0] & ~_ZONED]:
+                if values[i] == text:
+                    return [k, i]
+    return text
+
+
+def _values(blob: bytes) -> list[Any]:
+    at = blob.index(_SEP, _id_at(blob)) + 1
+    return json.loads(blob[at:].decode("utf-8", "surrogatepass"))  # type: ignore[no-any-return]
 
 
 def _has_id(blob: bytes, event_id: bytes) -> bool:
@@ -174,10 +205,19 @@ def _written_user(blob: bytes, user_id: str) -> bool:
     return blob.startswith(b"[" + name + b",", at)
 
 
-def decode_event(blob: bytes, session_id: str, user_id: str) -> SessionEvent:
-    """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had)."""
+def decode_event(blob: bytes, session_id: str, user_id: str,
+                 earlier: list[list[Any]] | None = None) -> SessionEvent:
+    """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had);
+    ``earlier``: the decoded values of the events before it in its session, for its texts held
+    there (appended to with its own)."""
     code, micros, offset_us, offset, size, event_id, body = _unpack(blob)
     values = json.loads(body)
+    for i in _TEXT_AT[code]:
+        if isinstance(values[i], list):
+            k, j = values[i]
+            values[i] = earlier[k][j]  # type: ignore[index]
+    if earlier is not None:
+        earlier.append(values)
     ts = (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
     cls = EVENT_TYPES[code]
     fields = dict(zip(_FIELDS[code], values[1:], strict=True))
@@ -192,7 +232,8 @@ def decode_event(blob: bytes, session_id: str, user_id: str) -> SessionEvent:
 
 def to_session(slot: OpenSlot) -> Session:
     user_id = slot.session_user
-    events = tuple(decode_event(b, slot.session_id, user_id) for b in slot.blobs())
+    earlier: list[list[Any]] = []
+    events = tuple(decode_event(b, slot.session_id, user_id, earlier) for b in slot.blobs())
     return Session.model_construct(
         session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
         start=slot.start, last=slot.last, events=events, n_duplicates=len(slot.duplicates),
@@ -218,8 +259,9 @@ def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
         return slot
     user_id = session.user_id
     first, *rest = session.events
-    blobs = (encode_event(first.event, first.offset, first.n_bytes, None),
-             *(encode_event(i.event, i.offset, i.n_bytes, user_id) for i in rest))
+    blobs = (encode_event(first.event, first.offset, first.n_bytes, None),)
+    for i in rest:
+        blobs += (encode_event(i.event, i.offset, i.n_bytes, user_id, blobs),)
     return OpenSlot(session_id if session_id is not None else session.session_id,
                     None if first.event.user_id == user_id else user_id,
                     session.kafka_partition, session.start, session.last, session.ended_at,
@@ -262,7 +304,7 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     blobs = slot.blobs()
     same = (event.user_id == slot.user_id if slot.user_id is not None
             else _written_user(blobs[0], event.user_id))
-    blob = encode_event(event, offset, size, event.user_id if same else None)
+    blob = encode_event(event, offset, size, event.user_id if same else None, blobs)
     return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, min(slot.start, ts),
                     max(slot.last, ts), ended, slot.extra_bytes, slot.duplicates,
                     (*blobs, blob))

@@ -27,8 +27,10 @@ from prefstream.streams.core.state import DEADLINE_HEAP_SLACK, PartitionSessions
 RULES = SessionRules()  # gap 30 min, grace 5 min, 500 events, 6 h
 KINDS = ("impression", "click", "copy", "thumbs_up", "thumbs_down", "regenerate", "edit",
          "reformulate", "session_end")
-_text = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1,
-                max_size=40)
+_SHARED = ("How do I sort a dict by value?", 'Re: "How do I sort a dict by value?" again',
+           "Grüße aus Köln: wie geht's dir heute? \\", "x" * 24)
+_text = st.sampled_from(_SHARED) | st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40)
 
 
 @st.composite
@@ -78,6 +80,27 @@ def test_an_open_session_reads_back_as_the_model_it_was_built_as(evs):
     assert held == slot and held.open == slot.open
     assert compact.deadline(held, RULES) == deadline(slot.open, RULES)
     assert_same(to_model(compact.from_json(compact.to_json(held), "s1")), slot)
+
+
+def test_texts_are_held_once_per_session():
+    """A prompt shown with several answers, an answer shown again: each long text is held by
+    the first event that has it, the others refer to it."""
+    prompt, answer = "How do I sort a dict by value?", "Use sorted(d.items(), key=...)."
+    evs = [event("impression", response_id=r, prompt=prompt, response_text=f"{answer} {r}",
+                 minute=i) for i, r in enumerate("abc")]
+    evs += [event("impression", response_id="a", prompt=prompt, response_text=f"{answer} a",
+                  minute=4),
+            event("reformulate", prompt=prompt, minute=5)]
+    slot = slot_of(evs)
+    held = compact.compact(slot)
+    assert [b.count(prompt.encode()) for b in held.blobs()] == [1, 0, 0, 0, 0]
+    assert [b.count(answer.encode()) for b in held.blobs()] == [1, 1, 1, 0, 0]
+    assert_same(to_model(held), slot)
+    assert_same(to_model(compact.from_json(compact.to_json(held))), slot)
+    ps = PartitionSessions(Clock(kafka_partition=3), RULES)
+    for offset, ev in enumerate(evs):  # appended one by one, the same
+        ps.on_event(ev, offset=offset, arrival_ms=int(T0.timestamp() * 1000), size=offset * 7)
+    assert ps._slots["s1"].blobs() == held.blobs()
 
 
 def test_a_session_of_another_user_than_its_first_event_keeps_both():
