@@ -60,23 +60,40 @@ class OpenSlot:
     """A :class:`SessionSlot` with an open session only, held compactly (immutable but for
     ``due``, its deadline as the partition last scheduled it).
 
-    ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order.
+    ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order;
+    the session's bounds (``start``, ``last``, ``ended_at``) are read from them (see
+    :func:`_bounds`).
     The first holds the user id; ``user_id`` is None when it is the session's (the usual case).
     ``extra_bytes``: the session's counted size beyond its events' (duplicates counted).
     Reads like a ``SessionSlot`` (``open``, ``pending``, ``held``, equality) by materializing it.
     """
 
-    __slots__ = ("session_id", "user_id", "kafka_partition", "start", "last", "ended_at",
-                 "extra_bytes", "duplicates", "events", "due")
+    __slots__ = ("session_id", "user_id", "kafka_partition", "extra_bytes", "duplicates",
+                 "events", "due")
 
     def __init__(self, session_id: str, user_id: str | None, kafka_partition: int,
-                 start: datetime, last: datetime, ended_at: datetime | None, extra_bytes: int,
-                 duplicates: tuple[tuple[int, str], ...], events: bytes | tuple[bytes, ...]
-                 ) -> None:
+                 extra_bytes: int, duplicates: tuple[tuple[int, str], ...],
+                 events: bytes | tuple[bytes, ...]) -> None:
         self.session_id, self.user_id, self.kafka_partition = session_id, user_id, kafka_partition
-        self.start, self.last, self.ended_at = start, last, ended_at
         self.extra_bytes, self.duplicates, self.events = extra_bytes, duplicates, events
-        self.due: datetime | None = None
+        self.due: int | None = None  # µs since the epoch
+
+    @property
+    def start(self) -> datetime:
+        return _ts(self.blobs()[_bounds(self.blobs())[0]])
+
+    @property
+    def last(self) -> datetime:
+        return _ts(self.blobs()[_bounds(self.blobs())[1]])
+
+    @property
+    def ended_at(self) -> datetime | None:
+        end = _bounds(self.blobs())[2]
+        return None if end is None else _ts(self.blobs()[end])
+
+    def last_micros(self) -> int:
+        blobs = self.blobs()
+        return HEAD.unpack_from(blobs[_bounds(blobs)[1]])[1]  # type: ignore[no-any-return]
 
     def blobs(self) -> tuple[bytes, ...]:
         return (self.events,) if isinstance(self.events, bytes) else self.events
@@ -193,6 +210,32 @@ def _values(blob: bytes) -> list[Any]:
     return json.loads(blob[at:].decode("utf-8", "surrogatepass"))  # type: ignore[no-any-return]
 
 
+def _ts(blob: bytes) -> datetime:
+    """The event time of ``blob``, in its own UTC offset."""
+    flags, micros = HEAD.unpack_from(blob)[:2]
+    offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
+    return (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
+
+
+def _bounds(blobs: tuple[bytes, ...]) -> tuple[int, int, int | None]:
+    """Which events give the session's start, last and end (``session_end``) times: the first
+    in arrival order at the earliest, latest and latest end time (``min``/``max`` keep the
+    first of equals, and the sessionizer takes them in arrival order)."""
+    start = last = 0
+    end = None
+    lo = hi = HEAD.unpack_from(blobs[0])[1]
+    top = None
+    for k, blob in enumerate(blobs):
+        flags, micros = HEAD.unpack_from(blob)[:2]
+        if micros < lo:
+            start, lo = k, micros
+        if micros > hi:
+            last, hi = k, micros
+        if flags & ~_ZONED == _END and (top is None or micros > top):
+            end, top = k, micros
+    return start, last, end
+
+
 def _has_id(blob: bytes, event_id: bytes) -> bool:
     at = _id_at(blob)
     return blob.startswith(event_id, at) and blob[at + len(event_id)] == 0
@@ -218,7 +261,7 @@ def decode_event(blob: bytes, session_id: str, user_id: str,
             values[i] = earlier[k][j]  # type: ignore[index]
     if earlier is not None:
         earlier.append(values)
-    ts = (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
+    ts = _ts(blob)
     cls = EVENT_TYPES[code]
     fields = dict(zip(_FIELDS[code], values[1:], strict=True))
     event = cls.model_construct(
@@ -234,10 +277,12 @@ def to_session(slot: OpenSlot) -> Session:
     user_id = slot.session_user
     earlier: list[list[Any]] = []
     events = tuple(decode_event(b, slot.session_id, user_id, earlier) for b in slot.blobs())
+    start, last, end = _bounds(slot.blobs())
     return Session.model_construct(
         session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
-        start=slot.start, last=slot.last, events=events, n_duplicates=len(slot.duplicates),
-        duplicates=slot.duplicates, ended_at=slot.ended_at, cut=False,
+        start=events[start].event.ts, last=events[last].event.ts, events=events,
+        n_duplicates=len(slot.duplicates), duplicates=slot.duplicates,
+        ended_at=None if end is None else events[end].event.ts, cut=False,
         n_bytes=slot.n_bytes)
 
 
@@ -262,16 +307,27 @@ def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
     blobs = (encode_event(first.event, first.offset, first.n_bytes, None),)
     for i in rest:
         blobs += (encode_event(i.event, i.offset, i.n_bytes, user_id, blobs),)
-    return OpenSlot(session_id if session_id is not None else session.session_id,
+    held = OpenSlot(session_id if session_id is not None else session.session_id,
                     None if first.event.user_id == user_id else user_id,
-                    session.kafka_partition, session.start, session.last, session.ended_at,
+                    session.kafka_partition,
                     session.n_bytes - sum(i.n_bytes for i in session.events),
                     session.duplicates, blobs[0] if len(blobs) == 1 else blobs)
+    start, last, end = _bounds(blobs)
+    if not (_same_time(session.events[start].event.ts, session.start)
+            and _same_time(session.events[last].event.ts, session.last)
+            and (session.ended_at is None if end is None
+                 else _same_time(session.events[end].event.ts, session.ended_at))):
+        return slot  # bounds the sessionizer would not have set: kept as they are
+    return held
+
+
+def _same_time(a: datetime, b: datetime | None) -> bool:
+    return b is not None and a == b and a.utcoffset() == b.utcoffset()
 
 
 def copy(slot: OpenSlot) -> OpenSlot:
-    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.start, slot.last,
-                    slot.ended_at, slot.extra_bytes, slot.duplicates, slot.events)
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.extra_bytes,
+                    slot.duplicates, slot.events)
 
 
 def holds(slot: OpenSlot, event_id: str) -> bool:
@@ -289,25 +345,20 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     if (clock.is_late(ts) or not encodable(size, offset)
             or rules.max_events <= 1 + (0 if slot is None else len(slot.blobs()))):
         return None
-    is_end = event.type == "session_end"
     if slot is None:
         if rules.max_bytes is not None and size > rules.max_bytes:
             return None
-        return OpenSlot(event.session_id, None, clock.kafka_partition, ts, ts,
-                        ts if is_end else None, 0, (), encode_event(event, offset, size, None))
+        return OpenSlot(event.session_id, None, clock.kafka_partition, 0, (),
+                        encode_event(event, offset, size, None))
     if (rules.max_bytes is not None and slot.n_bytes + size > rules.max_bytes // 2) or holds(
             slot, event.event_id):
         return None
-    ended = slot.ended_at
-    if is_end:
-        ended = ts if ended is None else max(ended, ts)
     blobs = slot.blobs()
     same = (event.user_id == slot.user_id if slot.user_id is not None
             else _written_user(blobs[0], event.user_id))
     blob = encode_event(event, offset, size, event.user_id if same else None, blobs)
-    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, min(slot.start, ts),
-                    max(slot.last, ts), ended, slot.extra_bytes, slot.duplicates,
-                    (*blobs, blob))
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.extra_bytes,
+                    slot.duplicates, (*blobs, blob))
 
 
 def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
@@ -339,8 +390,6 @@ def to_json(slot: OpenSlot) -> str:
     """The changelog record of ``slot``: a JSON array, each event's values as it holds them (its
     texts are not decoded and encoded again)."""
     head = json.dumps([RECORD_TAG, slot.session_id, slot.user_id, slot.kafka_partition,
-                       slot.start.isoformat(), slot.last.isoformat(),
-                       None if slot.ended_at is None else slot.ended_at.isoformat(),
                        slot.extra_bytes, slot.duplicates], separators=(",", ":"))
     events = []
     for blob in slot.blobs():
@@ -356,12 +405,9 @@ def is_record(raw: str) -> bool:
 
 def from_json(raw: str, key: str | None = None) -> OpenSlot:
     """The slot :func:`to_json` wrote (``key``: its table key, the session id, to share)."""
-    (_, session_id, user_id, partition, start, last, ended, extra, dups,
-     events) = json.loads(raw)
+    _, session_id, user_id, partition, extra, dups, events = json.loads(raw)
     blobs = [_pack(code, micros, offset_us, offset, size, event_id,
                    json.dumps(values, ensure_ascii=False, separators=(",", ":")))
              for code, micros, offset_us, offset, size, event_id, values in events]
-    return OpenSlot(key if key == session_id else session_id, user_id, partition,
-                    datetime.fromisoformat(start), datetime.fromisoformat(last),
-                    None if ended is None else datetime.fromisoformat(ended), extra,
+    return OpenSlot(key if key == session_id else session_id, user_id, partition, extra,
                     tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))

@@ -27,6 +27,8 @@ from prefstream.schemas.records import ClosedSession
 from prefstream.streams.core import compact
 from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
 from prefstream.streams.core.sessionize import (
+    EPOCH,
+    TICK,
     Clock,
     Outcome,
     Session,
@@ -51,23 +53,29 @@ def last_offset(session: Session) -> int:
     return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
 
 
-def _open_last(slot: StoredSlot | None) -> datetime | None:
-    """The last event time of the open session of ``slot`` (None: nothing open)."""
+def _micros(ts: datetime) -> int:
+    """A time as µs since the epoch: what the heaps hold (an int is smaller than a datetime)."""
+    return (ts - EPOCH) // TICK
+
+
+def _open_last(slot: StoredSlot | None) -> int | None:
+    """The last event time (µs) of the open session of ``slot`` (None: nothing open)."""
     if slot is None:
         return None
     if isinstance(slot, OpenSlot):
-        return slot.last
-    return slot.open.last if slot.open is not None else None
+        return slot.last_micros()
+    return _micros(slot.open.last) if slot.open is not None else None
 
 
 def _n_held(slot: StoredSlot | None) -> int:
     return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
 
 
-def _next_deadline(slot: StoredSlot, rules: SessionRules) -> datetime | None:
-    if isinstance(slot, OpenSlot):
-        return compact.deadline(slot, rules)[0]
-    return next_deadline(slot, rules)
+def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
+    """:func:`next_deadline` in µs."""
+    due = compact.deadline(slot, rules)[0] if isinstance(slot, OpenSlot) else next_deadline(
+        slot, rules)
+    return None if due is None else _micros(due)
 
 
 def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
@@ -125,13 +133,13 @@ class PartitionSessions:
         self.rules = rules
         self.max_open = max_open
         self._slots: dict[str, StoredSlot] = {sid: _adopted(sid, s) for sid, s in slots}
-        self._heap: list[tuple[datetime, str]] = []
+        self._heap: list[tuple[int, str]] = []  # (deadline in µs, session id)
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
-        self._due: dict[str, datetime] = {}  # an OpenSlot holds its own (``due``)
-        # (last event time, session id) of open sessions, oldest first; an entry is stale once
+        self._due: dict[str, int] = {}  # an OpenSlot holds its own (``due``)
+        # (last event time in µs, session id) of open sessions, oldest first; an entry is stale once
         # its session closed or moved on, and is skipped when popped (lazy invalidation)
-        self._by_last: list[tuple[datetime, str]] = []
+        self._by_last: list[tuple[int, str]] = []
         self._tracking = False  # whether _by_last is kept (see _track_last)
         self._n_open = 0
         self._evicted = 0
@@ -161,7 +169,7 @@ class PartitionSessions:
         """Open sessions plus held groups: the sessions whose rows are still to come."""
         return self._n_open + self._n_held
 
-    def _scheduled(self, session_id: str) -> datetime | None:
+    def _scheduled(self, session_id: str) -> int | None:
         slot = self._slots.get(session_id)
         return slot.due if isinstance(slot, OpenSlot) else self._due.get(session_id)
 
@@ -171,7 +179,7 @@ class PartitionSessions:
             slot.due = None
         self._due.pop(session_id, None)
 
-    def _schedule(self, session_id: str, slot: StoredSlot, before: datetime | None) -> None:
+    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None) -> None:
         """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
         now), and push it to the heap if it moved."""
         due = _next_deadline(slot, self.rules)
@@ -303,7 +311,8 @@ class PartitionSessions:
         self._expire()
 
     def _expire(self) -> None:
-        while self._heap and self._heap[0][0] <= self.clock.watermark:
+        watermark = _micros(self.clock.watermark)
+        while self._heap and self._heap[0][0] <= watermark:
             due, session_id = heapq.heappop(self._heap)
             if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on

@@ -201,3 +201,18 @@ def test_the_deadline_heap_stays_proportional_to_the_slots():
     closed = ps.take_closed()
     assert sorted(c.session.session_id for c in closed) == sorted(f"s{i}" for i in range(30))
     assert sum(len(c.session.events) for c in closed) == n
+
+
+def test_bounds_are_read_from_the_events_and_others_keep_the_model():
+    """The first event in arrival order among equal times gives each bound (as ``min`` and
+    ``max`` keep the first); a session whose bounds are not its events' stays a model."""
+    plus_one = timezone(timedelta(hours=1))
+    evs = [event(minute=5), event(minute=0), event("session_end", minute=5),
+           event(minute=0).model_copy(update={"ts": at(0).astimezone(plus_one)})]
+    slot = slot_of(evs)
+    held = compact.compact(slot)
+    assert (held.start.isoformat(), held.last, held.ended_at) == (
+        at(0).isoformat(), slot.open.last, slot.open.ended_at)
+    assert_same(to_model(held), slot)
+    odd = SessionSlot(open=slot.open.model_copy(update={"start": at(-1)}))
+    assert compact.compact(odd) is odd
