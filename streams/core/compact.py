@@ -25,6 +25,8 @@ import struct
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pydantic_core
+
 from prefstream.schemas.events import EVENT_TYPES, FeedbackEvent
 from prefstream.schemas.records import Session, SessionEvent
 from prefstream.streams.core.sessionize import (
@@ -54,6 +56,9 @@ _TEXTS = frozenset({"prompt", "response_text", "edited_text"})
 _TEXT_AT = tuple(tuple(1 + i for i, f in enumerate(fields) if f in _TEXTS) for fields in _FIELDS)
 #: shorter texts are held as they are: a reference (``[k,i]``) would save little
 MIN_SHARED_TEXT = 24
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_TYPE = tuple(cls.model_fields["type"].default for cls in EVENT_TYPES)
+_setattr = object.__setattr__
 
 
 class OpenSlot:
@@ -149,22 +154,38 @@ def _id_at(blob: bytes) -> int:
     return HEAD.size + (ZONE.size if blob[0] & _ZONED else 0)
 
 
+def _dump(value: Any) -> bytes:
+    """Compact JSON in UTF-8 (pydantic-core's serializer: several times the json module's
+    speed); a text with a lone surrogate, which UTF-8 cannot hold, through the json module."""
+    try:
+        return pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError:
+        return _JSON.encode(value).encode("utf-8", "surrogatepass")
+
+
+def _load(data: bytes) -> Any:
+    try:
+        return pydantic_core.from_json(data)
+    except ValueError:  # written by _dump's fallback
+        return json.loads(data.decode("utf-8", "surrogatepass"))
+
+
 def _pack(code: int, micros: int, offset_us: int, offset: int, size: int, event_id: str,
-          values: str) -> bytes:
+          values: bytes) -> bytes:
     head = HEAD.pack(code | (_ZONED if offset_us else 0), micros, offset, size)
     if offset_us:
         head += ZONE.pack(offset_us)
-    return head + event_id.encode() + _SEP + values.encode("utf-8", "surrogatepass")
+    return head + event_id.encode() + _SEP + values
 
 
-def _unpack(blob: bytes) -> tuple[int, int, int, int, int, str, str]:
+def _unpack(blob: bytes) -> tuple[int, int, int, int, int, str, bytes]:
     """code, µs, UTC offset (µs), Kafka offset, size, event id, values (JSON) of a blob."""
     flags, micros, offset, size = HEAD.unpack_from(blob)
     offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
     at = _id_at(blob)
     end = blob.index(_SEP, at)
     return (flags & ~_ZONED, micros, offset_us, offset, size, blob[at:end].decode(),
-            blob[end + 1:].decode("utf-8", "surrogatepass"))
+            blob[end + 1:])
 
 
 def encodable(size: int, offset: int) -> bool:
@@ -183,7 +204,7 @@ def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | No
     if earlier:
         for i in _TEXT_AT[code]:
             values[i] = _shared(values[i], earlier)
-    body = json.dumps(values, ensure_ascii=False, separators=(",", ":"))
+    body = _dump(values)
     return _pack(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
                  offset, size, event.event_id, body)
 
@@ -195,7 +216,7 @@ def _shared(text: str, earlier: tuple[bytes, ...]) -> str | list[int]:
     decoded values: a match inside a longer text is no reference."""
     if len(text) < MIN_SHARED_TEXT:
         return text
-    needle = json.dumps(text, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    needle = _dump(text)
     for k, blob in enumerate(earlier):
         if needle in blob:
             values = _values(blob)
@@ -207,7 +228,7 @@ def _shared(text: str, earlier: tuple[bytes, ...]) -> str | list[int]:
 
 def _values(blob: bytes) -> list[Any]:
     at = blob.index(_SEP, _id_at(blob)) + 1
-    return json.loads(blob[at:].decode("utf-8", "surrogatepass"))  # type: ignore[no-any-return]
+    return _load(blob[at:])  # type: ignore[no-any-return]
 
 
 def _ts(blob: bytes) -> datetime:
@@ -244,7 +265,7 @@ def _has_id(blob: bytes, event_id: bytes) -> bool:
 def _written_user(blob: bytes, user_id: str) -> bool:
     """Whether ``blob`` (a slot's first) names ``user_id`` as its user."""
     at = blob.index(_SEP, _id_at(blob)) + 1
-    name = json.dumps(user_id, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    name = _dump(user_id)
     return blob.startswith(b"[" + name + b",", at)
 
 
@@ -254,21 +275,32 @@ def decode_event(blob: bytes, session_id: str, user_id: str,
     ``earlier``: the decoded values of the events before it in its session, for its texts held
     there (appended to with its own)."""
     code, micros, offset_us, offset, size, event_id, body = _unpack(blob)
-    values = json.loads(body)
+    values = _load(body)
     for i in _TEXT_AT[code]:
         if isinstance(values[i], list):
             k, j = values[i]
             values[i] = earlier[k][j]  # type: ignore[index]
     if earlier is not None:
         earlier.append(values)
-    ts = _ts(blob)
+    fields = {"event_id": event_id, "schema_version": 1, "session_id": session_id,
+              "user_id": user_id if values[0] is None else values[0], "ts": _ts(blob),
+              "type": _TYPE[code]}
+    fields.update(zip(_FIELDS[code], values[1:], strict=True))
     cls = EVENT_TYPES[code]
-    fields = dict(zip(_FIELDS[code], values[1:], strict=True))
-    event = cls.model_construct(
-        event_id=event_id, schema_version=1, session_id=session_id,
-        user_id=user_id if values[0] is None else values[0], ts=ts,
-        type=cls.model_fields["type"].default, **fields)
-    return SessionEvent.model_construct(offset=offset, event=event, n_bytes=size)
+    event = _construct(cls, {name: fields[name] for name in cls.__pydantic_fields__})
+    return _construct(SessionEvent, {"offset": offset, "event": event, "n_bytes": size})
+
+
+def _construct(cls: Any, values: dict[str, Any]) -> Any:
+    """``cls.model_construct(**values)`` for these plain models (every field given in the
+    declared order, as validation sets ``__dict__``; no private attributes, no post-init),
+    without its per-field loop: this runs for every event of a session that closes."""
+    model = cls.__new__(cls)
+    _setattr(model, "__dict__", values)
+    _setattr(model, "__pydantic_fields_set__", set(values))
+    _setattr(model, "__pydantic_extra__", None)
+    _setattr(model, "__pydantic_private__", None)
+    return model
 
 
 # --- slots ----------------------------------------------------------------------------------
@@ -278,19 +310,19 @@ def to_session(slot: OpenSlot) -> Session:
     earlier: list[list[Any]] = []
     events = tuple(decode_event(b, slot.session_id, user_id, earlier) for b in slot.blobs())
     start, last, end = _bounds(slot.blobs())
-    return Session.model_construct(
+    return _construct(Session, dict(
         session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
         start=events[start].event.ts, last=events[last].event.ts, events=events,
         n_duplicates=len(slot.duplicates), duplicates=slot.duplicates,
         ended_at=None if end is None else events[end].event.ts, cut=False,
-        n_bytes=slot.n_bytes)
+        n_bytes=slot.n_bytes))
 
 
 def to_model(slot: StoredSlot) -> SessionSlot:
     """The slot as the sessionizer's model."""
     if isinstance(slot, SessionSlot):
         return slot
-    return SessionSlot.model_construct(open=to_session(slot), pending=(), held=())
+    return _construct(SessionSlot, {"open": to_session(slot), "pending": (), "held": ()})
 
 
 def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
@@ -395,7 +427,7 @@ def to_json(slot: OpenSlot) -> str:
     for blob in slot.blobs():
         code, micros, offset_us, offset, size, event_id, values = _unpack(blob)
         events.append(f"[{code},{micros},{offset_us},{offset},{size},{json.dumps(event_id)},"
-                      f"{values}]")
+                      f"{values.decode('utf-8', 'surrogatepass')}]")
     return f"{head[:-1]},[{','.join(events)}]]"
 
 
@@ -407,7 +439,7 @@ def from_json(raw: str, key: str | None = None) -> OpenSlot:
     """The slot :func:`to_json` wrote (``key``: its table key, the session id, to share)."""
     _, session_id, user_id, partition, extra, dups, events = json.loads(raw)
     blobs = [_pack(code, micros, offset_us, offset, size, event_id,
-                   json.dumps(values, ensure_ascii=False, separators=(",", ":")))
+                   _dump(values))
              for code, micros, offset_us, offset, size, event_id, values in events]
     return OpenSlot(key if key == session_id else session_id, user_id, partition, extra,
                     tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))

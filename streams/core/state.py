@@ -67,6 +67,10 @@ def _open_last(slot: StoredSlot | None) -> int | None:
     return _micros(slot.open.last) if slot.open is not None else None
 
 
+def _has_open(slot: StoredSlot | None) -> bool:
+    return isinstance(slot, OpenSlot) or (slot is not None and slot.open is not None)
+
+
 def _n_held(slot: StoredSlot | None) -> int:
     return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
 
@@ -223,8 +227,7 @@ class PartitionSessions:
         from the open sessions when their number passes that, dropped when it falls under a
         quarter): a partition far from its limit never evicts, and spares its memory.
         """
-        was, now = _open_last(before), _open_last(after)
-        self._n_open += (now is not None) - (was is not None)
+        self._n_open += _has_open(after) - _has_open(before)
         self._n_held += _n_held(after) - _n_held(before)
         if self.max_open is None:
             return
@@ -235,6 +238,7 @@ class PartitionSessions:
         elif self._n_open < self.max_open // 4:
             self._by_last, self._tracking = [], False
             return
+        was, now = _open_last(before), _open_last(after)
         if now is None or (was is not None and was == now):
             return  # nothing open, or the session's entry is still live
         heapq.heappush(self._by_last, (now, session_id))

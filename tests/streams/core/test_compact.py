@@ -216,3 +216,22 @@ def test_bounds_are_read_from_the_events_and_others_keep_the_model():
     assert_same(to_model(held), slot)
     odd = SessionSlot(open=slot.open.model_copy(update={"start": at(-1)}))
     assert compact.compact(odd) is odd
+
+
+def test_the_models_have_nothing_model_construct_would_add():
+    """``compact._construct`` sets what ``model_construct`` sets for models without private
+    attributes, post-init or defaults left out: the same model."""
+    from prefstream.schemas.events import EVENT_TYPES
+    from prefstream.schemas.records import Session, SessionEvent
+
+    for cls in (*EVENT_TYPES, SessionEvent, Session, SessionSlot):
+        assert cls.__pydantic_post_init__ is None and not cls.__private_attributes__
+    slot = slot_of([event("impression", minute=0), event("edit", minute=1)])
+    built = to_model(compact.compact(slot))
+    for a, b in zip(built.open.events, slot.open.events, strict=True):
+        again = type(a.event).model_construct(**dict(a.event))
+        assert vars(a.event) == vars(again) and list(vars(a.event)) == list(vars(b.event))
+        assert a.event.model_fields_set == again.model_fields_set
+    for model, cls in ((built, SessionSlot), (built.open, Session),
+                       (built.open.events[0], SessionEvent)):
+        assert list(vars(model)) == list(cls.model_fields)
