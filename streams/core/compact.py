@@ -154,7 +154,7 @@ def _id_at(blob: bytes) -> int:
     return HEAD.size + (ZONE.size if blob[0] & _ZONED else 0)
 
 
-def _dump(value: Any) -> bytes:
+def dump_values(value: Any) -> bytes:
     """Compact JSON in UTF-8 (pydantic-core's serializer: several times the json module's
     speed); a text with a lone surrogate, which UTF-8 cannot hold, through the json module."""
     try:
@@ -170,7 +170,7 @@ def _load(data: bytes) -> Any:
         return json.loads(data.decode("utf-8", "surrogatepass"))
 
 
-def _pack(code: int, micros: int, offset_us: int, offset: int, size: int, event_id: str,
+def pack_event(code: int, micros: int, offset_us: int, offset: int, size: int, event_id: str,
           values: bytes) -> bytes:
     head = HEAD.pack(code | (_ZONED if offset_us else 0), micros, offset, size)
     if offset_us:
@@ -178,7 +178,7 @@ def _pack(code: int, micros: int, offset_us: int, offset: int, size: int, event_
     return head + event_id.encode() + _SEP + values
 
 
-def _unpack(blob: bytes) -> tuple[int, int, int, int, int, str, bytes]:
+def unpack_event(blob: bytes) -> tuple[int, int, int, int, int, str, bytes]:
     """code, µs, UTC offset (µs), Kafka offset, size, event id, values (JSON) of a blob."""
     flags, micros, offset, size = HEAD.unpack_from(blob)
     offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
@@ -204,8 +204,8 @@ def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | No
     if earlier:
         for i in _TEXT_AT[code]:
             values[i] = _shared(values[i], earlier)
-    body = _dump(values)
-    return _pack(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
+    body = dump_values(values)
+    return pack_event(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
                  offset, size, event.event_id, body)
 
 
@@ -216,7 +216,7 @@ def _shared(text: str, earlier: tuple[bytes, ...]) -> str | list[int]:
     decoded values: a match inside a longer text is no reference."""
     if len(text) < MIN_SHARED_TEXT:
         return text
-    needle = _dump(text)
+    needle = dump_values(text)
     for k, blob in enumerate(earlier):
         if needle in blob:
             values = _values(blob)
@@ -265,7 +265,7 @@ def _has_id(blob: bytes, event_id: bytes) -> bool:
 def _written_user(blob: bytes, user_id: str) -> bool:
     """Whether ``blob`` (a slot's first) names ``user_id`` as its user."""
     at = blob.index(_SEP, _id_at(blob)) + 1
-    name = _dump(user_id)
+    name = dump_values(user_id)
     return blob.startswith(b"[" + name + b",", at)
 
 
@@ -274,7 +274,7 @@ def decode_event(blob: bytes, session_id: str, user_id: str,
     """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had);
     ``earlier``: the decoded values of the events before it in its session, for its texts held
     there (appended to with its own)."""
-    code, micros, offset_us, offset, size, event_id, body = _unpack(blob)
+    code, micros, offset_us, offset, size, event_id, body = unpack_event(blob)
     values = _load(body)
     for i in _TEXT_AT[code]:
         if isinstance(values[i], list):
@@ -410,36 +410,3 @@ def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason
 
 def _at(micros: int) -> datetime:
     return EPOCH + timedelta(microseconds=micros)
-
-
-# --- the changelog record -------------------------------------------------------------------
-
-#: first element of an :class:`OpenSlot`'s changelog record (other records: a SessionSlot's JSON)
-RECORD_TAG = "open1"
-
-
-def to_json(slot: OpenSlot) -> str:
-    """The changelog record of ``slot``: a JSON array, each event's values as it holds them (its
-    texts are not decoded and encoded again)."""
-    head = json.dumps([RECORD_TAG, slot.session_id, slot.user_id, slot.kafka_partition,
-                       slot.extra_bytes, slot.duplicates], separators=(",", ":"))
-    events = []
-    for blob in slot.blobs():
-        code, micros, offset_us, offset, size, event_id, values = _unpack(blob)
-        events.append(f"[{code},{micros},{offset_us},{offset},{size},{json.dumps(event_id)},"
-                      f"{values.decode('utf-8', 'surrogatepass')}]")
-    return f"{head[:-1]},[{','.join(events)}]]"
-
-
-def is_record(raw: str) -> bool:
-    return raw.startswith(f'["{RECORD_TAG}"')
-
-
-def from_json(raw: str, key: str | None = None) -> OpenSlot:
-    """The slot :func:`to_json` wrote (``key``: its table key, the session id, to share)."""
-    _, session_id, user_id, partition, extra, dups, events = json.loads(raw)
-    blobs = [_pack(code, micros, offset_us, offset, size, event_id,
-                   _dump(values))
-             for code, micros, offset_us, offset, size, event_id, values in events]
-    return OpenSlot(key if key == session_id else session_id, user_id, partition, extra,
-                    tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))

@@ -22,7 +22,7 @@ from faust.types import TP
 
 from prefstream.settings import Settings
 from prefstream.streams import metrics
-from prefstream.streams.core import compact
+from prefstream.streams.core import compact, compact_record
 from prefstream.streams.core.compact import OpenSlot, StoredSlot
 from prefstream.streams.core.sessionize import Clock, SessionSlot
 from prefstream.streams.worker.consumer import App
@@ -114,13 +114,15 @@ class TableStore:
 def slot_to_json(slot: StoredSlot) -> str:
     """A slot's changelog record: an open session in the compact record, else the model's JSON
     (the only record before compact state: still read, see :func:`slot_from_json`)."""
-    return compact.to_json(slot) if isinstance(slot, OpenSlot) else slot.model_dump_json()
+    if isinstance(slot, OpenSlot):
+        return compact_record.to_json(slot)
+    return slot.model_dump_json()
 
 
 def slot_from_json(raw: str, key: str | None = None) -> StoredSlot:
     """The slot of a changelog record, of either kind."""
-    if compact.is_record(raw):
-        return compact.from_json(raw, key)
+    if compact_record.is_record(raw):
+        return compact_record.from_json(raw, key)
     return compact.compact(SessionSlot.model_validate_json(raw), key)
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefstream.schemas.events import MAX_POSITION
-from prefstream.streams.core import compact
+from prefstream.streams.core import compact, compact_record
 from prefstream.streams.core.compact import OpenSlot, to_model
 from prefstream.streams.core.sessionize import (
     Clock,
@@ -79,7 +79,7 @@ def test_an_open_session_reads_back_as_the_model_it_was_built_as(evs):
     assert_same(to_model(held), slot)
     assert held == slot and held.open == slot.open
     assert compact.deadline(held, RULES) == deadline(slot.open, RULES)
-    assert_same(to_model(compact.from_json(compact.to_json(held), "s1")), slot)
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held), "s1")), slot)
 
 
 def test_texts_are_held_once_per_session():
@@ -96,7 +96,7 @@ def test_texts_are_held_once_per_session():
     assert [b.count(prompt.encode()) for b in held.blobs()] == [1, 0, 0, 0, 0]
     assert [b.count(answer.encode()) for b in held.blobs()] == [1, 1, 1, 0, 0]
     assert_same(to_model(held), slot)
-    assert_same(to_model(compact.from_json(compact.to_json(held))), slot)
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held))), slot)
     ps = PartitionSessions(Clock(kafka_partition=3), RULES)
     for offset, ev in enumerate(evs):  # appended one by one, the same
         ps.on_event(ev, offset=offset, arrival_ms=int(T0.timestamp() * 1000), size=offset * 7)
@@ -108,7 +108,7 @@ def test_a_session_of_another_user_than_its_first_event_keeps_both():
     other = SessionSlot(open=slot.open.model_copy(update={"user_id": "u9"}))
     held = compact.compact(other)
     assert held.user_id == "u9"
-    assert_same(to_model(compact.from_json(compact.to_json(held))), other)
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held))), other)
 
 
 def test_slots_with_closed_groups_stay_models():
