@@ -161,8 +161,19 @@ def _with_events(template: Session, items: tuple[SessionEvent, ...]) -> Session:
     })
 
 
-def clusters(session: Session, gap: timedelta) -> list[Session]:
-    """Split a session's events wherever event time has a gap of at least ``gap``.
+def splits(ts: datetime, start: datetime, last: datetime, gap: timedelta,
+           max_duration: timedelta | None) -> bool:
+    """Whether an event at ``ts`` (in event-time order) starts a new group after the group
+    ``start``..``last``: a gap of at least ``gap`` before it, or the group already spanning
+    ``max_duration`` at it. So no group is longer than the longest duration, however its events
+    keep arriving within the gap (each one would otherwise move the group's deadline on)."""
+    return ts - last >= gap or (max_duration is not None and ts - start >= max_duration)
+
+
+def clusters(session: Session, gap: timedelta,
+             max_duration: timedelta | None = None) -> list[Session]:
+    """Split a session's events wherever event time has a gap of at least ``gap``, or where a
+    group would reach ``max_duration`` (see :func:`splits`).
 
     Events arrive out of order, so two groups that looked a gap apart may still be bridged by a
     straggler: the split is decided only when the watermark closes a group (see :func:`expire`).
@@ -170,7 +181,8 @@ def clusters(session: Session, gap: timedelta) -> list[Session]:
     ordered = sorted(session.events, key=lambda i: (i.event.ts, i.offset))
     groups: list[list[SessionEvent]] = [[ordered[0]]]
     for item in ordered[1:]:
-        if item.event.ts - groups[-1][-1].event.ts >= gap:
+        if splits(item.event.ts, groups[-1][0].event.ts, groups[-1][-1].event.ts, gap,
+                  max_duration):
             groups.append([])
         groups[-1].append(item)
     members = [{id(i) for i in g} for g in groups]
@@ -204,7 +216,7 @@ def close_early(slot: SessionSlot, rules: SessionRules, reason: CloseReason) -> 
     if slot.open is None:
         return slot
     closed = tuple(ClosedSession(session=group.model_copy(update={"cut": True}), reason=reason)
-                   for group in clusters(slot.open, rules.gap))
+                   for group in clusters(slot.open, rules.gap, rules.max_duration))
     return SessionSlot(pending=(*slot.pending, *closed), held=slot.held)
 
 
@@ -256,7 +268,7 @@ def add_event(
 
 def _cap(slot: SessionSlot, session: Session, event_id: str, rules: SessionRules) -> SessionSlot:
     """Close the group the new event joined if it reached ``max_events``; others stay open."""
-    groups = clusters(session, rules.gap)
+    groups = clusters(session, rules.gap, rules.max_duration)
     full = next(g for g in groups if any(i.event.event_id == event_id for i in g.events))
     if len(full.events) < rules.max_events:
         return slot
@@ -323,7 +335,7 @@ def deadline(session: Session, rules: SessionRules) -> tuple[datetime, CloseReas
     start = last = times[0][0]
     ended_at = None
     for ts, is_end in times:
-        if ts - last >= rules.gap:
+        if splits(ts, start, last, rules.gap, rules.max_duration):
             break
         last = ts
         if is_end:
@@ -349,7 +361,7 @@ def expire(slot: SessionSlot, watermark: datetime, rules: SessionRules) -> Sessi
     release the held groups the watermark has passed."""
     released = tuple(c for c in slot.held if held_deadline(c) <= watermark)
     held = tuple(c for c in slot.held if held_deadline(c) > watermark)
-    groups = clusters(slot.open, rules.gap) if slot.open is not None else []
+    groups = clusters(slot.open, rules.gap, rules.max_duration) if slot.open is not None else []
     closed: list[ClosedSession] = []
     while groups and (due := _group_deadline(groups[0], rules))[0] <= watermark:
         closed.append(ClosedSession(session=groups.pop(0), reason=due[1]))

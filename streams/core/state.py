@@ -8,19 +8,27 @@ changelog.
 With ``max_open`` set, a partition holds at most that many open sessions: a new session beyond it
 closes the open session whose last event is the oldest early (reason ``evicted``), so a flood of
 one-event sessions (hostile or buggy producers) cannot grow the state without bound. A second heap,
-keyed by last event time, finds that session in O(log n); the limit is per Kafka partition, not
-per worker, so which sessions are evicted never depends on how partitions are assigned.
+keyed by last event time and kept while more than half the limit is open, finds that session in
+O(log n); the limit is per Kafka partition, not per worker, so which sessions are evicted never
+depends on how partitions are assigned.
+
+Open sessions are held compactly (:mod:`~prefstream.streams.core.compact`); every rule runs on
+the sessionizer's models, materialized for the few events that need more than a plain accept.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
+from prefstream.streams.core import compact
+from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
 from prefstream.streams.core.sessionize import (
+    EPOCH,
+    TICK,
     Clock,
     Outcome,
     Session,
@@ -36,11 +44,73 @@ from prefstream.streams.core.sessionize import (
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
 EVICTION_HEAP_SLACK = 1024
+#: stale entries the deadline heap may hold beyond two per slot before it is rebuilt
+DEADLINE_HEAP_SLACK = 1024
 
 
 def last_offset(session: Session) -> int:
     """The highest Kafka offset among a session's events and its duplicates' copies."""
     return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
+
+
+def _micros(ts: datetime) -> int:
+    """A time as µs since the epoch: what the heaps hold (an int is smaller than a datetime)."""
+    return (ts - EPOCH) // TICK
+
+
+def _open_last(slot: StoredSlot | None) -> int | None:
+    """The last event time (µs) of the open session of ``slot`` (None: nothing open)."""
+    if slot is None:
+        return None
+    if isinstance(slot, OpenSlot):
+        return slot.last_micros()
+    return _micros(slot.open.last) if slot.open is not None else None
+
+
+def _has_open(slot: StoredSlot | None) -> bool:
+    return isinstance(slot, OpenSlot) or (slot is not None and slot.open is not None)
+
+
+def _n_held(slot: StoredSlot | None) -> int:
+    return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
+
+
+def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
+    """:func:`next_deadline` in µs."""
+    due = compact.deadline(slot, rules)[0] if isinstance(slot, OpenSlot) else next_deadline(
+        slot, rules)
+    return None if due is None else _micros(due)
+
+
+def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
+    return compact.compact(slot, session_id) if isinstance(slot, SessionSlot) else slot
+
+
+def _adopted(session_id: str, slot: StoredSlot) -> StoredSlot:
+    """A loaded slot, held as :func:`_stored`; an ``OpenSlot`` copied, as it notes its deadline
+    (the store's own object may be loaded by another partition state too)."""
+    if isinstance(slot, OpenSlot):
+        return compact.copy(slot)
+    return _stored(session_id, slot)
+
+
+class SlotView(Mapping[str, SessionSlot]):
+    """The slots of a partition as the sessionizer's models (materialized on access)."""
+
+    def __init__(self, slots: dict[str, StoredSlot]) -> None:
+        self._slots = slots
+
+    def __getitem__(self, session_id: str) -> SessionSlot:
+        return to_model(self._slots[session_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._slots
 
 
 def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
@@ -57,7 +127,7 @@ class PartitionSessions:
         self,
         clock: Clock,
         rules: SessionRules,
-        slots: Iterable[tuple[str, SessionSlot]] = (),
+        slots: Iterable[tuple[str, StoredSlot]] = (),
         *,
         max_open: int | None = None,
     ) -> None:
@@ -66,26 +136,33 @@ class PartitionSessions:
         self.clock = clock
         self.rules = rules
         self.max_open = max_open
-        self.slots: dict[str, SessionSlot] = dict(slots)
-        self._heap: list[tuple[datetime, str]] = []
+        self._slots: dict[str, StoredSlot] = {sid: _adopted(sid, s) for sid, s in slots}
+        self._heap: list[tuple[int, str]] = []  # (deadline in µs, session id)
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
-        self._due: dict[str, datetime] = {}
-        # (last event time, session id) of open sessions, oldest first; an entry is stale once
+        self._due: dict[str, int] = {}  # an OpenSlot holds its own (``due``)
+        # (last event time in µs, session id) of open sessions, oldest first; an entry is stale once
         # its session closed or moved on, and is skipped when popped (lazy invalidation)
-        self._by_last: list[tuple[datetime, str]] = []
+        self._by_last: list[tuple[int, str]] = []
+        self._tracking = False  # whether _by_last is kept (see _track_last)
         self._n_open = 0
         self._evicted = 0
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
-        self._pending = {sid for sid, slot in self.slots.items() if slot.pending}
+        self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
-        for session_id, slot in self.slots.items():
-            self._schedule(session_id, slot)
-            self._n_open += slot.open is not None
-            self._n_held += len(slot.held)
-        self._rebuild_by_last()
+        for session_id, slot in self._slots.items():
+            self._schedule(session_id, slot, None)
+            self._n_open += _open_last(slot) is not None
+            self._n_held += _n_held(slot)
+        if self.max_open is not None and self._n_open > self.max_open // 2:
+            self._rebuild_by_last()
+
+    @property
+    def slots(self) -> SlotView:
+        """Each session id's state, as the sessionizer's models (read only)."""
+        return SlotView(self._slots)
 
     @property
     def open_sessions(self) -> int:
@@ -96,50 +173,89 @@ class PartitionSessions:
         """Open sessions plus held groups: the sessions whose rows are still to come."""
         return self._n_open + self._n_held
 
-    def _schedule(self, session_id: str, slot: SessionSlot) -> None:
-        due = next_deadline(slot, self.rules)
-        if due is None:
+    def _scheduled(self, session_id: str) -> int | None:
+        slot = self._slots.get(session_id)
+        return slot.due if isinstance(slot, OpenSlot) else self._due.get(session_id)
+
+    def _unschedule(self, session_id: str) -> None:
+        slot = self._slots.get(session_id)
+        if isinstance(slot, OpenSlot):
+            slot.due = None
+        self._due.pop(session_id, None)
+
+    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None) -> None:
+        """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
+        now), and push it to the heap if it moved."""
+        due = _next_deadline(slot, self.rules)
+        if isinstance(slot, OpenSlot):
+            slot.due = due
             self._due.pop(session_id, None)
-        elif self._due.get(session_id) != due:
+        elif due is None:
+            self._due.pop(session_id, None)
+        else:
             self._due[session_id] = due
+        if due is not None and due != before:
             heapq.heappush(self._heap, (due, session_id))
+            if len(self._heap) > 2 * len(self._slots) + DEADLINE_HEAP_SLACK:
+                self._rebuild_heap()
+
+    def _rebuild_heap(self) -> None:
+        """The deadline heap from the deadlines scheduled now: each event that moves a
+        session's deadline leaves a stale entry, and an entry is popped only once the watermark
+        reaches it (a day later, with a day's gap)."""
+        dues = ((self._scheduled(sid), sid) for sid in self._slots)
+        self._heap = [(due, sid) for due, sid in dues if due is not None]
+        heapq.heapify(self._heap)
 
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
-        if self.max_open is None:
-            return
-        self._by_last = [(slot.open.last, sid) for sid, slot in self.slots.items()
-                         if slot.open is not None]
+        self._tracking = True
+        lasts = ((_open_last(slot), sid) for sid, slot in self._slots.items())
+        self._by_last = [(last, sid) for last, sid in lasts if last is not None]
         heapq.heapify(self._by_last)
 
-    def _track_last(self, session_id: str, before: SessionSlot | None,
-                    after: SessionSlot | None) -> None:
+    def _track_last(self, session_id: str, before: StoredSlot | None,
+                    after: StoredSlot | None) -> None:
         """Keep the open and held counts, and an eviction heap entry for every open session's
         last event.
 
         An entry is added only when a session opens or its last event moves; the heap is
         rebuilt once stale entries outnumber live ones, so it stays O(open sessions) in size
         at an amortized O(log n) per event.
+
+        The heap is kept only while more than half of ``max_open`` sessions are open (built
+        from the open sessions when their number passes that, dropped when it falls under a
+        quarter): a partition far from its limit never evicts, and spares its memory.
         """
-        was = before.open if before is not None else None
-        now = after.open if after is not None else None
-        self._n_open += (now is not None) - (was is not None)
-        self._n_held += (len(after.held) if after is not None else 0) - (
-            len(before.held) if before is not None else 0)
-        if self.max_open is None or now is None or (was is not None and was.last == now.last):
-            return  # no limit, nothing open, or the session's entry is still live
-        heapq.heappush(self._by_last, (now.last, session_id))
+        self._n_open += _has_open(after) - _has_open(before)
+        self._n_held += _n_held(after) - _n_held(before)
+        if self.max_open is None:
+            return
+        if not self._tracking:
+            if self._n_open <= self.max_open // 2:
+                return
+            self._rebuild_by_last()  # from the slots before this change: the rest follows
+        elif self._n_open < self.max_open // 4:
+            self._by_last, self._tracking = [], False
+            return
+        was, now = _open_last(before), _open_last(after)
+        if now is None or (was is not None and was == now):
+            return  # nothing open, or the session's entry is still live
+        heapq.heappush(self._by_last, (now, session_id))
         if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
             self._rebuild_by_last()
 
-    def _put(self, session_id: str, slot: SessionSlot | None) -> None:
-        self._track_last(session_id, self.slots.get(session_id), slot)
+    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
+        if slot is not None:
+            slot = _stored(session_id, slot)
+        self._track_last(session_id, self._slots.get(session_id), slot)
         if slot is None:
-            self.slots.pop(session_id, None)
-            self._due.pop(session_id, None)
+            self._unschedule(session_id)
+            self._slots.pop(session_id, None)
         else:
-            self.slots[session_id] = slot
-            self._schedule(session_id, slot)
+            before = self._scheduled(session_id)
+            self._slots[session_id] = slot
+            self._schedule(session_id, slot, before)
         if slot is not None and slot.pending:
             self._pending.add(session_id)
         else:
@@ -150,16 +266,17 @@ class PartitionSessions:
                  size: int = 0) -> Outcome:
         """Apply one event; ``size``: its state bytes (:func:`~streams.core.sessionize.state_bytes`,
         0 = not counted)."""
-        before = self.slots.get(event.session_id)
-        slot, outcome = add_event(before, event, offset=offset, clock=self.clock,
+        stored = self._slots.get(event.session_id)
+        fast = None
+        if stored is None or isinstance(stored, OpenSlot):  # the hot path, held compactly
+            fast = compact.append(stored, event, offset=offset, clock=self.clock,
                                   rules=self.rules, size=size)
+        if fast is not None:
+            outcome: Outcome = "accepted"
+            self._put(event.session_id, fast)
+        else:
+            outcome = self._add(event, stored, offset, size)
         self.clock = self.clock.arrived(arrival_ms)
-        if outcome in ("accepted", "duplicate", "oversized") and slot is not before and (
-                slot is not None or before is not None):
-            if slot is not None:  # a closure appends to pending: count the byte bound's
-                added = slot.pending[len(before.pending) if before else 0:]
-                self._over_bytes += sum(c.reason == "max_bytes" for c in added)
-            self._put(event.session_id, slot)
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
@@ -171,10 +288,26 @@ class PartitionSessions:
             self._evict_over_limit(keep=event.session_id)
         return outcome
 
+    def _add(self, event: FeedbackEvent, stored: StoredSlot | None, offset: int,
+             size: int) -> Outcome:
+        """``event`` through the sessionizer's rules, on the slot as its model."""
+        before = None if stored is None else to_model(stored)
+        slot, outcome = add_event(before, event, offset=offset, clock=self.clock,
+                                  rules=self.rules, size=size)
+        if outcome in ("accepted", "duplicate", "oversized") and slot is not before and (
+                slot is not None or before is not None):
+            if slot is not None:  # a closure appends to pending: count the byte bound's
+                added = slot.pending[len(before.pending) if before else 0:]
+                self._over_bytes += sum(c.reason == "max_bytes" for c in added)
+            self._put(event.session_id, slot)
+        return outcome
+
     def holds(self, session_id: str, event_id: str) -> bool:
         """Whether the state of ``session_id`` holds an event with this id (open, held or
         pending): a copy of it is the session rules' to count."""
-        slot = self.slots.get(session_id)
+        slot = self._slots.get(session_id)
+        if isinstance(slot, OpenSlot):
+            return compact.holds(slot, event_id)
         return slot is not None and find(slot, event_id, -1) is not None
 
     def on_tick(self, wall_ms: int) -> None:
@@ -182,12 +315,13 @@ class PartitionSessions:
         self._expire()
 
     def _expire(self) -> None:
-        while self._heap and self._heap[0][0] <= self.clock.watermark:
+        watermark = _micros(self.clock.watermark)
+        while self._heap and self._heap[0][0] <= watermark:
             due, session_id = heapq.heappop(self._heap)
-            if self._due.get(session_id) != due:
+            if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
-            del self._due[session_id]
-            slot = self.slots[session_id]
+            self._unschedule(session_id)
+            slot = to_model(self._slots[session_id])
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)
@@ -204,13 +338,13 @@ class PartitionSessions:
         held = []
         while self._n_open > self.max_open:
             last, session_id = heapq.heappop(self._by_last)
-            slot = self.slots.get(session_id)
-            if slot is None or slot.open is None or slot.open.last != last:
+            slot = self._slots.get(session_id)
+            if slot is None or _open_last(slot) != last:
                 continue  # stale entry: the session closed or moved on
             if session_id == keep:
                 held.append((last, session_id))
                 continue
-            self._put(session_id, evict(slot, self.rules))
+            self._put(session_id, evict(to_model(slot), self.rules))
             self._evicted += 1
         for entry in held:
             heapq.heappush(self._by_last, entry)
@@ -229,7 +363,7 @@ class PartitionSessions:
         """The pending groups of each session with rows to write, in their latest state; given
         again until :meth:`forget_flushed` (a crash before then re-emits them: ids dedupe), to
         which a flush passes them once written."""
-        return {sid: self.slots[sid].pending for sid in self._pending}
+        return {sid: self._slots[sid].pending for sid in self._pending}
 
     def forget_flushed(self, resume_offset: int | None = None, *,
                        written: dict[str, tuple[ClosedSession, ...]] | None = None) -> None:
@@ -247,7 +381,7 @@ class PartitionSessions:
         stay pending for the next flush. ``None``: every pending group was written.
         """
         for session_id in list(self._pending):
-            slot = self.slots[session_id]
+            slot = to_model(self._slots[session_id])  # a model: it has pending groups
             if resume_offset is not None and any(last_offset(c.session) >= resume_offset
                                                  for c in slot.pending):
                 continue
@@ -260,8 +394,9 @@ class PartitionSessions:
                     continue
             self._put(session_id, flushed(slot))
 
-    def take_dirty(self) -> dict[str, SessionSlot | None]:
-        """Slots changed since the last checkpoint (``None`` = deleted)."""
-        dirty = {sid: self.slots.get(sid) for sid in self._dirty}
+    def take_dirty(self) -> dict[str, StoredSlot | None]:
+        """Slots changed since the last checkpoint (``None`` = deleted), as held: immutable,
+        open sessions compact (see :mod:`~prefstream.streams.core.compact`)."""
+        dirty = {sid: self._slots.get(sid) for sid in self._dirty}
         self._dirty = set()
         return dirty

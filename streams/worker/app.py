@@ -22,6 +22,8 @@ from faust.types import TP
 
 from prefstream.settings import Settings
 from prefstream.streams import metrics
+from prefstream.streams.core import compact, compact_record
+from prefstream.streams.core.compact import OpenSlot, StoredSlot
 from prefstream.streams.core.sessionize import Clock, SessionSlot
 from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import App
@@ -42,6 +44,14 @@ class TableStore:
 
     Checkpoints happen at flush time, outside the event that triggered them, so the partition of
     every key is the Kafka partition its session lives in, never Faust's "current event".
+
+    The table's in-memory data is not kept up to date: the pipeline holds the state, and the
+    changelog is its durable copy. Faust fills the data at recovery, when it takes a partition
+    over (from the changelog's start) and, for a partition it keeps across a rebalance, from
+    where its last recovery stopped reading: each record written since is read back then. So a
+    write here only drops the key's recovered value, no longer current, and the data holds the
+    latest record of every key whenever :meth:`load` reads it (docs/operations.md, "State
+    memory").
     """
 
     def __init__(self, table: Any) -> None:
@@ -69,7 +79,7 @@ class TableStore:
             await asyncio.gather(*(self.table.send_changelog(p, MARK_KEY.format(p), "1")
                                    for p in touched))
 
-    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, StoredSlot]]]:
         clock = None
         slots = []
         for key, value in list(self.table.data.items()):
@@ -79,29 +89,45 @@ class TableStore:
             if key == CLOCK_KEY.format(kafka_partition):
                 clock = _clock_from_json(value)
             elif not key.startswith("__"):
-                slot = SessionSlot.model_validate_json(value)
+                slot = slot_from_json(value, key)
                 if _slot_partition(slot) == kafka_partition:
                     slots.append((key, slot))
         return clock, slots
 
     def save(self, kafka_partition: int, clock: Clock,
-             slots: dict[str, SessionSlot | None]) -> None:
+             slots: dict[str, StoredSlot | None]) -> None:
         for key, slot in slots.items():
-            self._put(kafka_partition, key, None if slot is None else slot.model_dump_json())
+            self._put(kafka_partition, key, None if slot is None else slot_to_json(slot))
         self._put(kafka_partition, CLOCK_KEY.format(kafka_partition), _clock_to_json(clock))
 
     def _put(self, partition: int, key: str, value: str | None) -> None:
+        self.table.data.pop(key, None)  # a recovered value, no longer current (see above)
         if value is None:  # a tombstone, sent raw as Faust itself does for deletions
-            self.table.data.pop(key, None)
             sent = self.table.send_changelog(partition, key, None, value_serializer="raw")
         else:
-            self.table.data[key] = value
             sent = self.table.send_changelog(partition, key, value)
         self.in_flight.append(sent)
         self.touched.add(partition)
 
 
-def _slot_partition(slot: SessionSlot) -> int:
+def slot_to_json(slot: StoredSlot) -> str:
+    """A slot's changelog record: an open session in the compact record, else the model's JSON
+    (the only record before compact state: still read, see :func:`slot_from_json`)."""
+    if isinstance(slot, OpenSlot):
+        return compact_record.to_json(slot)
+    return slot.model_dump_json()
+
+
+def slot_from_json(raw: str, key: str | None = None) -> StoredSlot:
+    """The slot of a changelog record, of either kind."""
+    if compact_record.is_record(raw):
+        return compact_record.from_json(raw, key)
+    return compact.compact(SessionSlot.model_validate_json(raw), key)
+
+
+def _slot_partition(slot: StoredSlot) -> int:
+    if isinstance(slot, OpenSlot):
+        return slot.kafka_partition
     session = slot.open if slot.open is not None else (*slot.pending, *slot.held)[0].session
     return session.kafka_partition
 

@@ -34,9 +34,10 @@ from prefstream.storage.ids import StoredIds
 from prefstream.storage.partitions import partition_for, stamp
 from prefstream.storage.starts import StartLog
 from prefstream.storage.tables import release_free_memory
+from prefstream.streams.core.compact import StoredSlot
 from prefstream.streams.core.outputs import pseudonym, scrub_event, scrub_raw, session_rows
 from prefstream.streams.core.pairing import session_to_pairs
-from prefstream.streams.core.sessionize import EPOCH, Clock, SessionSlot, state_bytes
+from prefstream.streams.core.sessionize import EPOCH, Clock, state_bytes
 from prefstream.streams.core.state import PartitionSessions
 from prefstream.streams.metrics import Metrics
 from prefstream.streams.worker import crashpoints
@@ -67,7 +68,7 @@ class Batch:
 
 
 #: per Kafka partition: its clock and the slots changed since the last checkpoint (None: gone)
-Checkpoint = list[tuple[int, Clock, dict[str, SessionSlot | None]]]
+Checkpoint = list[tuple[int, Clock, dict[str, StoredSlot | None]]]
 
 
 @dataclass
@@ -87,11 +88,11 @@ class FlushJob:
 class StateStore(Protocol):
     """Where partition state is persisted (the Faust table in the worker)."""
 
-    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, StoredSlot]]]:
         ...
 
     def save(self, kafka_partition: int, clock: Clock,
-             slots: dict[str, SessionSlot | None]) -> None:
+             slots: dict[str, StoredSlot | None]) -> None:
         ...
 
 
@@ -423,13 +424,13 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.clocks: dict[int, Clock] = {}
-        self.slots: dict[int, dict[str, SessionSlot]] = defaultdict(dict)
+        self.slots: dict[int, dict[str, StoredSlot]] = defaultdict(dict)
 
-    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, SessionSlot]]]:
+    def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, StoredSlot]]]:
         return self.clocks.get(kafka_partition), list(self.slots[kafka_partition].items())
 
     def save(self, kafka_partition: int, clock: Clock,
-             slots: dict[str, SessionSlot | None]) -> None:
+             slots: dict[str, StoredSlot | None]) -> None:
         self.clocks[kafka_partition] = clock
         for key, slot in slots.items():
             if slot is None:

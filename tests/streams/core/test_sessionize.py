@@ -429,8 +429,10 @@ def test_deadline_is_the_earliest_of_gap_end_and_duration():
     assert deadline(_session(0, 10, ended=5), RULES) == (at(10) + TICK, "session_end")
     short = SessionRules(max_duration=timedelta(minutes=30))
     assert deadline(_session(0, 20), short) == (at(30), "max_duration")
-    assert deadline(_session(0, 20, 30), short) == (at(30) + TICK, "max_duration")
-    assert deadline(_session(0, 20, 40), short) == (at(40) + TICK, "max_duration")
+    # an event at or past start + max_duration starts the next group: the first one, [0, 20],
+    # closes when the duration runs out, however the later events keep coming within the gap
+    assert deadline(_session(0, 20, 30), short) == (at(30), "max_duration")
+    assert deadline(_session(0, 20, 40), short) == (at(30), "max_duration")
 
 
 def test_deadline_is_the_first_groups():
@@ -439,8 +441,8 @@ def test_deadline_is_the_first_groups():
     # was at(5): the first group [0, 5, 10] now waits until the watermark is past 10
     assert deadline(_session(0, 10, 50, ended=5), RULES) == (at(10) + TICK, "session_end")
     short = SessionRules(max_duration=timedelta(minutes=20))
-    # was at(20): the first group [0, 25] outlasts max_duration; it waits until past 25
-    assert deadline(_session(0, 25, 60), short) == (at(25) + TICK, "max_duration")
+    # 25 is past start + max_duration: the first group is [0] alone, closed when it runs out
+    assert deadline(_session(0, 25, 60), short) == (at(20), "max_duration")
     assert deadline(_session(0, 15, 60), short) == (at(20), "max_duration")
 
 
@@ -452,7 +454,7 @@ def test_deadline_equals_the_deadline_of_the_first_cluster(minutes, ended, durat
     """``deadline`` skips building the groups; it must agree with the groups it skips."""
     rules = SessionRules(max_duration=timedelta(minutes=duration))
     session = _session(*minutes, ended=ended)
-    first = clusters(session, rules.gap)[0]
+    first = clusters(session, rules.gap, rules.max_duration)[0]
     assert deadline(session, rules) == _group_deadline(first, rules)  # as ``expire`` sees it
 
 
@@ -582,8 +584,8 @@ rules_st = st.builds(
 
 @settings(max_examples=200, deadline=None)
 @given(open_sessions(), rules_st)
-def test_clusters_partition_a_session_at_gaps(session, rules):
-    groups = clusters(session, rules.gap)
+def test_clusters_partition_a_session_at_gaps_and_the_longest_duration(session, rules):
+    groups = clusters(session, rules.gap, rules.max_duration)
     assert sorted(i.offset for g in groups for i in g.events) == sorted(
         i.offset for i in session.events)
     for g in groups:
@@ -591,6 +593,7 @@ def test_clusters_partition_a_session_at_gaps(session, rules):
         times = sorted(i.event.ts for i in g.events)
         assert (g.start, g.last) == (times[0], times[-1])
         assert all(b - a < rules.gap for a, b in pairwise(times))
+        assert g.last - g.start < rules.max_duration
         ends = [i.event.ts for i in g.events if i.event.type == "session_end"]
         assert g.ended_at == (max(ends) if ends else None)
         mine = {i.event.event_id for i in g.events}
@@ -598,8 +601,9 @@ def test_clusters_partition_a_session_at_gaps(session, rules):
         assert g.n_duplicates == len(g.duplicates)
         assert (g.session_id, g.user_id, g.kafka_partition) == (
             session.session_id, session.user_id, session.kafka_partition)
-    for before, after in pairwise(groups):
-        assert after.start - before.last >= rules.gap
+    for before, after in pairwise(groups):  # split at a gap, or where the duration ran out
+        assert (after.start - before.last >= rules.gap
+                or after.start - before.start >= rules.max_duration)
     assert sum(g.n_duplicates for g in groups) == session.n_duplicates == len(session.duplicates)
 
 
@@ -608,7 +612,7 @@ def test_clusters_partition_a_session_at_gaps(session, rules):
 def test_expire_closes_exactly_the_due_leading_groups(session, rules, minute, later):
     """``deadline`` is the earliest group deadline; ``expire`` closes the leading groups whose own
     deadline the watermark reached, keeps the others open, and two steps equal one."""
-    groups = clusters(session, rules.gap)
+    groups = clusters(session, rules.gap, rules.max_duration)
     slot = SessionSlot(open=session)
     watermark = at(minute)
     closed_slot = expire(slot, watermark, rules)
@@ -629,7 +633,7 @@ def test_expire_closes_exactly_the_due_leading_groups(session, rules, minute, la
     if n_due == len(groups):
         assert closed_slot.open is None
     else:
-        assert clusters(closed_slot.open, rules.gap) == groups[n_due:]
+        assert clusters(closed_slot.open, rules.gap, rules.max_duration) == groups[n_due:]
         assert deadline(closed_slot.open, rules)[0] > watermark
     end = watermark + timedelta(minutes=later)
     assert expire(closed_slot, end, rules) == expire(slot, end, rules)

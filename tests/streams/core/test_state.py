@@ -11,6 +11,7 @@ from itertools import pairwise
 
 import pytest
 from factories import T0, at, event
+from helpers.core import pending
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -29,13 +30,6 @@ def ms(minute: float) -> int:
 
 def fresh(rules: SessionRules = RULES, max_open: int | None = None) -> PartitionSessions:
     return PartitionSessions(Clock(kafka_partition=0), rules, max_open=max_open)
-
-
-def pending(ps: PartitionSessions) -> list[ClosedSession]:
-    """The closed groups still to be written, in the order a flush writes them (by session id,
-    then group): they stay pending until ``forget_flushed``."""
-    groups = ps.pending_groups()
-    return [c for sid in sorted(groups) for c in groups[sid]]
 
 
 def ids(closed: ClosedSession) -> list[str]:
@@ -774,3 +768,21 @@ def test_restart_and_replay_gives_the_same_sessions_under_the_limit(messages, ru
     back.on_tick(FAR_MS)
     emitted += pending(back)
     assert canon(emitted) == canon(reference)
+
+
+def test_a_session_fed_within_the_gap_still_closes_at_its_longest_duration():
+    """Events a little under a gap apart, each arriving before the watermark reaches the last
+    one: every event used to join the group and move its deadline on, so the group outlasted
+    max_duration without bound (found by the property test above). An event at or past the
+    group's start + max_duration now starts the next group."""
+    rules = SessionRules(max_duration=timedelta(minutes=60))
+    ps = fresh(rules, None)
+    for k in range(8):  # 12:00, 12:25, ... 14:55: each 25 minutes after the one before
+        minute = 25 * k
+        assert ps.on_event(event(minute=minute, event_id=f"e{k}"), offset=k,
+                           arrival_ms=ms(minute)) == "accepted"
+    ps.on_tick(FAR_MS)
+    groups = pending(ps)
+    assert [len(c.session.events) for c in groups] == [3, 3, 2]  # [0, 25, 50] [75, 100, 125] ...
+    assert all(c.session.last - c.session.start < rules.max_duration for c in groups)
+    assert [c.reason for c in groups] == ["max_duration", "max_duration", "gap"]

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 from prefstream.schemas.events import MAX_TEXT_CHARS, MAX_WALL_MS
 from prefstream.settings import Settings
 from prefstream.storage.files import init_data_dir, read_table
-from prefstream.streams.core.sessionize import Clock, SessionSlot
+from prefstream.streams.core.compact import StoredSlot
+from prefstream.streams.core.sessionize import Clock
+from prefstream.streams.worker.app import slot_to_json
 from prefstream.streams.worker.pipeline import (
     MemoryStore,
     Pipeline,
@@ -160,10 +162,10 @@ class MeasuredStore(MemoryStore):
         self.largest = 0
 
     def save(self, kafka_partition: int, clock: Clock,
-             slots: dict[str, SessionSlot | None]) -> None:
+             slots: dict[str, StoredSlot | None]) -> None:
         for slot in slots.values():
             if slot is not None:
-                record = codecs.dumps("json", slot.model_dump_json())
+                record = codecs.dumps("json", slot_to_json(slot))
                 self.largest = max(self.largest, len(record))
         super().save(kafka_partition, clock, slots)
 

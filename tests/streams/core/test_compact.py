@@ -1,0 +1,238 @@
+"""Open sessions held compactly (streams.core.compact): the same state as the sessionizer's
+models, read back exactly, through the changelog record too, and the one step done compactly
+(a plain accept) decided as the sessionizer decides it."""
+
+from __future__ import annotations
+
+from datetime import timedelta, timezone
+
+from factories import T0, at, event
+from helpers.core import pending
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prefstream.schemas.events import MAX_POSITION
+from prefstream.streams.core import compact, compact_record
+from prefstream.streams.core.compact import OpenSlot, to_model
+from prefstream.streams.core.sessionize import (
+    Clock,
+    SessionRules,
+    SessionSlot,
+    add_event,
+    deadline,
+    expire,
+    state_bytes,
+)
+from prefstream.streams.core.state import DEADLINE_HEAP_SLACK, PartitionSessions
+
+RULES = SessionRules()  # gap 30 min, grace 5 min, 500 events, 6 h
+KINDS = ("impression", "click", "copy", "thumbs_up", "thumbs_down", "regenerate", "edit",
+         "reformulate", "session_end")
+_SHARED = ("How do I sort a dict by value?", 'Re: "How do I sort a dict by value?" again',
+           "Grüße aus Köln: wie geht's dir heute? \\", "x" * 24)
+_text = st.sampled_from(_SHARED) | st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40)
+
+
+@st.composite
+def events(draw: st.DrawFn, n: int) -> list:
+    """``n`` events of one session: any type, texts, users, minutes and UTC offsets."""
+    out = []
+    for i in range(n):
+        kind = draw(st.sampled_from(KINDS))
+        zone = timezone(timedelta(minutes=draw(st.sampled_from((0, 0, 60, -330, 765)))))
+        fields = {}
+        if kind == "impression":
+            fields = dict(prompt=draw(_text), response_text=draw(_text),
+                          position=draw(st.integers(0, MAX_POSITION)))
+        elif kind == "edit":
+            fields = dict(edited_text=draw(_text))
+        ev = event(kind, event_id=f"e{i}", user_id=draw(st.sampled_from(("u1", "u1", "ü2"))),
+                   **fields)
+        ts = at(draw(st.integers(0, 600)) + draw(st.integers(0, 999_999)) / 6e7)
+        out.append(ev.model_copy(update={"ts": ts.astimezone(zone)}))
+    return out
+
+
+def slot_of(evs: list, rules: SessionRules = RULES) -> SessionSlot:
+    slot = None
+    for offset, ev in enumerate(evs):
+        slot, outcome = add_event(slot, ev, offset=offset, clock=Clock(kafka_partition=3),
+                                  rules=rules, size=offset * 7)
+        assert outcome == "accepted"
+    return slot
+
+
+def assert_same(got: SessionSlot, want: SessionSlot) -> None:
+    """Equal, and every time in the same UTC offset (equality alone compares instants)."""
+    assert got == want
+    for a, b in zip(got.open.events, want.open.events, strict=True):
+        assert a.event.ts.isoformat() == b.event.ts.isoformat()
+        assert type(a.event) is type(b.event)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events(1) | st.integers(2, 6).flatmap(events))
+def test_an_open_session_reads_back_as_the_model_it_was_built_as(evs):
+    slot = slot_of(evs)
+    held = compact.compact(slot, "s1")
+    assert isinstance(held, OpenSlot)
+    assert_same(to_model(held), slot)
+    assert held == slot and held.open == slot.open
+    assert compact.deadline(held, RULES) == deadline(slot.open, RULES)
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held), "s1")), slot)
+
+
+def test_texts_are_held_once_per_session():
+    """A prompt shown with several answers, an answer shown again: each long text is held by
+    the first event that has it, the others refer to it."""
+    prompt, answer = "How do I sort a dict by value?", "Use sorted(d.items(), key=...)."
+    evs = [event("impression", response_id=r, prompt=prompt, response_text=f"{answer} {r}",
+                 minute=i) for i, r in enumerate("abc")]
+    evs += [event("impression", response_id="a", prompt=prompt, response_text=f"{answer} a",
+                  minute=4),
+            event("reformulate", prompt=prompt, minute=5)]
+    slot = slot_of(evs)
+    held = compact.compact(slot)
+    assert [b.count(prompt.encode()) for b in held.blobs()] == [1, 0, 0, 0, 0]
+    assert [b.count(answer.encode()) for b in held.blobs()] == [1, 1, 1, 0, 0]
+    assert_same(to_model(held), slot)
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held))), slot)
+    ps = PartitionSessions(Clock(kafka_partition=3), RULES)
+    for offset, ev in enumerate(evs):  # appended one by one, the same
+        ps.on_event(ev, offset=offset, arrival_ms=int(T0.timestamp() * 1000), size=offset * 7)
+    assert ps._slots["s1"].blobs() == held.blobs()
+
+
+def test_a_session_of_another_user_than_its_first_event_keeps_both():
+    slot = slot_of([event(user_id="u1"), event(user_id="u2", minute=1)])
+    other = SessionSlot(open=slot.open.model_copy(update={"user_id": "u9"}))
+    held = compact.compact(other)
+    assert held.user_id == "u9"
+    assert_same(to_model(compact_record.from_json(compact_record.to_json(held))), other)
+
+
+def test_slots_with_closed_groups_stay_models():
+    slot = slot_of([event(minute=0), event(minute=40)])
+    closed = expire(slot, at(31), RULES)
+    assert closed.pending and closed.open is not None
+    assert compact.compact(closed) is closed
+    assert compact.compact(SessionSlot(pending=closed.pending)).pending == closed.pending
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5).flatmap(events), events(1), st.integers(0, 700),
+       st.sampled_from((None, 64 * 1024)), st.integers(2, 4))
+def test_the_compact_accept_is_the_sessionizers(evs, new, watermark_minute, max_bytes, cap):
+    """Whenever ``compact.append`` accepts an event, the sessionizer accepts it into the same
+    state; otherwise it leaves the event to the sessionizer."""
+    rules = SessionRules(max_bytes=max_bytes, max_events=cap)
+    clock = Clock(kafka_partition=3, watermark=at(watermark_minute))
+    evs = evs[:cap - 1]
+    slot = slot_of(evs, rules)
+    [ev] = new
+    for candidate in (ev, evs[0].model_copy(update={"ts": ev.ts})):  # new id, then a copy
+        size = state_bytes(candidate.model_dump_json().encode()) * 40
+        fast = compact.append(compact.compact(slot), candidate, offset=99, clock=clock,
+                              rules=rules, size=size)
+        want, outcome = add_event(slot, candidate, offset=99, clock=clock, rules=rules,
+                                  size=size)
+        if fast is not None:
+            assert outcome == "accepted"
+            assert_same(to_model(fast), want)
+        first = compact.append(None, candidate, offset=99, clock=clock, rules=rules, size=size)
+        want, outcome = add_event(None, candidate, offset=99, clock=clock, rules=rules,
+                                  size=size)
+        if first is not None:
+            assert outcome == "accepted"
+            assert_same(to_model(first), want)
+
+
+def test_plain_accepts_are_done_compactly_and_the_rest_by_the_rules():
+    ps = PartitionSessions(Clock(kafka_partition=0), RULES)
+    ms = int(T0.timestamp() * 1000)
+    a, b = event(minute=0), event(minute=1)
+    assert ps.on_event(a, offset=0, arrival_ms=ms) == "accepted"
+    assert ps.on_event(b, offset=1, arrival_ms=ms) == "accepted"
+    assert isinstance(ps._slots["s1"], OpenSlot)
+    assert ps.on_event(a, offset=2, arrival_ms=ms) == "duplicate"
+    assert ps.slots["s1"].open.duplicates == ((2, a.event_id),)
+    assert isinstance(ps._slots["s1"], OpenSlot)  # a counted duplicate is held compactly too
+    assert ps.holds("s1", b.event_id) and not ps.holds("s1", "nope")
+
+
+def test_the_eviction_heap_is_kept_only_near_the_limit():
+    """Kept while more than half of ``max_open`` sessions are open, rebuilt when they are again:
+    the oldest session is evicted either way."""
+    ps = PartitionSessions(Clock(kafka_partition=0), RULES, max_open=8)
+    ms = int(T0.timestamp() * 1000)
+
+    def open_session(sid: str, minute: float, offset: int) -> None:
+        assert ps.on_event(event(minute=minute, session_id=sid), offset=offset,
+                           arrival_ms=ms) == "accepted"
+
+    for i in range(4):
+        open_session(f"a{i}", 10 - i, i)
+    assert not ps._tracking and ps._by_last == []
+    for i in range(4, 9):  # s8 is one too many: the oldest (a3, minute 7) goes
+        open_session(f"a{i}", 20 + i, i)
+    assert ps._tracking and ps.open_sessions == 8 and ps.take_evicted() == 1
+    assert [c.session.session_id for c in pending(ps)] == ["a3"]
+    ps.on_tick(ms + 24 * 3_600_000)  # everything closes: the heap goes
+    assert ps.open_sessions == 0 and not ps._tracking and ps._by_last == []
+    ps.forget_flushed()
+    ms += 24 * 3_600_000
+    for i in range(9):
+        open_session(f"b{i}", 24 * 60 + 50 - i, 100 + i)  # b8 is the oldest, and the new one
+    assert ps.take_evicted() == 1
+    assert [c.session.session_id for c in pending(ps)] == ["b7"]
+
+
+def test_the_deadline_heap_stays_proportional_to_the_slots():
+    """Each event moving a session's deadline leaves a stale entry, popped only when the
+    watermark reaches it; rebuilding drops them, and every session still closes on time."""
+    ps = PartitionSessions(Clock(kafka_partition=0), RULES)
+    ms = int(T0.timestamp() * 1000)
+    n = 3 * DEADLINE_HEAP_SLACK // 2
+    for offset in range(n):
+        assert ps.on_event(event(minute=offset / 100, session_id=f"s{offset % 30}"),
+                           offset=offset, arrival_ms=ms) == "accepted"
+    assert len(ps._heap) <= 2 * 30 + DEADLINE_HEAP_SLACK + 1
+    ps.on_tick(ms + 24 * 3_600_000)
+    closed = pending(ps)
+    assert sorted(c.session.session_id for c in closed) == sorted(f"s{i}" for i in range(30))
+    assert sum(len(c.session.events) for c in closed) == n
+
+
+def test_bounds_are_read_from_the_events_and_others_keep_the_model():
+    """The first event in arrival order among equal times gives each bound (as ``min`` and
+    ``max`` keep the first); a session whose bounds are not its events' stays a model."""
+    plus_one = timezone(timedelta(hours=1))
+    evs = [event(minute=5), event(minute=0), event("session_end", minute=5),
+           event(minute=0).model_copy(update={"ts": at(0).astimezone(plus_one)})]
+    slot = slot_of(evs)
+    held = compact.compact(slot)
+    assert (held.start.isoformat(), held.last, held.ended_at) == (
+        at(0).isoformat(), slot.open.last, slot.open.ended_at)
+    assert_same(to_model(held), slot)
+    odd = SessionSlot(open=slot.open.model_copy(update={"start": at(-1)}))
+    assert compact.compact(odd) is odd
+
+
+def test_the_models_have_nothing_model_construct_would_add():
+    """``compact._construct`` sets what ``model_construct`` sets for models without private
+    attributes, post-init or defaults left out: the same model."""
+    from prefstream.schemas.events import EVENT_TYPES
+    from prefstream.schemas.records import Session, SessionEvent
+
+    for cls in (*EVENT_TYPES, SessionEvent, Session, SessionSlot):
+        assert cls.__pydantic_post_init__ is None and not cls.__private_attributes__
+    slot = slot_of([event("impression", minute=0), event("edit", minute=1)])
+    built = to_model(compact.compact(slot))
+    for a, b in zip(built.open.events, slot.open.events, strict=True):
+        again = type(a.event).model_construct(**dict(a.event))
+        assert vars(a.event) == vars(again) and list(vars(a.event)) == list(vars(b.event))
+        assert a.event.model_fields_set == again.model_fields_set
+    for model, cls in ((built, SessionSlot), (built.open, Session),
+                       (built.open.events[0], SessionEvent)):
+        assert list(vars(model)) == list(cls.model_fields)
