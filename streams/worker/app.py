@@ -4,7 +4,8 @@ watermark ticker. The durability protocol is :class:`~prefstream.streams.worker.
 :class:`~prefstream.streams.worker.rebalance.Rebalance`'s.
 
 The agent reads raw bytes (Faust would commit and drop undecodable messages before our code saw
-them), hands each record to the :class:`~streams.worker.pipeline.Pipeline`, and acknowledges offsets
+them), relays each batch of records to the :class:`~streams.worker.pipeline.Pipeline`, which runs
+in a process of its own (:mod:`~prefstream.streams.worker.offload`), and acknowledges offsets
 only after a flush made the batch durable: at-least-once delivery, idempotent rows.
 """
 
@@ -25,9 +26,9 @@ from prefstream.streams import metrics
 from prefstream.streams.core.sessionize import Clock, SessionSlot
 from prefstream.streams.worker.consumer import App
 from prefstream.streams.worker.crashpoints import CrashPoints
-from prefstream.streams.worker.flush import Flusher
+from prefstream.streams.worker.offload import Record, RemoteFlusher, RemotePipeline
 from prefstream.streams.worker.offsetguard import DROP, HANDLE
-from prefstream.streams.worker.pipeline import Pipeline, SideMessage
+from prefstream.streams.worker.pipeline import SideMessage
 from prefstream.streams.worker.rebalance import Rebalance
 from prefstream.streams.worker.ticks import sign_tick
 
@@ -159,13 +160,20 @@ def create_app(settings: Settings) -> faust.App:
                       key_type=str, value_type=str)
     crash = CrashPoints.from_env()  # empty unless a crash test asks
     store = TableStore(table, crash)
-    pipeline = Pipeline(settings, store, crash=crash)
-    flusher = Flusher(app, pipeline, store, crash)
-    rebalance = Rebalance(app, settings, flusher, crash)
 
     async def send_side(messages: list[SideMessage]) -> None:
         for m in messages:
             await side[m.topic].send(key=m.key, value=m.value)
+
+    # the pipeline runs in a process of its own, fed whole batches (see streams.worker.offload)
+    pipeline = RemotePipeline(settings, store, send_side, app.crash,
+                              stopping=lambda: bool(app.should_stop))
+    flusher = RemoteFlusher(app, pipeline, store, crash)  # type: ignore[arg-type]
+    rebalance = Rebalance(app, settings, flusher, crash)
+
+    @app.task
+    async def start_pipeline() -> None:  # while Faust joins the group and recovers the table
+        await pipeline.start()
 
     @app.agent(events, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
@@ -189,7 +197,7 @@ def create_app(settings: Settings) -> faust.App:
                 await handle_batch(batch)
 
     async def handle_batch(batch: list[Any]) -> None:
-        side_messages: list[SideMessage] = []
+        records: list[Record] = []
         stale = 0
         rewind: dict[TP, int] = {}
         for event in batch:
@@ -206,17 +214,17 @@ def create_app(settings: Settings) -> faust.App:
                                 "from %d again", msg.topic, msg.partition, msg.offset, verdict,
                                 msg.offset - 1, verdict)
                 continue
-            side_messages += pipeline.handle(
-                topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                key=msg.key, value=msg.value, timestamp_ms=int(msg.timestamp * 1000))
+            records.append((msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                            int(msg.timestamp * 1000)))
             flusher.handled(msg.tp, msg.offset)
         if stale:
             log.info("dropped %d events fetched before the last rebalance: whoever owns "
                      "their partitions now reads them from the committed offsets", stale)
         for tp, offset in rewind.items():
             await rebalance.seek_back(tp, offset)
+        if records:  # the side records come back from the pipeline process on their own
+            await pipeline.relay(records)
         crash.reach("handle", len(batch))
-        await send_side(side_messages)
         if pipeline.due():
             await flusher.flush()
 
