@@ -26,7 +26,12 @@ from prefstream.streams import metrics
 from prefstream.streams.core.sessionize import Clock, SessionSlot
 from prefstream.streams.worker.consumer import App
 from prefstream.streams.worker.crashpoints import CrashPoints
-from prefstream.streams.worker.offload import Record, RemoteFlusher, RemotePipeline
+from prefstream.streams.worker.offload import (
+    Record,
+    RemoteFlusher,
+    RemotePipeline,
+    force_exit_later,
+)
 from prefstream.streams.worker.offsetguard import DROP, HANDLE
 from prefstream.streams.worker.pipeline import SideMessage
 from prefstream.streams.worker.rebalance import Rebalance
@@ -166,7 +171,11 @@ def create_app(settings: Settings) -> faust.App:
             await side[m.topic].send(key=m.key, value=m.value)
 
     # the pipeline runs in a process of its own, fed whole batches (see streams.worker.offload)
-    pipeline = RemotePipeline(settings, store, send_side, app.crash,
+    async def pipeline_died(exc: BaseException) -> None:
+        force_exit_later()  # never hang on a stop that waits for the dead process
+        await app.crash(exc)
+
+    pipeline = RemotePipeline(settings, store, send_side, pipeline_died,
                               stopping=lambda: bool(app.should_stop))
     flusher = RemoteFlusher(app, pipeline, store, crash)  # type: ignore[arg-type]
     rebalance = Rebalance(app, settings, flusher, crash)

@@ -46,11 +46,18 @@ PIPE_BYTES = 1 << 20
 DEAD_GRACE_S = 30.0  # a worker whose pipeline process died is stopped within this
 
 
-def _exit_after_dead_child() -> None:
-    log.critical("the worker did not stop within %.0f s of its pipeline process's end: "
-                 "exiting now", DEAD_GRACE_S)
-    logging.shutdown()
-    os._exit(1)
+def force_exit_later(grace_s: float = DEAD_GRACE_S) -> None:
+    """Exit this process in ``grace_s`` unless it ended before: a worker whose pipeline
+    process died must stop, and a graceful stop could wait on it."""
+    def force() -> None:
+        log.critical("the worker did not stop within %.0f s of its pipeline process's end: "
+                     "exiting now", grace_s)
+        logging.shutdown()
+        os._exit(1)
+
+    timer = threading.Timer(grace_s, force)
+    timer.daemon = True
+    timer.start()
 
 
 class ChildDied(RuntimeError):
@@ -191,8 +198,6 @@ class RemotePipeline:
             return
         log.critical("%s: stopping the worker; nothing it handled since the last commit is "
                      "committed, a restart reads it again", self.dead)
-        # never hang: a stop that does not come within the grace period is forced
-        threading.Timer(DEAD_GRACE_S, _exit_after_dead_child).start()
         await self.on_dead(self.dead)
 
     # -- what the agent and the flusher call -------------------------------------------------
