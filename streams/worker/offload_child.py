@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 from prefstream.logs import JsonFormatter
 from prefstream.streams.core.sessionize import Clock, SessionSlot
-from prefstream.streams.worker.crashpoints import CrashPoints
+from prefstream.streams.worker.crashpoints import CRASH_ENV, CrashPoints
 from prefstream.streams.worker.pipeline import Checkpoint, FlushJob, Pipeline
 
 log = logging.getLogger(__name__)
@@ -99,10 +99,17 @@ class WorkerCrashPoints(CrashPoints):
     the flush ran in the agent's process."""
 
     def reach(self, point: str, n: int = 1) -> None:
-        if (point in self.points and not self.fired
-                and self.reached[point] + n >= self.points[point]):
-            os.kill(os.getppid(), self.sig)
-        super().reach(point, n)
+        if point not in self.points or self.fired:
+            return
+        self.reached[point] += n
+        if self.reached[point] >= self.points[point]:
+            log.warning("crash point %s reached %d times: sending %s to this worker (%s)",
+                        point, self.reached[point], self.sig.name, CRASH_ENV)
+            self.fired = True
+            if self.sig == signal.SIGKILL:
+                logging.shutdown()
+            os.kill(os.getppid(), self.sig)  # the agent's process first: the worker
+            os.kill(os.getpid(), self.sig)  # then this one (SIGTERM is ignored here)
 
 
 class Child:
