@@ -214,7 +214,10 @@ class RemotePipeline:
         self._send(("handle", records))
         self._events_since_flush += len(records)
         assert self.writer is not None
-        await self.writer.drain()
+        try:
+            await self.writer.drain()
+        except ConnectionError:  # it died meanwhile: its reader reports it and stops the worker
+            pass
 
     def due(self) -> bool:
         """As ``Pipeline.due``: enough events, or events waiting ``flush_interval_s``."""
