@@ -164,8 +164,10 @@ class RemotePipeline:
                 await self._on(pickle.loads(await reader.readexactly(size)))
         except asyncio.IncompleteReadError:
             pass  # the child closed its end: it is exiting
-        except Exception as exc:
+        except Exception as exc:  # a reply it cannot act on: end the child, fail its flushes
             log.exception("reading from the pipeline process failed: %r", exc)
+            assert self.proc is not None
+            self.proc.kill()
         assert self.proc is not None
         while self.proc.poll() is None:  # it closed its end: it is about to exit
             await asyncio.sleep(0.05)

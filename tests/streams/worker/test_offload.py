@@ -150,3 +150,26 @@ def test_a_dead_pipeline_process_fails_its_flushes_and_stops_the_worker(
         asyncio.run(run())
     assert isinstance(worker.deaths[0], ChildDied)
     assert "stopping the worker" in caplog.text and "signal 9" in caplog.text
+
+
+def test_side_records_that_cannot_be_sent_end_the_pipeline_process_and_fail_the_flush(
+    tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "live", partitions=PARTITIONS, metrics_port=0)
+    init_data_dir(settings.data_dir)
+    worker = Worker(settings)
+
+    async def refuse(messages: list[SideMessage]) -> None:
+        raise RuntimeError("the producer is gone")
+
+    worker.pipeline.send_side = refuse
+
+    async def run() -> None:
+        await worker.relay(stream(300))  # holds malformed messages: dead letters to send
+        job = worker.pipeline.start_flush()
+        with pytest.raises(ChildDied):  # never committed, and never waited for forever
+            async with asyncio.timeout(30):
+                await job.written
+
+    asyncio.run(run())
+    assert len(worker.deaths) == 1
