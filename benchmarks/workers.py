@@ -108,10 +108,32 @@ def wait_consuming(settings: Settings, deadline: Deadline) -> None:
 
 
 def memory_mb(pid: int) -> dict[str, float]:
-    """Resident set now (``VmRSS``) and its peak (``VmHWM``) of a process, in MiB."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = round(int(value.split()[0]) / 1024, 1)
-    return {"rss_mb": found.get("VmRSS", float("nan")), "peak_mb": found.get("VmHWM", float("nan"))}
+    """Resident set now (``VmRSS``) and its peak (``VmHWM``) of a process and every process it
+    started (the worker's pipeline process), in MiB; the peak is the sum of each one's peak, an
+    upper bound of the whole's."""
+    found = {"VmRSS": 0.0, "VmHWM": 0.0}
+    for each in _process_tree(pid):
+        try:
+            status = Path(f"/proc/{each}/status").read_text()
+        except FileNotFoundError:  # ended meanwhile
+            continue
+        for line in status.splitlines():
+            name, _, value = line.partition(":")
+            if name in found:
+                found[name] += int(value.split()[0]) / 1024
+    if not found["VmRSS"]:
+        return {"rss_mb": float("nan"), "peak_mb": float("nan")}
+    return {"rss_mb": round(found["VmRSS"], 1), "peak_mb": round(found["VmHWM"], 1)}
+
+
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux: each thread's ``children`` file)."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for children in Path(f"/proc/{tree[i]}/task").glob("*/children"):
+            try:
+                tree += [int(c) for c in children.read_text().split()]
+            except FileNotFoundError:
+                pass
+        i += 1
+    return tree

@@ -64,6 +64,17 @@ class Metrics:
         with self._lock:
             return self._values[name].get(tuple(sorted(labels.items())), 0.0)
 
+    def snapshot(self) -> dict[str, dict[Labels, float]]:
+        """Every series' value now (to copy them into another process's :class:`Metrics`)."""
+        with self._lock:
+            return {name: dict(series) for name, series in self._values.items()}
+
+    def update(self, snapshot: dict[str, dict[Labels, float]]) -> None:
+        """Set every series of ``snapshot`` (another :class:`Metrics`' values) here."""
+        with self._lock:
+            for name, series in snapshot.items():
+                self._values[name].update(series)
+
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
         with self._lock:

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import json
 
-from prefstream.streams.core.compact import OpenSlot, dump_values, pack_event, unpack_event
+from prefstream.streams.core import compact
+from prefstream.streams.core.compact import (
+    OpenSlot,
+    StoredSlot,
+    dump_values,
+    pack_event,
+    unpack_event,
+)
+from prefstream.streams.core.sessionize import SessionSlot
 
 #: first element of an :class:`OpenSlot`'s changelog record (other records: a SessionSlot's JSON)
 RECORD_TAG = "open1"
@@ -41,3 +49,18 @@ def from_json(raw: str, key: str | None = None) -> OpenSlot:
              for code, micros, offset_us, offset, size, event_id, values in events]
     return OpenSlot(key if key == session_id else session_id, user_id, partition, extra,
                     tuple((o, e) for o, e in dups), blobs[0] if len(blobs) == 1 else tuple(blobs))
+
+
+def slot_to_json(slot: StoredSlot) -> str:
+    """A slot's changelog record: an open session in the compact record, else the model's JSON
+    (the only record before compact state: still read, see :func:`slot_from_json`)."""
+    if isinstance(slot, OpenSlot):
+        return to_json(slot)
+    return slot.model_dump_json()
+
+
+def slot_from_json(raw: str, key: str | None = None) -> StoredSlot:
+    """The slot of a changelog record, of either kind."""
+    if is_record(raw):
+        return from_json(raw, key)
+    return compact.compact(SessionSlot.model_validate_json(raw), key)

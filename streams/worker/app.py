@@ -4,7 +4,8 @@ watermark ticker. The durability protocol is :class:`~prefstream.streams.worker.
 :class:`~prefstream.streams.worker.rebalance.Rebalance`'s.
 
 The agent reads raw bytes (Faust would commit and drop undecodable messages before our code saw
-them), hands each record to the :class:`~streams.worker.pipeline.Pipeline`, and acknowledges offsets
+them), relays each batch of records to the :class:`~streams.worker.pipeline.Pipeline`, which runs
+in a process of its own (:mod:`~prefstream.streams.worker.offload`), and acknowledges offsets
 only after a flush made the batch durable: at-least-once delivery, idempotent rows.
 """
 
@@ -22,14 +23,19 @@ from faust.types import TP
 
 from prefstream.settings import Settings
 from prefstream.streams import metrics
-from prefstream.streams.core import compact, compact_record
 from prefstream.streams.core.compact import OpenSlot, StoredSlot
-from prefstream.streams.core.sessionize import Clock, SessionSlot
+from prefstream.streams.core.compact_record import slot_from_json, slot_to_json
+from prefstream.streams.core.sessionize import Clock
 from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import App
-from prefstream.streams.worker.flush import Flusher
+from prefstream.streams.worker.offload import (
+    Record,
+    RemoteFlusher,
+    RemotePipeline,
+    force_exit_later,
+)
 from prefstream.streams.worker.offsetguard import DROP, HANDLE
-from prefstream.streams.worker.pipeline import Pipeline, SideMessage
+from prefstream.streams.worker.pipeline import SideMessage
 from prefstream.streams.worker.rebalance import Rebalance
 from prefstream.streams.worker.ticks import sign_tick
 
@@ -110,21 +116,6 @@ class TableStore:
         self.touched.add(partition)
 
 
-def slot_to_json(slot: StoredSlot) -> str:
-    """A slot's changelog record: an open session in the compact record, else the model's JSON
-    (the only record before compact state: still read, see :func:`slot_from_json`)."""
-    if isinstance(slot, OpenSlot):
-        return compact_record.to_json(slot)
-    return slot.model_dump_json()
-
-
-def slot_from_json(raw: str, key: str | None = None) -> StoredSlot:
-    """The slot of a changelog record, of either kind."""
-    if compact_record.is_record(raw):
-        return compact_record.from_json(raw, key)
-    return compact.compact(SessionSlot.model_validate_json(raw), key)
-
-
 def _slot_partition(slot: StoredSlot) -> int:
     if isinstance(slot, OpenSlot):
         return slot.kafka_partition
@@ -184,13 +175,24 @@ def create_app(settings: Settings) -> faust.App:
                       key_type=str, value_type=str)
     crashpoints.arm()  # none unless a crash test asks; a bad value stops the worker here
     store = TableStore(table)
-    pipeline = Pipeline(settings, store)
-    flusher = Flusher(app, pipeline, store)
-    rebalance = Rebalance(app, settings, flusher)
 
     async def send_side(messages: list[SideMessage]) -> None:
         for m in messages:
             await side[m.topic].send(key=m.key, value=m.value)
+
+    # the pipeline runs in a process of its own, fed whole batches (see streams.worker.offload)
+    async def pipeline_died(exc: BaseException) -> None:
+        force_exit_later()  # never hang on a stop that waits for the dead process
+        await app.crash(exc)
+
+    pipeline = RemotePipeline(settings, store, send_side, pipeline_died,
+                              stopping=lambda: bool(app.should_stop))
+    flusher = RemoteFlusher(app, pipeline, store)  # type: ignore[arg-type]
+    rebalance = Rebalance(app, settings, flusher)
+
+    @app.task
+    async def start_pipeline() -> None:  # while Faust joins the group and recovers the table
+        await pipeline.start()
 
     @app.agent(events, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
@@ -214,7 +216,7 @@ def create_app(settings: Settings) -> faust.App:
                 await handle_batch(batch)
 
     async def handle_batch(batch: list[Any]) -> None:
-        side_messages: list[SideMessage] = []
+        records: list[Record] = []
         stale = 0
         rewind: dict[TP, int] = {}
         for event in batch:
@@ -231,17 +233,17 @@ def create_app(settings: Settings) -> faust.App:
                                 "from %d again", msg.topic, msg.partition, msg.offset, verdict,
                                 msg.offset - 1, verdict)
                 continue
-            side_messages += pipeline.handle(
-                topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                key=msg.key, value=msg.value, timestamp_ms=int(msg.timestamp * 1000))
+            records.append((msg.topic, msg.partition, msg.offset, msg.key, msg.value,
+                            int(msg.timestamp * 1000)))
             flusher.handled(msg.tp, msg.offset)
         if stale:
             log.info("dropped %d events fetched before the last rebalance: whoever owns "
                      "their partitions now reads them from the committed offsets", stale)
         for tp, offset in rewind.items():
             await rebalance.seek_back(tp, offset)
+        if records:  # the side records come back from the pipeline process on their own
+            await pipeline.relay(records)
         crashpoints.reach("handle", len(batch))
-        await send_side(side_messages)
         if pipeline.due():
             await flusher.flush()
 

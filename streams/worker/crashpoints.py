@@ -89,11 +89,14 @@ class CrashPoints:
 _armed: CrashPoints | None = None
 
 
-def arm() -> CrashPoints:
+def arm(points: CrashPoints | None = None) -> CrashPoints:
     """Read the crash variables once per process (the worker calls it when it starts, so a bad
-    value stops it there, with ``ConfigError``); later calls return the same points."""
+    value stops it there, with ``ConfigError``); later calls return the same points.
+    ``points``: these instead (the pipeline process's, which end the whole worker)."""
     global _armed
-    if _armed is None:
+    if points is not None:
+        _armed = points
+    elif _armed is None:
         _armed = CrashPoints.from_env()
     return _armed
 

@@ -1,0 +1,175 @@
+"""The pipeline in its own process (``streams/worker/offload.py``), without a broker: a real
+child process fed raw batches stores exactly what the pure pipeline stores, returns the same
+dead-letter and late records, and a child that dies fails its flushes and stops the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from factories import T0
+
+from prefstream.settings import Settings
+from prefstream.sim.traffic import TrafficConfig, generate_traffic
+from prefstream.storage.files import init_data_dir, read_table
+from prefstream.streams.core.sessionize import SessionSlot
+from prefstream.streams.worker.offload import ChildDied, RemotePipeline, Written
+from prefstream.streams.worker.offload_child import frame, read_frame
+from prefstream.streams.worker.pipeline import MemoryStore, SideMessage, replay
+from prefstream.streams.worker.ticks import sign_tick
+
+pytestmark = pytest.mark.slow  # runs processes
+
+PARTITIONS = 2
+ARRIVAL_MS = int(T0.timestamp() * 1000) + 3_600_000
+FINAL_TICK_MS = ARRIVAL_MS + 10**9
+TABLES = ("pairs", "ties", "unpaired", "refusals", "sessions", "late_events", "dead_letters")
+Record = tuple[int, int, bytes | None, bytes, int]
+
+
+def stream(n_events: int) -> list[Record]:
+    """Traffic by session over the partitions, with malformed messages among it."""
+    traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=3, end=T0))
+    offsets = [0] * PARTITIONS
+    records = []
+    for i, (key, value) in enumerate(traffic.messages):
+        p = sum(key or b"") % PARTITIONS
+        records.append((p, offsets[p], key, b"{not json" if i % 97 == 5 else value, ARRIVAL_MS))
+        offsets[p] += 1
+    return records
+
+
+def stored(data_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    return {t: sorted(read_table(data_dir=data_dir, table=t).to_pylist(), key=repr)
+            for t in TABLES}
+
+
+class Worker:
+    """What the agent's process does with a :class:`RemotePipeline`, minus Kafka."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings, self.store = settings, MemoryStore()
+        self.side: list[SideMessage] = []
+        self.deaths: list[BaseException] = []
+        self.pipeline = RemotePipeline(settings, self.store, self.send_side, self.on_dead,
+                                       stopping=lambda: False)
+        self.committed: dict[int, int] = {}
+
+    async def send_side(self, messages: list[SideMessage]) -> None:
+        self.side += messages
+
+    async def on_dead(self, exc: BaseException) -> None:
+        self.deaths.append(exc)
+
+    async def relay(self, records: list[Record]) -> None:
+        topic = self.settings.events_topic
+        await self.pipeline.relay([(topic, *r) for r in records])
+        self.committed.update({p: offset + 1 for p, offset, *_ in records})
+
+    async def flush(self) -> Written:
+        """Rows, then the checkpoint, then the commit (``Flusher.durable_flush``'s order)."""
+        job, checkpoint = self.pipeline.start_flush(), self.pipeline.take_checkpoint()
+        written = await job.written
+        self.pipeline.save_checkpoint(checkpoint)
+        self.pipeline.finish_flush(job, dict(self.committed))
+        return written
+
+
+def test_frames_round_trip_and_end_cleanly(tmp_path: Path) -> None:
+    path = tmp_path / "frames"
+    messages = [("handle", [("t", 0, 1, None, b"x" * 70_000, 5)]), ("flush", 3)]
+    path.write_bytes(b"".join(frame(m) for m in messages) + frame(("cut",))[:5])
+    with open(path, "rb") as stream_in:
+        assert [read_frame(stream_in), read_frame(stream_in)] == messages
+        assert read_frame(stream_in) is None  # a message cut short is the end
+
+
+def test_the_pipeline_process_stores_what_the_pure_pipeline_stores(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "live", partitions=PARTITIONS, metrics_port=0)
+    init_data_dir(settings.data_dir)
+    records = stream(2000)
+    worker = Worker(settings)
+    ticks = [(p, 1 << 40, None, sign_tick(worker.pipeline.tick_key, settings.events_topic, p,
+                                          FINAL_TICK_MS), FINAL_TICK_MS)
+             for p in range(PARTITIONS)]
+
+    async def run() -> list[Written]:
+        flushes = []
+        for start in range(0, len(records), 250):
+            await worker.relay(records[start:start + 250])
+            if start % 750 == 0:
+                flushes.append(await worker.flush())
+        await worker.relay(ticks)
+        flushes.append(await worker.flush())
+        return flushes
+
+    flushes = asyncio.run(run())
+    reference = settings.model_copy(update={"data_dir": tmp_path / "ref"})
+    init_data_dir(reference.data_dir)
+    want_side = replay(reference, records, final_tick_ms=FINAL_TICK_MS)
+    got, want = stored(settings.data_dir), stored(reference.data_dir)
+    assert len(want["pairs"]) > 50 and want["dead_letters"]
+    for table in TABLES:
+        assert got[table] == want[table], table
+    assert worker.side == want_side  # the dead letters and late events, in order
+    assert sum(f.counts["accepted"] for f in flushes) == worker.pipeline.metrics.value(
+        "prefstream_events_total", outcome="accepted") > 1000
+    # the checkpoints reached the store, serialized in the child: what a restart loads
+    saved = {key: SessionSlot.model_validate_json(slot.model_dump_json())
+             for slots in worker.store.slots.values() for key, slot in slots.items()}
+    assert saved and set(worker.store.clocks) == set(range(PARTITIONS))
+    assert not worker.deaths
+
+
+def test_a_dead_pipeline_process_fails_its_flushes_and_stops_the_worker(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(data_dir=tmp_path / "live", partitions=PARTITIONS, metrics_port=0)
+    init_data_dir(settings.data_dir)
+    worker = Worker(settings)
+
+    async def run() -> None:
+        await worker.relay(stream(300))
+        assert (await worker.flush()).counts["accepted"] > 100  # alive: flushes complete
+        assert worker.pipeline.proc is not None
+        os.kill(worker.pipeline.proc.pid, signal.SIGKILL)
+        async with asyncio.timeout(30):  # never hangs
+            while not worker.deaths:
+                await asyncio.sleep(0.05)
+        job = worker.pipeline.start_flush()
+        with pytest.raises(ChildDied, match="signal 9"):
+            await job.written
+        await worker.relay(stream(10))  # a stopping worker relays nothing, and does not hang
+
+    with caplog.at_level(logging.CRITICAL, logger="prefstream.streams.worker.offload"):
+        asyncio.run(run())
+    assert isinstance(worker.deaths[0], ChildDied)
+    assert "stopping the worker" in caplog.text and "signal 9" in caplog.text
+
+
+def test_side_records_that_cannot_be_sent_end_the_pipeline_process_and_fail_the_flush(
+    tmp_path: Path
+) -> None:
+    settings = Settings(data_dir=tmp_path / "live", partitions=PARTITIONS, metrics_port=0)
+    init_data_dir(settings.data_dir)
+    worker = Worker(settings)
+
+    async def refuse(messages: list[SideMessage]) -> None:
+        raise RuntimeError("the producer is gone")
+
+    worker.pipeline.send_side = refuse
+
+    async def run() -> None:
+        await worker.relay(stream(300))  # holds malformed messages: dead letters to send
+        job = worker.pipeline.start_flush()
+        with pytest.raises(ChildDied):  # never committed, and never waited for forever
+            async with asyncio.timeout(30):
+                await job.written
+
+    asyncio.run(run())
+    assert len(worker.deaths) == 1
