@@ -9,7 +9,9 @@ All stages share one embedded Tansu broker; each has its own topic, consumer gro
   ``aiokafka`` (raw consume + ``json.loads`` in this process, the Python ceiling),
   ``faust_naive`` / ``faust_take`` (a Faust agent that only parses JSON, per event /
   ``take(5000)``), and ``prefstream``: the real worker (validate, sessionize, pair, store Parquet,
-  commit), timed from its first event to the moment every partition's rows are durable.
+  commit), timed from its first event to the moment every partition's rows are durable; then the
+  same worker with its pipeline in a child process (``pipeline_process``), and ``--scale-workers``
+  single-process workers sharing the partitions.
 * ``freshness`` (``freshness_memory.py``): synthetic traffic replayed in real time, time
   compressed; per session, the wall time from sending its last event to its pairs being
   queryable in DuckDB.
@@ -198,6 +200,16 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
                prefstream_seconds=full["seconds"], prefstream_outcomes=full["outcomes"])
     out["ratios"] = {name: round(full["events_per_s"] / out[f"{name}_events_per_s"], 3)
                      for name in ("faust_naive", "faust_take", "aiokafka")}
+    # the same worker with its pipeline in a child process (pipeline_process), a fresh group
+    stage("throughput: prefstream worker, pipeline process")
+    two = settings.model_copy(update={"data_dir": work / "through-two", "app_id": "bench-two",
+                                      "pipeline_process": True})
+    offloaded = prefstream_rate(two, n, work / "worker-two-process.log", deadline)
+    out["pipeline_process"] = {
+        "events_per_s": round(offloaded["events_per_s"]), "seconds": offloaded["seconds"],
+        "outcomes": offloaded["outcomes"],
+        "of_one_process": round(offloaded["events_per_s"] / full["events_per_s"], 3),
+        "of_faust_naive": round(offloaded["events_per_s"] / out["faust_naive_events_per_s"], 3)}
     if scale_workers > 1:  # scale-out: worker processes in one consumer group, a fresh group
         stage(f"throughput: {scale_workers} prefstream workers")
         group = settings.model_copy(update={"data_dir": work / "through-scaled",

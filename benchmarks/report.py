@@ -187,6 +187,12 @@ def pipeline_section(r: Result) -> list[str]:
         lines += ["", f"The worker is timed from its first event to every partition's rows "
                   f"being durable ({t['prefstream_seconds']} s); the producer wrote "
                   f"{t['producer_events_per_s']:,} events/s.", ""]
+        two = t.get("pipeline_process")
+        if two:
+            lines += [f"With its pipeline in a child process (`pipeline_process`), the worker "
+                      f"stored the same events at {two['events_per_s']:,} events/s "
+                      f"({two['seconds']} s): {ratio(two['of_one_process'])} of one process, "
+                      f"{ratio(two['of_faust_naive'])} of the naive per-event agent.", ""]
         scaled = t.get("scale_out")
         if scaled:
             lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "

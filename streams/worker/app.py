@@ -4,9 +4,10 @@ watermark ticker. The durability protocol is :class:`~prefstream.streams.worker.
 :class:`~prefstream.streams.worker.rebalance.Rebalance`'s.
 
 The agent reads raw bytes (Faust would commit and drop undecodable messages before our code saw
-them), relays each batch of records to the :class:`~streams.worker.pipeline.Pipeline`, which runs
-in a process of its own (:mod:`~prefstream.streams.worker.offload`), and acknowledges offsets
-only after a flush made the batch durable: at-least-once delivery, idempotent rows.
+them), hands each batch of records to the :class:`~streams.worker.pipeline.Pipeline` (in this
+process, or with ``pipeline_process`` in a process of its own:
+:mod:`~prefstream.streams.worker.offload`), and acknowledges offsets only after a flush made the
+batch durable: at-least-once delivery, idempotent rows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from prefstream.streams.core.compact_record import slot_from_json, slot_to_json
 from prefstream.streams.core.sessionize import Clock
 from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.consumer import App
+from prefstream.streams.worker.flush import Flusher
 from prefstream.streams.worker.offload import (
     Record,
     RemoteFlusher,
@@ -35,7 +37,7 @@ from prefstream.streams.worker.offload import (
     force_exit_later,
 )
 from prefstream.streams.worker.offsetguard import DROP, HANDLE
-from prefstream.streams.worker.pipeline import SideMessage
+from prefstream.streams.worker.pipeline import Pipeline, SideMessage
 from prefstream.streams.worker.rebalance import Rebalance
 from prefstream.streams.worker.ticks import sign_tick
 
@@ -180,19 +182,23 @@ def create_app(settings: Settings) -> faust.App:
         for m in messages:
             await side[m.topic].send(key=m.key, value=m.value)
 
-    # the pipeline runs in a process of its own, fed whole batches (see streams.worker.offload)
-    async def pipeline_died(exc: BaseException) -> None:
-        force_exit_later()  # never hang on a stop that waits for the dead process
-        await app.crash(exc)
+    pipeline: Pipeline | RemotePipeline
+    if settings.pipeline_process:  # in a process of its own, fed whole batches (offload.py)
+        async def pipeline_died(exc: BaseException) -> None:
+            force_exit_later()  # never hang on a stop that waits for the dead process
+            await app.crash(exc)
 
-    pipeline = RemotePipeline(settings, store, send_side, pipeline_died,
-                              stopping=lambda: bool(app.should_stop))
-    flusher = RemoteFlusher(app, pipeline, store)  # type: ignore[arg-type]
+        pipeline = RemotePipeline(settings, store, send_side, pipeline_died,
+                                  stopping=lambda: bool(app.should_stop))
+        flusher: Flusher = RemoteFlusher(app, pipeline, store)  # type: ignore[arg-type]
+
+        @app.task
+        async def start_pipeline() -> None:  # while Faust joins the group and recovers
+            await pipeline.start()  # type: ignore[union-attr]
+    else:
+        pipeline = Pipeline(settings, store)
+        flusher = Flusher(app, pipeline, store)
     rebalance = Rebalance(app, settings, flusher)
-
-    @app.task
-    async def start_pipeline() -> None:  # while Faust joins the group and recovers the table
-        await pipeline.start()
 
     @app.agent(events, concurrency=1)
     async def process(stream: faust.StreamT) -> None:
@@ -241,9 +247,17 @@ def create_app(settings: Settings) -> faust.App:
                      "their partitions now reads them from the committed offsets", stale)
         for tp, offset in rewind.items():
             await rebalance.seek_back(tp, offset)
-        if records:  # the side records come back from the pipeline process on their own
-            await pipeline.relay(records)
-        crashpoints.reach("handle", len(batch))
+        if isinstance(pipeline, RemotePipeline):
+            if records:  # the side records come back from the pipeline process on their own
+                await pipeline.relay(records)
+            crashpoints.reach("handle", len(batch))
+        else:
+            side_messages = [m for topic, partition, offset, key, value, ts_ms in records
+                             for m in pipeline.handle(topic=topic, partition=partition,
+                                                      offset=offset, key=key, value=value,
+                                                      timestamp_ms=ts_ms)]
+            crashpoints.reach("handle", len(batch))
+            await send_side(side_messages)
         if pipeline.due():
             await flusher.flush()
 

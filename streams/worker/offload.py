@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prefstream.settings import Settings
+from prefstream.storage.tables import release_free_memory
 from prefstream.streams.metrics import Metrics
 from prefstream.streams.worker.flush import Flusher
 from prefstream.streams.worker.offload_child import HEADER, DumpedCheckpoint, frame
@@ -44,6 +45,8 @@ Record = tuple[str, int, int, bytes | None, bytes | None, int]
 F_SETPIPE_SZ = 1031  # Linux: a command pipe that holds a whole batch takes fewer writes
 PIPE_BYTES = 1 << 20
 DEAD_GRACE_S = 30.0  # a worker whose pipeline process died is stopped within this
+#: changed sessions in one checkpoint from which this process trims its heap afterwards
+TRIM_AFTER_RECORDS = 2_000
 
 
 def force_exit_later(grace_s: float = DEAD_GRACE_S) -> None:
@@ -257,9 +260,19 @@ class RemotePipeline:
                                        for key, value in dirty.items()})
 
     def finish_flush(self, job: RemoteJob, committed: dict[int, int]) -> None:
-        """The job's offsets are committed: the pipeline process forgets what it wrote."""
+        """The job's offsets are committed: the pipeline process forgets what it wrote.
+
+        A large checkpoint (thousands of changed sessions) passed through this process as
+        strings and Faust's per-record send objects, all freed by now; the heap keeps such
+        blocks for reuse, so they are handed back to the system here, or the resident size
+        would stay at the largest checkpoint's high-water mark."""
         if self.dead is None and self.writer is not None:
             self._send(("finish", job.fid, committed))
+        checkpoint = job.written.result().checkpoint
+        n_records = sum(len(dirty) for _, _, dirty in checkpoint)
+        checkpoint.clear()
+        if n_records >= TRIM_AFTER_RECORDS:
+            release_free_memory()
 
     def revoke(self, kafka_partitions: Any) -> None:
         """Drop the state of partitions this worker no longer owns."""

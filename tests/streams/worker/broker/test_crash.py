@@ -74,11 +74,14 @@ CRASHES = [("checkpoint:1", "TERM"), ("handle:300", "KILL"), ("write:2", "KILL")
            ("commit:2", "KILL")]
 
 
+@pytest.mark.parametrize("pipeline_process", [False, True], ids=["one-process", "two-process"])
 def test_kill_9_and_sigterm_at_every_point_over_one_stream_lose_and_duplicate_nothing(
-    broker: EmbeddedBroker, tmp_path: Path
+    broker: EmbeddedBroker, tmp_path: Path, pipeline_process: bool
 ) -> None:
-    settings = make_settings(broker, tmp_path / "data", "crash-loop", flush_max_events=150,
-                             take_max_events=100)
+    settings = make_settings(broker, tmp_path / "data",
+                             f"crash-loop-{'two' if pipeline_process else 'one'}",
+                             flush_max_events=150, take_max_events=100,
+                             pipeline_process=pipeline_process)
     messages = produce_stream(settings, n_events=3000, seed=11)
     targets = end_offsets(settings)
     total = len(messages)

@@ -31,7 +31,8 @@ def test_a_worker_whose_pipeline_process_dies_stops_with_a_clear_line(
                         app_id=name, events_topic=f"{name}-events",
                         dead_letter_topic=f"{name}-dlq", late_topic=f"{name}-late",
                         partitions=2, metrics_port=0, rebalance_timeout_s=2.0,
-                        session_timeout_s=4.0)  # a quick first join
+                        session_timeout_s=4.0,  # a quick first join
+                        pipeline_process=True)
     prepare(settings)
     log_path = tmp_path / "worker.log"
     with open(log_path, "ab") as log:
