@@ -168,7 +168,11 @@ class RemotePipeline:
         except asyncio.IncompleteReadError:
             pass  # the child closed its end: it is exiting
         except Exception as exc:  # a reply it cannot act on: end the child, fail its flushes
-            log.exception("reading from the pipeline process failed: %r", exc)
+            if self.stopping():  # e.g. side records after Faust's producer stopped: expected
+                log.info("stopping: a reply of the pipeline process is left unsent (%r); its "
+                         "batch is not committed, the next worker reads it again", exc)
+            else:
+                log.exception("reading from the pipeline process failed: %r", exc)
             assert self.proc is not None
             self.proc.kill()
         assert self.proc is not None
