@@ -82,7 +82,13 @@ class CrashPoints:
             self.fired = True
             if self.sig == signal.SIGKILL:
                 logging.shutdown()
-            os.kill(os.getpid(), self.sig)
+            for pid in self.targets():
+                os.kill(pid, self.sig)
+
+    def targets(self) -> list[int]:
+        """The processes signalled, in order: this one (the pipeline process's points end the
+        worker's process first)."""
+        return [os.getpid()]
 
 
 #: the points this process crashes at, read from the environment once (see :func:`arm`)

@@ -36,7 +36,7 @@ from prefstream.storage.tables import release_free_memory
 from prefstream.streams.metrics import Metrics
 from prefstream.streams.worker.flush import Flusher
 from prefstream.streams.worker.offload_child import HEADER, DumpedCheckpoint, frame
-from prefstream.streams.worker.pipeline import SideMessage, StateStore
+from prefstream.streams.worker.pipeline import SideMessage, StateStore, flush_due
 from prefstream.streams.worker.ticks import tick_key
 
 log = logging.getLogger(__name__)
@@ -230,10 +230,7 @@ class RemotePipeline:
 
     def due(self) -> bool:
         """As ``Pipeline.due``: enough events, or events waiting ``flush_interval_s``."""
-        if self._events_since_flush >= self.settings.flush_max_events:
-            return True
-        elapsed = time.monotonic() - self._last_flush
-        return self._events_since_flush > 0 and elapsed >= self.settings.flush_interval_s
+        return flush_due(self.settings, self._events_since_flush, self._last_flush)
 
     def start_flush(self) -> RemoteJob:
         """Start a flush in the pipeline process (its batch and checkpoint as of now)."""

@@ -47,7 +47,7 @@ from prefstream.streams.core.compact import StoredSlot
 from prefstream.streams.core.compact_record import slot_to_json
 from prefstream.streams.core.sessionize import Clock
 from prefstream.streams.worker import crashpoints
-from prefstream.streams.worker.crashpoints import CRASH_ENV, CrashPoints
+from prefstream.streams.worker.crashpoints import CrashPoints
 from prefstream.streams.worker.pipeline import Checkpoint, FlushJob, Pipeline
 
 log = logging.getLogger(__name__)
@@ -101,18 +101,9 @@ class WorkerCrashPoints(CrashPoints):
     """Crash points that end the agent's process first: the whole worker stops, as it did when
     the flush ran in the agent's process."""
 
-    def reach(self, point: str, n: int = 1) -> None:
-        if point not in self.points or self.fired:
-            return
-        self.reached[point] += n
-        if self.reached[point] >= self.points[point]:
-            log.warning("crash point %s reached %d times: sending %s to this worker (%s)",
-                        point, self.reached[point], self.sig.name, CRASH_ENV)
-            self.fired = True
-            if self.sig == signal.SIGKILL:
-                logging.shutdown()
-            os.kill(os.getppid(), self.sig)  # the agent's process first: the worker
-            os.kill(os.getpid(), self.sig)  # then this one (SIGTERM is ignored here)
+    def targets(self) -> list[int]:
+        # the agent's process first: the worker; then this one (SIGTERM is ignored here)
+        return [os.getppid(), os.getpid()]
 
 
 class Child:

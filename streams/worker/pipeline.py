@@ -106,6 +106,15 @@ def describe_error(exc: ValidationError) -> str:
     return "; ".join(parts)[:MAX_REASON_CHARS]
 
 
+def flush_due(settings: Settings, events_since_flush: int, last_flush: float) -> bool:
+    """Whether a flush is due: ``flush_max_events`` events, or events waiting since the last
+    flush (``time.monotonic()`` then) for ``flush_interval_s``."""
+    if events_since_flush >= settings.flush_max_events:
+        return True
+    elapsed = time.monotonic() - last_flush
+    return events_since_flush > 0 and elapsed >= settings.flush_interval_s
+
+
 def arrival_time(timestamp_ms: int) -> datetime | None:
     """A Kafka record timestamp as a time; None when bogus: before the epoch or from
     ``MAX_WALL_MS`` on (a producer may set any 64-bit value)."""
@@ -291,10 +300,7 @@ class Pipeline:
 
     # -- batches -------------------------------------------------------------------------
     def due(self) -> bool:
-        if self._events_since_flush >= self.settings.flush_max_events:
-            return True
-        elapsed = time.monotonic() - self._last_flush
-        return self._events_since_flush > 0 and elapsed >= self.settings.flush_interval_s
+        return flush_due(self.settings, self._events_since_flush, self._last_flush)
 
     def start_flush(self) -> FlushJob:
         """Take the batch and the closed sessions to write, as of now; a new batch starts.
