@@ -57,6 +57,9 @@ class StoredEvents:
         self.horizon = horizon
         self._sorted = np.empty(0, dtype=ENTRY)  # by fingerprint
         self._recent: dict[int, tuple[int, int]] = {}  # fp -> (until µs, offset)
+        # no entry expires later than this (µs; kept through merges): while the watermark is
+        # past it, no id is stored within the horizon, and a lookup needs no fingerprint
+        self.latest = -1
         files = self._files()
         if files:
             self._fold(np.concatenate([self._read(f) for f in files]), None)
@@ -66,12 +69,16 @@ class StoredEvents:
 
     def stored_at(self, fp: int, watermark: datetime) -> int | None:
         """The offset of the stored event with this fingerprint, if within the horizon."""
+        return self.stored_at_micros(fp, _micros(watermark))
+
+    def stored_at_micros(self, fp: int, now: int) -> int | None:
+        """:meth:`stored_at` with the watermark ``now`` in µs."""
         hit = self._recent.get(fp)
         if hit is None and len(self._sorted):
             at = int(np.searchsorted(self._sorted["fp"], fp))
             if at < len(self._sorted) and self._sorted["fp"][at] == fp:
                 hit = int(self._sorted["until"][at]), int(self._sorted["offset"][at])
-        if hit is None or hit[0] < _micros(watermark):
+        if hit is None or hit[0] < now:
             return None
         return hit[1]
 
@@ -103,6 +110,8 @@ class StoredEvents:
         self._add(entries, _micros(watermark))
 
     def _add(self, entries: np.ndarray, now: int | None = None) -> None:
+        if len(entries):
+            self.latest = max(self.latest, int(entries["until"].max()))
         for fp, until, offset in entries.tolist():
             old = self._recent.get(fp)
             if old is None or old[0] < until:
@@ -126,6 +135,8 @@ class StoredEvents:
         keep = np.ones(len(merged), dtype=bool)
         keep[1:] = merged["fp"][1:] != merged["fp"][:-1]
         self._sorted = merged[keep]
+        if len(self._sorted):
+            self.latest = max(self.latest, int(self._sorted["until"].max()))
 
     def _files(self) -> list[Path]:
         try:
@@ -176,7 +187,10 @@ class StoredIds:
         part = self.partitions.get(kafka_partition)
         if part is None:
             return None
-        return part.stored_at(fingerprint(session_id, event_id), watermark)
+        now = _micros(watermark)
+        if part.latest < now:  # nothing stored within the horizon: spare the fingerprint
+            return None
+        return part.stored_at_micros(fingerprint(session_id, event_id), now)
 
     def write(self, closed: list[ClosedSession],
               watermarks: dict[int, datetime]) -> dict[int, np.ndarray]:

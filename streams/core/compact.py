@@ -257,11 +257,6 @@ def _bounds(blobs: tuple[bytes, ...]) -> tuple[int, int, int | None]:
     return start, last, end
 
 
-def _has_id(blob: bytes, event_id: bytes) -> bool:
-    at = _id_at(blob)
-    return blob.startswith(event_id, at) and blob[at + len(event_id)] == 0
-
-
 def _written_user(blob: bytes, user_id: str) -> bool:
     """Whether ``blob`` (a slot's first) names ``user_id`` as its user."""
     at = blob.index(_SEP, _id_at(blob)) + 1
@@ -364,8 +359,11 @@ def copy(slot: OpenSlot) -> OpenSlot:
 
 def holds(slot: OpenSlot, event_id: str) -> bool:
     """Whether the open session holds an event with this id."""
-    wanted = event_id.encode()
-    return any(_has_id(b, wanted) for b in slot.blobs())
+    # the id and the NUL after it, at the id's place: one startswith per event (this runs for
+    # every event appended, over each event of its session)
+    wanted = event_id.encode() + _SEP
+    plain, zoned = HEAD.size, HEAD.size + ZONE.size
+    return any(b.startswith(wanted, zoned if b[0] & _ZONED else plain) for b in slot.blobs())
 
 
 def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: Clock,
@@ -395,6 +393,22 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
 
 def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
     """:func:`sessionize.deadline` of the open session, from the encoded event times."""
+    start, last, ended = _first_group(slot, rules)
+    return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
+
+
+def deadline_micros(slot: OpenSlot, rules: SessionRules) -> int:
+    """The time of :func:`deadline` in µs since the epoch, in integers alone: the partition
+    schedules one for every accepted event, and needs no datetime for it."""
+    start, last, ended = _first_group(slot, rules)
+    after_last = last + 1  # _deadline_of's candidates, in µs (TICK is one)
+    due = min(last + rules.gap // TICK, max(start + rules.max_duration // TICK, after_last))
+    return due if ended is None else min(due, max(ended, after_last))
+
+
+def _first_group(slot: OpenSlot, rules: SessionRules) -> tuple[int, int, int | None]:
+    """Start, last and end (``session_end``, None: none) time in µs of the first group of the
+    session (:func:`sessionize.clusters`), from the encoded event times."""
     times = sorted(HEAD.unpack_from(b)[1::-1] for b in slot.blobs())
     gap, longest = rules.gap // TICK, rules.max_duration // TICK
     start = last = times[0][0]
@@ -405,7 +419,7 @@ def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason
         last = micros
         if flags & ~_ZONED == _END:
             ended = micros
-    return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
+    return start, last, ended
 
 
 def _at(micros: int) -> datetime:

@@ -77,8 +77,9 @@ def _n_held(slot: StoredSlot | None) -> int:
 
 def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
     """:func:`next_deadline` in µs."""
-    due = compact.deadline(slot, rules)[0] if isinstance(slot, OpenSlot) else next_deadline(
-        slot, rules)
+    if isinstance(slot, OpenSlot):
+        return compact.deadline_micros(slot, rules)
+    due = next_deadline(slot, rules)
     return None if due is None else _micros(due)
 
 

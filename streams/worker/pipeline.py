@@ -143,6 +143,7 @@ class Pipeline:
         self.starts = StartLog(settings.data_dir)
         self.stored_ids = StoredIds(settings.data_dir,
                                     timedelta(seconds=settings.dedupe_horizon_s))
+        self._max_future = timedelta(seconds=settings.max_future_s)  # once, not per event
 
     # -- state per Kafka partition -------------------------------------------------------
     def state(self, kafka_partition: int, offset: int | None = None) -> PartitionSessions:
@@ -235,7 +236,7 @@ class Pipeline:
         arrival = arrival_time(timestamp_ms)
         if arrival is None:
             return None, f"timestamp: Kafka record timestamp {timestamp_ms} ms is out of range"
-        if event.ts > arrival + timedelta(seconds=self.settings.max_future_s):
+        if event.ts > arrival + self._max_future:
             return None, f"ts: {event.ts.isoformat()} is in the future of arrival {arrival}"
         if key is None:  # Kafka spreads unkeyed messages: the session would be split
             return None, "key: message has no key; it must be keyed by session_id"

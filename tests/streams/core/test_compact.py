@@ -15,6 +15,8 @@ from prefstream.schemas.events import MAX_POSITION
 from prefstream.streams.core import compact, compact_record
 from prefstream.streams.core.compact import OpenSlot, to_model
 from prefstream.streams.core.sessionize import (
+    EPOCH,
+    TICK,
     Clock,
     SessionRules,
     SessionSlot,
@@ -81,6 +83,15 @@ def test_an_open_session_reads_back_as_the_model_it_was_built_as(evs):
     assert held == slot and held.open == slot.open
     assert compact.deadline(held, RULES) == deadline(slot.open, RULES)
     assert_same(to_model(compact_record.from_json(compact_record.to_json(held), "s1")), slot)
+
+
+@settings(max_examples=60, deadline=None)
+@given(events(1) | st.integers(2, 6).flatmap(events))
+def test_the_deadline_in_micros_is_the_sessionizers(evs):
+    """What the partition schedules (integers alone) is the sessionizer's deadline."""
+    slot = slot_of(evs)
+    held = compact.compact(slot, "s1")
+    assert compact.deadline_micros(held, RULES) == (deadline(slot.open, RULES)[0] - EPOCH) // TICK
 
 
 def test_texts_are_held_once_per_session():
