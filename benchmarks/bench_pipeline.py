@@ -144,11 +144,11 @@ def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *
                 deadline.check(f"the worker to store all {n} events")
                 time.sleep(0.02)
             last = time.perf_counter()
-        outcomes: dict[str, float] = {}
-        for s in each:
-            for k, v in _scrape_family(s, "prefstream_events_total"):
-                outcome = k.split('"')[1]
-                outcomes[outcome] = outcomes.get(outcome, 0.0) + v
+        # the counts may trail the files a little (a pipeline process sends its metrics at most
+        # every 0.1 s): read them until every message is counted, for at most 3 s
+        settle = time.monotonic() + 3.0
+        while sum((outcomes := _outcomes(each)).values()) < n and time.monotonic() < settle:
+            time.sleep(0.1)
     finally:
         for proc in procs:
             stop_worker(proc)
@@ -157,6 +157,16 @@ def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *
                          " the traffic is not what the full pipeline should see")
     return {"events_per_s": n / (last - first), "seconds": round(last - first, 2),
             "outcomes": outcomes}
+
+
+def _outcomes(each: list[Settings]) -> dict[str, float]:
+    """``prefstream_events_total`` by outcome, summed over the workers."""
+    outcomes: dict[str, float] = {}
+    for s in each:
+        for k, v in _scrape_family(s, "prefstream_events_total"):
+            outcome = k.split('"')[1]
+            outcomes[outcome] = outcomes.get(outcome, 0.0) + v
+    return outcomes
 
 
 def _durable(settings: Settings, ends: dict[int, int], bar: tqdm[Any]) -> bool:
