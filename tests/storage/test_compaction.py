@@ -84,13 +84,6 @@ GAP = timedelta(minutes=30)
 GRACE = timedelta(minutes=10)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    init_data_dir(path)
-    return path
-
-
 def stored_rows(files: Iterable[Path]) -> list[dict]:
     """Every row of the files as stored (no dedupe), in file order."""
     return [r for f in files for r in pq.read_table(f).to_pylist()]

@@ -50,13 +50,6 @@ H12, H13 = "2024-05-01T12", "2024-05-01T13"  # the hours of at(0) and at(60)
 GAP = timedelta(minutes=30)
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "data"
-    init_data_dir(path)
-    return path
-
-
 def parquet_files(table_dir: Path) -> list[Path]:
     """Data files of a table readers use (not its zero-row schema files)."""
     return sorted(f for p in table_dir.iterdir() if p.name != "_schema" for f in live_files(p))

@@ -50,12 +50,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SECRET_KEY, SASL_PASSWORD = "pseudonym-key-not-for-the-broker", "sasl-password-not-for-it"
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path) -> Path:
-    init_data_dir(tmp_path / "data")
-    return tmp_path / "data"
-
-
 def damage_files(folder: Path) -> tuple[Path, Path]:
     """A truncated copy of a good file and a file of garbage, both named as the writer names."""
     good = live_files(folder)[0]
