@@ -52,3 +52,12 @@ def test_margin_from_confidence() -> None:
     assert pair_margin(0.95, 2.0) == pytest.approx(0.9)
     assert pair_margin(0.4, 2.0) == 0.0
     assert pair_margin(0.95, 0.0) == 0.0
+
+
+def test_weights_scale_each_pairs_term_and_the_mean_is_over_pairs() -> None:
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    terms = [-math.log(1 / (1 + math.exp(-2))), -math.log(1 / (1 + math.exp(1)))]
+    weighted = bradley_terry_loss(rc, rr, weights=torch.tensor([0.5, 0.0]))
+    assert weighted.item() == pytest.approx(0.5 * terms[0] / 2, rel=1e-6)  # a 0 weight: no pull
+    ones = bradley_terry_loss(rc, rr, weights=torch.ones(2))
+    assert ones.item() == pytest.approx(bradley_terry_loss(rc, rr).item())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -89,11 +92,14 @@ def test_metadata_records_split_hashes_counts_config_metrics_and_gates(
     assert meta["counts"]["eval"][-1]["kept"] == meta["n_eval"] == 16
     assert meta["config"]["max_length"] == 64 and meta["backbone"] == str(tiny_backbone())
     assert {"loss", "accuracy", "mean_margin", "reward", "length_matched", "per_rule",
-            "reward_length_corr"} <= set(meta["metrics"]["eval"])
+            "reward_length_corr", "length_only_accuracy", "by_length_bucket"} <= set(
+        meta["metrics"]["eval"])
+    assert set(meta["metrics"]["eval"]["length_matched"]) == {"n", "accuracy", "length_only"}
     assert set(meta["metrics"]["probes"]["probes"]) == {
         "whitespace_padding", "filler", "repetition", "flattery", "longer_but_emptier"}
     assert set(meta["gates"]) == {"calibration", "reward_hacking", "no_regression"}
-    assert meta["lengths"]["train"] == {"truncated": 0, "dropped": 0}
+    assert meta["lengths"]["train"] == meta["lengths"]["eval"] == {"truncated": 0, "dropped": 0}
+    assert meta["lengths"]["calibration"] == {"truncated": 0, "dropped": 0}
     assert meta["lengths"]["max_length"] == 64 and meta["warnings"] == []
     assert meta["length_bias"]["train"]["share_chosen_longer"] == 1.0
     assert meta["seen_through"] == "2024-05-01T04" and meta["created_at"]
@@ -198,14 +204,26 @@ def test_calibration_below_threshold_blocks_promotion(tmp_path: Path) -> None:
     assert read_metadata(data_dir, "v0001")["promoted"] is False
 
 
-def test_without_explicit_labels_a_version_is_registered_not_promoted(tmp_path: Path) -> None:
+def test_without_explicit_labels_a_version_is_registered_not_promoted(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also: the cycle's own probes feed the reward-hacking gate (threshold 0 here: any raise
+    refuses), and without a terminal training logs a progress line every log_every_steps."""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: the progress bar is off
     data_dir = build_data_dir(tmp_path / "data", sealed_hours=4, unsealed=False)
-    result = run_once(data_dir, tiny_config(epochs=1, head_epochs=0.5))
+    config = tiny_config(epochs=1, head_epochs=0.5, max_probe_raise=0.0, log_every_steps=1)
+    with caplog.at_level(logging.INFO, logger="prefstream.trainer.fit"):
+        result = run_once(data_dir, config)
     assert result is not None and result.trained and not result.promoted
     gate = result.gates["calibration"]
     assert gate["passed"] is False and gate["unaudited"] is True
     assert any("no explicit labels configured" in r for r in result.reasons)
+    probes = result.gates["reward_hacking"]
+    assert probes["passed"] is False and probes["threshold"] == 0.0 and probes["failed"]
+    assert any(r.startswith("reward_hacking: worst probe") for r in result.reasons)
     assert list_versions(data_dir) == ["v0001"] and current_version(data_dir) is None
+    steps = result.metrics["train"]["steps"] - result.metrics["train"]["head_steps"]
+    assert f"train end-to-end: step {steps}/{steps}," in caplog.text
+    assert "pairs/s, loss " in caplog.text and " left" in caplog.text
 
 
 def test_too_few_partitions_or_pairs_train_nothing(tmp_path: Path) -> None:
@@ -220,6 +238,7 @@ def test_too_few_partitions_or_pairs_train_nothing(tmp_path: Path) -> None:
     assert result is not None and not result.trained and "too few pairs" in result.reasons[0]
     assert result.counts["train"][2] == {"gate": "min_confidence", "in": 16, "kept": 0,
                                          "dropped": 16}
+    assert "train gate min_confidence removed 16 of 16 pairs (100%), kept 0" in result.warnings
     assert list_versions(data_dir) == list_versions(more) == []
     empty = tmp_path / "empty"
     init_data_dir(empty)
