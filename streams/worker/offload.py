@@ -27,9 +27,11 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import SecretStr
 
 from prefstream.settings import Settings
 from prefstream.storage.tables import release_free_memory
@@ -47,6 +49,30 @@ PIPE_BYTES = 1 << 20
 DEAD_GRACE_S = 30.0  # a worker whose pipeline process died is stopped within this
 #: changed sessions in one checkpoint from which this process trims its heap afterwards
 TRIM_AFTER_RECORDS = 2_000
+
+
+#: settings the pipeline process has no use for: it keeps no Kafka connection
+KAFKA_SECRETS = ("kafka_sasl_password", "kafka_ssl_key_password")
+
+
+def secret_variables() -> frozenset[str]:
+    """The ``PREFSTREAM_*`` variables of every secret setting (each ``SecretStr`` field)."""
+    return frozenset(f"PREFSTREAM_{name}".upper() for name, info in Settings.model_fields.items()
+                     if info.annotation is SecretStr or SecretStr in get_args(info.annotation))
+
+
+def child_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The pipeline process's environment: this process's without any secret setting. Its
+    settings come over the command pipe (:func:`child_settings`); pydantic-settings reads
+    variable names in any case, so they are compared in upper case."""
+    secret = secret_variables()
+    return {k: v for k, v in environ.items() if k.upper() not in secret}
+
+
+def child_settings(settings: Settings) -> Settings:
+    """The settings the pipeline process gets: the keys it uses (pseudonyms, ticks), no Kafka
+    password."""
+    return settings.model_copy(update=dict.fromkeys(KAFKA_SECRETS))
 
 
 def force_exit_later(grace_s: float = DEAD_GRACE_S) -> None:
@@ -140,7 +166,8 @@ class RemotePipeline:
             fcntl.fcntl(cmd_w, F_SETPIPE_SZ, PIPE_BYTES)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "prefstream.streams.worker.offload_child",
-             str(cmd_r), str(rep_w), str(os.getpid())], pass_fds=(cmd_r, rep_w))
+             str(cmd_r), str(rep_w), str(os.getpid())], pass_fds=(cmd_r, rep_w),
+            env=child_env(os.environ))  # no secret it does not need (docs/storage-safety.md)
         os.close(cmd_r)
         os.close(rep_w)
         loop = asyncio.get_running_loop()
@@ -152,7 +179,7 @@ class RemotePipeline:
                                      os.fdopen(rep_r, "rb", 0))
         root = logging.getLogger()  # Faust sets the worker's level on its handlers
         level = max([root.getEffectiveLevel(), *(h.level for h in root.handlers)])
-        self._send(("init", self.settings, level))
+        self._send(("init", child_settings(self.settings), level))
         self._reader = asyncio.ensure_future(self._read(reader))  # held: the loop holds none
         log.info("pipeline process started (pid %d)", self.proc.pid)
 

@@ -5,6 +5,7 @@ dead-letter and late records, and a child that dies fails its flushes and stops 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -17,8 +18,15 @@ from factories import T0
 from prefstream.settings import Settings
 from prefstream.sim.traffic import TrafficConfig, generate_traffic
 from prefstream.storage.files import init_data_dir, read_table
+from prefstream.streams.core.outputs import pseudonym
 from prefstream.streams.core.sessionize import SessionSlot
-from prefstream.streams.worker.offload import ChildDied, RemotePipeline, Written
+from prefstream.streams.worker.offload import (
+    ChildDied,
+    RemotePipeline,
+    Written,
+    child_env,
+    child_settings,
+)
 from prefstream.streams.worker.offload_child import frame, read_frame
 from prefstream.streams.worker.pipeline import MemoryStore, SideMessage, replay
 from prefstream.streams.worker.ticks import sign_tick
@@ -183,3 +191,50 @@ def test_side_records_that_cannot_be_sent_end_the_pipeline_process_and_fail_the_
     else:
         assert len(worker.deaths) == 1
         assert tracebacks and "reading from the pipeline process failed" in caplog.text
+
+
+def parsed(record: Record) -> Any:
+    try:
+        return json.loads(record[3])
+    except ValueError:
+        return None
+
+
+def test_the_pipeline_process_gets_no_secret_it_does_not_need(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its settings come over the command pipe: its environment holds no secret setting (in any
+    case) and its settings no Kafka password; the pseudonym and tick keys it uses reach it."""
+    secrets = {"PREFSTREAM_KAFKA_SASL_PASSWORD": "sasl-password-not-for-it",
+               "prefstream_pseudonym_key": "pseudonym-key-not-for-it",
+               "PREFSTREAM_TICK_KEY": "tick-key-not-for-it-" * 2}
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(data_dir=tmp_path / "live", partitions=PARTITIONS, metrics_port=0)
+    assert settings.kafka_sasl_password is not None and settings.pseudonym_key is not None
+    init_data_dir(settings.data_dir)
+    worker = Worker(settings)
+    records = stream(300)
+    tick = [(p, 1 << 40, None, sign_tick(worker.pipeline.tick_key, settings.events_topic, p,
+                                         FINAL_TICK_MS), FINAL_TICK_MS)
+            for p in range(PARTITIONS)]
+
+    async def run() -> None:
+        await worker.relay(records + tick)
+        assert worker.pipeline.proc is not None
+        environ = Path(f"/proc/{worker.pipeline.proc.pid}/environ").read_bytes()
+        assert not [v for v in secrets.values() if v.encode() in environ]
+        assert b"PREFSTREAM_ROOT" in environ or "PREFSTREAM_ROOT" not in os.environ
+        await worker.flush()
+
+    asyncio.run(run())
+    assert not worker.deaths
+    assert not [m for m in worker.side if b'"tick:' in m.value]  # the signed ticks verified
+    assert child_settings(settings).kafka_sasl_password is None
+    assert child_settings(settings).pseudonym_key == settings.pseudonym_key
+    assert child_env({"PREFSTREAM_KAFKA_SSL_KEY_PASSWORD": "k", "PREFSTREAM_GAP_S": "9",
+                      "PATH": "/bin"}) == {"PREFSTREAM_GAP_S": "9", "PATH": "/bin"}
+    users = {r["user_id"] for r in read_table(data_dir=settings.data_dir, table="sessions")
+             .to_pylist()}
+    sent = {e["user_id"] for e in map(parsed, records) if isinstance(e, dict) and "user_id" in e}
+    assert users and users <= {pseudonym(u, settings.pseudonym_key) for u in sent}
