@@ -237,8 +237,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(256 * 1024, ge=1024, description="Larger messages dead-letter.")
     flush_interval_s: float = Field(2.0, gt=0, description="Longest a closed session waits for "
                                     "its rows to be written.")
-    flush_max_events: int = Field(5000, ge=1, description="Flush after this many events.")
-    take_max_events: int = Field(1000, ge=1, description="The worker handles events in batches "
+    flush_max_events: int = Field(20_000, ge=1, description="Flush after this many events "
+                                  "(or after flush_interval_s, whichever comes first).")
+    take_max_events: int = Field(5000, ge=1, description="The worker handles events in batches "
                                  "of at most this many.")
     take_within_s: float = Field(0.2, gt=0, description="Longest the worker waits to fill a "
                                  "batch before it handles what it has.")
