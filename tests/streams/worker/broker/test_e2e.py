@@ -106,7 +106,8 @@ def test_worker_restarted_mid_stream_loses_and_duplicates_nothing(
     broker: EmbeddedBroker, tmp_path: Path, sig: int
 ) -> None:
     name = f"restart-{signal.Signals(sig).name.lower()}"
-    settings = make_settings(broker, tmp_path / "data", name, flush_max_events=200)
+    settings = make_settings(broker, tmp_path / "data", name, flush_max_events=200,
+                             take_max_events=100)  # many flushes: the stop lands mid-stream
     prepare(settings)
     traffic = generate_traffic(TrafficConfig(n_events=3000, seed=7, end=T0))
     producer = FeedbackProducer(broker.bootstrap, topic=settings.events_topic)
