@@ -1,6 +1,7 @@
 """CPU per event of the worker's pipeline, in process, without a broker.
 
-    python benchmarks/bench_handle.py [--events 50000] [--flush-every 5000] [--runs 3]
+    python benchmarks/bench_handle.py [--events 50000] [--flush-every 20000] [--runs 3]
+        [--gc worker|default]
 
 Generates traffic (``prefstream.sim.traffic``), partitions it as the producer would, and feeds
 it through :class:`~prefstream.streams.worker.pipeline.Pipeline` with the worker's flush steps
@@ -28,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from prefstream.settings import Settings  # noqa: E402
 from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
 from prefstream.storage.files import init_data_dir  # noqa: E402
+from prefstream.streams.worker.gctune import tune_gc  # noqa: E402
 from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, flush_offline  # noqa: E402
 
 END = datetime(2026, 11, 20, 10, tzinfo=timezone.utc)
@@ -73,12 +75,19 @@ def run_once(recs: list[tuple[int, int, bytes, bytes, int]], flush_every: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=50_000)
-    parser.add_argument("--flush-every", type=int, default=5_000)
+    parser.add_argument("--flush-every", type=int, default=Settings().flush_max_events,
+                        help="records between two flushes (default: the worker's "
+                             "flush_max_events)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--gc", choices=("worker", "default"), default="worker",
+                        help="the worker's garbage-collector settings (streams/worker/gctune.py) "
+                             "or CPython's defaults")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)  # the per-flush dead-letter warnings are expected
     recs = records(args.events, Settings().partitions)
     n = len(recs)
+    if args.gc == "worker":
+        tune_gc()
     best_h = best_f = float("inf")
     for i in range(args.runs):
         h, f = run_once(recs, args.flush_every)

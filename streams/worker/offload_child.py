@@ -48,6 +48,7 @@ from prefstream.streams.core.compact_record import slot_to_json
 from prefstream.streams.core.sessionize import Clock
 from prefstream.streams.worker import crashpoints
 from prefstream.streams.worker.crashpoints import CrashPoints
+from prefstream.streams.worker.gctune import tune_gc
 from prefstream.streams.worker.pipeline import Checkpoint, FlushJob, Pipeline
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,7 @@ def main(argv: list[str]) -> int:
     store = ShippedStore()
     crashpoints.arm(WorkerCrashPoints.from_env())  # a crash point here ends the whole worker
     child = Child(Pipeline(settings, store), store, out)
+    tune_gc()
     while (message := read_frame(commands)) is not None:
         child.dispatch(message)
     logging.shutdown()

@@ -19,6 +19,7 @@ from prefstream.storage.repair import repair_data_dir
 from prefstream.streams.broker import KAFKA_PORT, EmbeddedBroker, preferred_port
 from prefstream.streams.producer import answers
 from prefstream.streams.worker import logscrub
+from prefstream.streams.worker.gctune import tune_gc
 from prefstream.streams.worker.topics import ensure_topics
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
             "prefstream_files_quarantined", len(quarantined(settings.data_dir)))
         worker = faust.Worker(app, loglevel=loglevel, quiet=True,
                               logging_config=faust_logging_config(settings.log_format, loglevel))
+        tune_gc()
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:
