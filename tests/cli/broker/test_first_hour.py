@@ -113,7 +113,10 @@ def produce_through_a_worker(cwd: Path, env: dict[str, str]) -> None:
         assert found, banner
         section = README.split("## Producing events", 1)[1]
         [code] = blocks(section, "python")
-        exec(compile(code.replace("localhost:9092", found.group(1)), "README", "exec"), {})
+        names: dict[str, Any] = {}
+        exec(compile(code.replace("localhost:9092", found.group(1)), "README", "exec"), names)
+        # acknowledged by the broker: 2 impressions, the copy, the session end
+        assert (names["producer"].sent, names["producer"].failed) == (4, 0)
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
