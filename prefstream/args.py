@@ -5,7 +5,7 @@ never imports ``prefstream.cli`` (which imports the commands)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -33,14 +33,22 @@ def positive_float(text: str) -> float:
     return value
 
 
-def describe_validation(exc: ValidationError) -> str:
-    """A settings error on one line, naming each field's flag and variable."""
+def describe_validation(exc: ValidationError, flags: Collection[str] = (), *,
+                        prefix: str = "PREFSTREAM_", what: str = "configuration") -> str:
+    """A settings error on one line: each field with its variable, and its flag only where the
+    command has one (``flags``: the fields given a flag), so the line never names a flag that
+    does not exist. A check across fields (no field of its own) is its message alone: the
+    message names the variables."""
     parts = []
     for err in exc.errors(include_url=False):
-        name = "__".join(str(p) for p in err["loc"]) or "settings"
-        where = f"--{name.replace('_', '-')} or PREFSTREAM_{name.upper()}"
-        parts.append(f"{name} ({where}): {err['msg'].removeprefix('Value error, ')}")
-    return "invalid configuration: " + "; ".join(parts)
+        message = err["msg"].removeprefix("Value error, ")
+        if not err["loc"]:
+            parts.append(message)
+            continue
+        name = "__".join(str(p) for p in err["loc"])
+        flag = f"--{name.replace('_', '-')} or " if name in flags else ""
+        parts.append(f"{name} ({flag}{prefix}{name.upper()}): {message}")
+    return f"invalid {what}: " + "; ".join(parts)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, names: Sequence[str]) -> None:

@@ -111,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(verbose=args.verbose, fmt=log_format())
         return int(args.func(args))
     except ValidationError as exc:
-        print(f"prefstream {args.command}: {describe_validation(exc)}", file=sys.stderr)
+        problem = describe_validation(exc, flags=vars(args))  # the flags this command has
+        print(f"prefstream {args.command}: {problem}", file=sys.stderr)
         return 2
     except PrefstreamError as exc:
         print(f"prefstream {args.command}: {exc}", file=sys.stderr)

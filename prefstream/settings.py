@@ -267,6 +267,14 @@ class Settings(BaseSettings):
                               "(Prometheus text); 0 disables it.")
     rules: RuleConfig = Field(default_factory=RuleConfig)
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _empty_data_dir_is_unset(cls, value: Any) -> Any:
+        """``PREFSTREAM_DATA_DIR=`` (empty: an unset variable in a script or compose file) is the
+        default, as for every other command (``prefstream.datadir.default_data_dir``): never
+        the working directory, where a worker would write its files among the user's."""
+        return cls.model_fields["data_dir"].default if value == "" else value
+
     @field_validator("kafka_bootstrap")
     @classmethod
     def _host_ports(cls, value: str | None) -> str | None:
@@ -278,7 +286,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _hours_divide_day(self) -> Settings:
         if 24 % self.rules.partition_hours:
-            raise ValueError("rules.partition_hours must divide 24")
+            raise ValueError(f"rules.partition_hours must divide 24, got "
+                             f"{self.rules.partition_hours} (PREFSTREAM_RULES__PARTITION_HOURS)")
         return self
 
     @model_validator(mode="after")

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from prefstream.args import describe_validation
 from prefstream.datadir import check_data_dir, check_writable, default_data_dir
 from prefstream.errors import PrefstreamError
 from prefstream.trainer import Interrupted
@@ -123,11 +124,8 @@ def _config(args: argparse.Namespace) -> TrainConfig | None:
     try:
         return TrainConfig(**flags)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))} (--{'-'.join(map(str, e['loc'])).replace('_', '-')}"
-            f" or {ENV_PREFIX}{'_'.join(map(str, e['loc'])).upper()}): "
-            f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors(include_url=False))
-        usage_error("trainer", f"invalid trainer config: {problems}")
+        usage_error("trainer", describe_validation(exc, flags=TrainConfig.model_fields,
+                                                   prefix=ENV_PREFIX, what="trainer config"))
         return None
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from prefstream.datadir import DEFAULT_DATA_DIR, HINT, check_writable
 from prefstream.errors import PrefstreamError, StorageError
 from prefstream.settings import Settings
+from prefstream.sim.interrupt import STOP_DEADLINE_S, stop_by_deadline
 from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic, prefers
 from prefstream.status import dead_letter_cause
 from prefstream.storage.catalog import connect_readonly, ensure_catalog
@@ -228,7 +229,14 @@ def agreement(data_dir: Path, traffic: Traffic) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo; Ctrl-C stops it within seconds in any phase (``KeyboardInterrupt``, exit 130
-    in ``main``) and promotes nothing."""
+    in ``main``; by force at the deadline of ``sim.interrupt`` if a library swallowed it) and
+    promotes nothing."""
+    with stop_by_deadline(f"prefstream demo: interrupted (stopped by force: still running "
+                          f"{STOP_DEADLINE_S:.0f} s after Ctrl-C)"):
+        return _run_demo(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
     started = time.monotonic()
     os.umask(OWNER_ONLY_UMASK)  # logs, catalog and models in the data dir: owner-only
     data_dir = Path(args.data_dir)

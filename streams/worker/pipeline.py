@@ -348,6 +348,9 @@ class Pipeline:
             if rows:
                 write_rows(data_dir=data_dir, table=table, rows=rows, index=self.stored)
                 crashpoints.reach("write")
+                # the flush's log line says what it stored: a session closed by a tick alone
+                # (no event in the batch) is stored by a flush that accepted nothing
+                batch.counts[f"stored_{table}"] += len(rows)
         job.stored_ids = self.stored_ids.write(job.closed, job.watermarks)
         self._count_rows(batch)  # before the watermark files: they tell readers we are done
         for mark in job.marks:

@@ -4,6 +4,7 @@ to change, exit code 2, no traceback, nothing created (docs/first-hour.md, "Bad 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -155,3 +156,51 @@ def test_the_demo_replaces_its_own_previous_data(tmp_path: Path) -> None:
     (old / DEMO_MARK).touch()
     fresh_demo_dir(old)
     assert not old.exists()
+
+
+def options(command: str) -> set[str]:
+    """The flags ``prefstream command`` has."""
+    from prefstream.cli import build_parser
+
+    [sub] = [a for a in build_parser()._actions if a.dest == "command"]
+    return {flag for action in sub.choices[command]._actions for flag in action.option_strings}
+
+
+@pytest.mark.parametrize(("argv", "variable", "value", "named"), [
+    (["worker"], "PREFSTREAM_PIPELINE_PROCESS", "maybe",
+     "pipeline_process (PREFSTREAM_PIPELINE_PROCESS)"),  # a setting without a flag
+    (["demo"], "PREFSTREAM_PIPELINE_PROCESS", "maybe",
+     "pipeline_process (PREFSTREAM_PIPELINE_PROCESS)"),
+    (["worker"], "PREFSTREAM_PARTITIONS", "0",
+     "partitions (--partitions or PREFSTREAM_PARTITIONS)"),
+    (["worker"], "PREFSTREAM_RULES__GAP_S", "x", "rules__gap_s (PREFSTREAM_RULES__GAP_S)"),
+    (["worker"], "PREFSTREAM_RULES__PARTITION_HOURS", "5",  # a check across fields
+     "rules.partition_hours must divide 24, got 5 (PREFSTREAM_RULES__PARTITION_HOURS)"),
+    (["worker"], "PREFSTREAM_KAFKA_SECURITY_PROTOCOL", "SSL", "needs PREFSTREAM_KAFKA_BOOTSTRAP"),
+])
+def test_a_bad_setting_names_its_variable_and_no_flag_the_command_lacks(
+        argv: list[str], variable: str, value: str, named: str, here: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(variable, value)
+    err = usage(argv, capsys)
+    assert named in err
+    assert set(re.findall(r"--[a-z][a-z-]*", err)) <= options(argv[0]), err
+    assert "PREFSTREAM_SETTINGS" not in err and entries(here) == []
+
+
+def test_a_trainer_config_check_across_fields_names_no_empty_flag(
+        here: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    init_data_dir(here / "prefstream-data")
+    err = usage(["trainer", "--once", "--epochs", "0", "--head-epochs", "0"], capsys)
+    assert "epochs and head_epochs are both 0" in err and "(-- or" not in err
+
+
+def test_an_empty_data_dir_variable_is_the_default_for_every_command(
+        here: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PREFSTREAM_DATA_DIR=`` (an unset variable in a script): the worker's settings and
+    the other commands agree on ``prefstream-data``, never the working directory."""
+    from prefstream.datadir import default_data_dir
+    from prefstream.settings import Settings
+
+    monkeypatch.setenv("PREFSTREAM_DATA_DIR", "")
+    assert Settings().data_dir == default_data_dir() == Path("prefstream-data")
