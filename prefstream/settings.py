@@ -227,7 +227,8 @@ class Settings(BaseSettings):
         "changelog record, under the producer's 1 MB request limit). A session closes early "
         "(close reason max_bytes, counted in prefstream_sessions_max_bytes_total) before its "
         "events pass half of it; an event that would still take the state over it is "
-        "dead-lettered. A message counts as its JSON-escaped length plus 128 bytes.")
+        "dead-lettered. A message counts as its JSON-escaped length plus 128 bytes, each group "
+        "of the id (open, or closed and not yet written) 400 bytes plus its two ids.")
     max_session_duration_s: float = Field(6 * 3600.0, gt=0)
     dedupe_horizon_s: float = Field(
         3600.0, ge=0, description="How long (event time after its session's last event) an "

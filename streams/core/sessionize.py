@@ -37,6 +37,11 @@ TICK = timedelta(microseconds=1)  # the smallest step of event time
 EVENT_OVERHEAD_BYTES = 128
 #: state bytes counted per duplicate recorded: (offset, event id), as the changelog holds it
 DUPLICATE_OVERHEAD_BYTES = 48
+#: state bytes counted per group a session id holds (open, or closed and not written yet) beyond
+#: its events and its two ids: the group's own fields in the changelog record, escaped as the
+#: record escapes them (measured at most 337, with UTC offsets, microseconds and six-digit
+#: counts), and the slot's own fields (43)
+GROUP_OVERHEAD_BYTES = 400
 
 
 def state_bytes(raw: bytes) -> int:
@@ -48,6 +53,12 @@ def state_bytes(raw: bytes) -> int:
 
 def duplicate_bytes(event_id: str) -> int:
     return len(event_id) + DUPLICATE_OVERHEAD_BYTES
+
+
+def group_bytes(session_id: str, user_id: str) -> int:
+    """What one group of a session id adds to its changelog record beyond its events: each of a
+    group's ids is written again, at most 6 bytes a character once escaped."""
+    return GROUP_OVERHEAD_BYTES + len(json.dumps(session_id)) + len(json.dumps(user_id))
 
 
 @dataclass(frozen=True)
@@ -204,13 +215,19 @@ def find(slot: SessionSlot, event_id: str, offset: int) -> Outcome | None:
 
 
 def slot_bytes(slot: SessionSlot) -> int:
-    """The state a session id holds, as counted against ``SessionRules.max_bytes``."""
+    """The state a session id holds, as counted against ``SessionRules.max_bytes``: its events'
+    bytes and each group's own (:func:`group_bytes`)."""
     groups = [c.session for c in (*slot.pending, *slot.held)]
-    return sum(g.n_bytes for g in groups) + (slot.open.n_bytes if slot.open else 0)
+    if slot.open is not None:
+        groups.append(slot.open)
+    return sum(g.n_bytes + group_bytes(g.session_id, g.user_id) for g in groups)
 
 
-def _over(slot: SessionSlot, size: int, rules: SessionRules) -> bool:
-    return rules.max_bytes is not None and slot_bytes(slot) + size > rules.max_bytes
+def _over(slot: SessionSlot, size: int, rules: SessionRules, new_group: int = 0) -> bool:
+    """Whether ``size`` more bytes (and ``new_group``: the bytes of a group it starts) take the
+    session id's state over ``rules.max_bytes``."""
+    return (rules.max_bytes is not None
+            and slot_bytes(slot) + size + new_group > rules.max_bytes)
 
 
 def close_early(slot: SessionSlot, rules: SessionRules, reason: CloseReason) -> SessionSlot:
@@ -257,7 +274,8 @@ def add_event(
     if (rules.max_bytes is not None and slot.open is not None
             and slot.open.n_bytes + size > rules.max_bytes // 2):
         slot = close_early(slot, rules, "max_bytes")
-    if _over(slot, size, rules):
+    starts = group_bytes(event.session_id, event.user_id) if slot.open is None else 0
+    if _over(slot, size, rules, starts):
         return (None if slot == SessionSlot() else slot), "oversized"
     if slot.open is None:
         session = _start(event, offset, clock.kafka_partition, size)
