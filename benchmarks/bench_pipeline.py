@@ -49,7 +49,15 @@ from machine import (  # noqa: E402
     now_iso,
     write_result,
 )
-from workers import Deadline, StageError, metric_sum, start_worker, stop_worker  # noqa: E402
+from workers import (  # noqa: E402
+    Deadline,
+    StageError,
+    cpu_seconds,
+    metric_sum,
+    process_tree,
+    start_worker,
+    stop_worker,
+)
 
 from prefstream.settings import Settings  # noqa: E402
 from prefstream.sim.demo import end_offsets, scrape, traffic_end  # noqa: E402
@@ -140,10 +148,13 @@ def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *
                 if sum(metric_sum(s, "prefstream_events_total") for s in each):
                     first = time.perf_counter()
                 time.sleep(0.02)
+            trees = [process_tree(p.pid) for p in procs]  # each worker and its pipeline process
+            cpu_first = [cpu_seconds(tree) for tree in trees]
             while not _durable(settings, ends, bar):
                 deadline.check(f"the worker to store all {n} events")
                 time.sleep(0.02)
             last = time.perf_counter()
+            cpu_last = [cpu_seconds(tree) for tree in trees]
         # the counts may trail the files a little (a pipeline process sends its metrics at most
         # every 0.1 s): read them until every message is counted, for at most 3 s
         settle = time.monotonic() + 3.0
@@ -156,7 +167,19 @@ def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *
         raise StageError(f"throughput: the worker accepted under half of the events ({outcomes}):"
                          " the traffic is not what the full pipeline should see")
     return {"events_per_s": n / (last - first), "seconds": round(last - first, 2),
-            "outcomes": outcomes}
+            "outcomes": outcomes, "cpu_us_per_event": _cpu_per_event(cpu_first, cpu_last, n)}
+
+
+def _cpu_per_event(before: list[dict[int, float]], after: list[dict[int, float]], n: int
+                   ) -> dict[str, float]:
+    """CPU µs per event over the timed window: the workers' own processes (``agent``: where
+    Faust runs) and their pipeline processes (``pipeline``), each summed over the workers."""
+    out = {"agent": 0.0, "pipeline": 0.0}
+    for b, a in zip(before, after, strict=True):
+        for k, pid in enumerate(b):
+            if pid in a:
+                out["agent" if k == 0 else "pipeline"] += a[pid] - b[pid]
+    return {k: round(v / n * 1e6, 1) for k, v in out.items()}
 
 
 def _outcomes(each: list[Settings]) -> dict[str, float]:
@@ -207,7 +230,8 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
     stage("throughput: prefstream worker")
     full = prefstream_rate(settings, n, work / "worker-throughput.log", deadline)
     out.update(prefstream_events_per_s=round(full["events_per_s"]),
-               prefstream_seconds=full["seconds"], prefstream_outcomes=full["outcomes"])
+               prefstream_seconds=full["seconds"], prefstream_outcomes=full["outcomes"],
+               prefstream_cpu_us_per_event=full["cpu_us_per_event"])
     out["ratios"] = {name: round(full["events_per_s"] / out[f"{name}_events_per_s"], 3)
                      for name in ("faust_naive", "faust_take", "aiokafka")}
     # the same worker with its pipeline in a child process (pipeline_process), a fresh group
@@ -217,7 +241,7 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
     offloaded = prefstream_rate(two, n, work / "worker-two-process.log", deadline)
     out["pipeline_process"] = {
         "events_per_s": round(offloaded["events_per_s"]), "seconds": offloaded["seconds"],
-        "outcomes": offloaded["outcomes"],
+        "outcomes": offloaded["outcomes"], "cpu_us_per_event": offloaded["cpu_us_per_event"],
         "of_one_process": round(offloaded["events_per_s"] / full["events_per_s"], 3),
         "of_faust_naive": round(offloaded["events_per_s"] / out["faust_naive_events_per_s"], 3)}
     if scale_workers > 1:  # scale-out: worker processes in one consumer group, a fresh group
@@ -229,6 +253,7 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
         out["scale_out"] = {
             "workers": scale_workers, "events_per_s": round(scaled["events_per_s"]),
             "seconds": scaled["seconds"], "outcomes": scaled["outcomes"],
+            "cpu_us_per_event": scaled["cpu_us_per_event"],
             "of_one_worker": round(scaled["events_per_s"] / full["events_per_s"], 3),
             "of_faust_naive": round(scaled["events_per_s"] / out["faust_naive_events_per_s"], 3)}
     return out

@@ -166,6 +166,17 @@ def reward_section(r: Result) -> list[str]:
     return render_reward(r, table)
 
 
+def _cpu(per_event: dict[str, float] | None) -> str:
+    """The CPU the worker's processes spent per event while timed, as a sentence ("" if not
+    measured)."""
+    if not per_event:
+        return ""
+    parts = [f"{per_event['agent']:g} µs in the Faust agent's process"]
+    if per_event.get("pipeline"):
+        parts.append(f"{per_event['pipeline']:g} µs in the pipeline process")
+    return " CPU per event while timed: " + " and ".join(parts) + "."
+
+
 def pipeline_section(r: Result) -> list[str]:
     lines: list[str] = []
     for stage, error in r.get("errors", {}).items():
@@ -186,20 +197,23 @@ def pipeline_section(r: Result) -> list[str]:
         ])
         lines += ["", f"The worker is timed from its first event to every partition's rows "
                   f"being durable ({t['prefstream_seconds']} s); the producer wrote "
-                  f"{t['producer_events_per_s']:,} events/s.", ""]
+                  f"{t['producer_events_per_s']:,} events/s."
+                  f"{_cpu(t.get('prefstream_cpu_us_per_event'))}", ""]
         two = t.get("pipeline_process")
         if two:
             lines += [f"With its pipeline in a child process (`pipeline_process`), the worker "
                       f"stored the same events at {two['events_per_s']:,} events/s "
                       f"({two['seconds']} s): {ratio(two['of_one_process'])} of one process, "
-                      f"{ratio(two['of_faust_naive'])} of the naive per-event agent.", ""]
+                      f"{ratio(two['of_faust_naive'])} of the naive per-event agent."
+                      f"{_cpu(two.get('cpu_us_per_event'))}", ""]
         scaled = t.get("scale_out")
         if scaled:
             lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "
                       f"sharing the {r.get('partitions')} partitions on the same machine, "
                       f"stored the same events at {scaled['events_per_s']:,} events/s "
                       f"({scaled['seconds']} s): {ratio(scaled['of_one_worker'])} of one worker, "
-                      f"{ratio(scaled['of_faust_naive'])} of the naive per-event agent.", ""]
+                      f"{ratio(scaled['of_faust_naive'])} of the naive per-event agent."
+                      f"{_cpu(scaled.get('cpu_us_per_event'))}", ""]
     f = r.get("freshness")
     if f:
         lines += ["### Freshness: a session's last event to its pairs being queryable", ""]

@@ -84,6 +84,33 @@ def stop_worker(worker: subprocess.Popen[bytes]) -> None:
             worker.wait(timeout=30)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, parents first (Linux ``/proc``; gone ones left out)."""
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        tree.append(p)
+        try:
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """User plus system CPU seconds of each process so far (Linux ``/proc/<pid>/stat``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def metric_sum(settings: Settings, prefix: str) -> float:
     """Sum of every sample of a metric family on the worker's endpoint (0 when not serving)."""
     return sum(v for k, v in scrape(settings).items() if k.startswith(prefix))

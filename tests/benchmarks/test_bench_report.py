@@ -214,3 +214,31 @@ def test_reward_results_render_goals_precision_lengths_and_probes() -> None:
     for model in ("hh explicit", "alpaca length_balance=bucket", "alpaca length_balance=none"):
         assert f"| {model} |" in text
     assert "| hh-rlhf-harmless-dev.jsonl.gz | 1,595 |" in text
+
+
+
+def test_cpu_per_event_counts_the_worker_and_its_pipeline_process_apart() -> None:
+    """The throughput stage's CPU split: the first process of a tree is the worker's own, its
+    descendants the pipeline process (a busy child here stands in for it)."""
+    import os
+    import time
+
+    import workers
+
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started
+        tree = workers.process_tree(os.getpid())
+        assert tree[0] == os.getpid() and child.pid in tree
+        before = workers.cpu_seconds(tree)
+        sum(i * i for i in range(3_000_000))  # CPU spent here, in the "worker"
+        time.sleep(0.5)
+        after = workers.cpu_seconds(tree)
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    per_event = bench_pipeline._cpu_per_event([before], [after], 1000)
+    assert per_event["agent"] > 0 and per_event["pipeline"] > 0
+    line = report._cpu({"agent": 61.5, "pipeline": 120.0})
+    assert "61.5 µs in the Faust agent's process" in line and "120 µs in the pipeline" in line
+    assert report._cpu(None) == ""
