@@ -166,12 +166,14 @@ def reward_section(r: Result) -> list[str]:
     return render_reward(r, table)
 
 
-def _cpu(per_event: dict[str, float] | None) -> str:
+def _cpu(per_event: dict[str, float] | None, workers: int = 1) -> str:
     """The CPU the worker's processes spent per event while timed, as a sentence ("" if not
-    measured)."""
+    measured); with several workers, their processes together."""
     if not per_event:
         return ""
-    parts = [f"{per_event['agent']:g} µs in the Faust agent's process"]
+    where = ("the Faust agent's process" if workers == 1
+             else f"the {workers} workers' processes together")
+    parts = [f"{per_event['agent']:g} µs in {where}"]
     if per_event.get("pipeline"):
         parts.append(f"{per_event['pipeline']:g} µs in the pipeline process")
     return " CPU per event while timed: " + " and ".join(parts) + "."
@@ -213,7 +215,7 @@ def pipeline_section(r: Result) -> list[str]:
                       f"stored the same events at {scaled['events_per_s']:,} events/s "
                       f"({scaled['seconds']} s): {ratio(scaled['of_one_worker'])} of one worker, "
                       f"{ratio(scaled['of_faust_naive'])} of the naive per-event agent."
-                      f"{_cpu(scaled.get('cpu_us_per_event'))}", ""]
+                      f"{_cpu(scaled.get('cpu_us_per_event'), scaled['workers'])}", ""]
     f = r.get("freshness")
     if f:
         lines += ["### Freshness: a session's last event to its pairs being queryable", ""]
