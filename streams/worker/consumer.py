@@ -19,10 +19,12 @@ upgrade is checked here.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Coroutine, Generator
 from typing import Any
 
 import faust
+from aiokafka.errors import KafkaError
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 
@@ -144,3 +146,31 @@ async def committed_offsets(consumer: Any, tps: set[Any]) -> dict[Any, int | Non
     thread = consumer._thread
     client = thread._ensure_consumer()
     return {tp: await thread.call_thread(client.committed, tp) for tp in tps}
+
+
+class AbandonedCommit(logging.Filter):
+    """One line instead of a traceback for an offset commit abandoned when the connection closed.
+
+    aiokafka runs each offset commit in a task shielded from its caller (``asyncio.shield``). When
+    the worker stops while a commit is in flight (a flush or a revoke committing), the caller is
+    cancelled, the broker connection closes under the task, and asyncio logs the task's error as
+    "Task exception was never retrieved" with a traceback, from Faust's consumer thread. Nothing
+    is lost: those offsets were not committed, so the next owner reads from the last committed
+    ones, and rows are idempotent (docs/delivery.md)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KafkaError) and "_do_commit_offsets" in record.getMessage():
+            record.msg = ("an offset commit in flight when its connection closed was abandoned "
+                          "(%r); the next owner reads from the last committed offsets")
+            record.args = (exc,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_abandoned_commits() -> None:
+    """Install :class:`AbandonedCommit` on asyncio's logger (once)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, AbandonedCommit) for f in logger.filters):
+        logger.addFilter(AbandonedCommit())

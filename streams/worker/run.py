@@ -70,11 +70,13 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
 
     from prefstream.storage.tables import memory_pool, warm_up
     from prefstream.streams.worker.app import create_app
+    from prefstream.streams.worker.consumer import quiet_abandoned_commits
 
     if memory_pool() == "mimalloc" and not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
         log.warning("pyarrow's memory pool is mimalloc: a long-running worker's memory grows "
                     "with it; start workers with ARROW_DEFAULT_MEMORY_POOL=jemalloc")
     logscrub.install(settings.text_storage)  # before Faust logs a payload
+    quiet_abandoned_commits()
     warm_up()
     os.umask(OWNER_ONLY_UMASK)
     check_writable(settings.data_dir, needed_by="the worker")  # before starting any broker

@@ -101,3 +101,46 @@ def test_the_worker_app_consumes_through_this_consumer(tmp_path):
 
     app = create_app(Settings(data_dir=tmp_path, metrics_port=0))
     assert isinstance(app.consumer, consumer.Consumer)
+
+
+def test_an_abandoned_offset_commit_is_one_line_not_a_traceback(caplog):
+    """aiokafka's shielded commit task failing after its caller was cancelled (a stop): asyncio
+    logs "Task exception was never retrieved" with a traceback; the worker's filter makes it one
+    INFO line. Other unretrieved task errors keep their traceback."""
+    import gc
+    import logging
+
+    from aiokafka.errors import KafkaConnectionError
+
+    from prefstream.streams.worker.consumer import AbandonedCommit, quiet_abandoned_commits
+
+    async def _do_commit_offsets():  # named as aiokafka's commit coroutine
+        raise KafkaConnectionError("Connection at 127.0.0.1:1 closed")
+
+    async def other():
+        raise KafkaConnectionError("elsewhere")
+
+    async def abandon():
+        for coro in (_do_commit_offsets(), other()):
+            task = asyncio.ensure_future(coro)
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            del task  # never awaited: its error is logged when the task is collected
+
+    logger = logging.getLogger("asyncio")
+    quiet_abandoned_commits()
+    quiet_abandoned_commits()  # once only
+    try:
+        assert sum(isinstance(f, AbandonedCommit) for f in logger.filters) == 1
+        with caplog.at_level(logging.INFO, logger="asyncio"):
+            asyncio.run(abandon())
+            gc.collect()
+        records = [r for r in caplog.records if r.name == "asyncio"]
+        commit = [r for r in records if "offset commit in flight" in r.getMessage()]
+        assert len(commit) == 1 and commit[0].levelno == logging.INFO
+        assert commit[0].exc_info is None and "Connection at 127.0.0.1:1" in commit[0].getMessage()
+        kept = [r for r in records if "never retrieved" in r.getMessage()]
+        assert len(kept) == 1 and kept[0].exc_info is not None and "other()" in kept[0].getMessage()
+    finally:
+        for f in [f for f in logger.filters if isinstance(f, AbandonedCommit)]:
+            logger.removeFilter(f)
