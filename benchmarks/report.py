@@ -179,6 +179,14 @@ def _cpu(per_event: dict[str, float] | None, workers: int = 1) -> str:
     return " CPU per event while timed: " + " and ".join(parts) + "."
 
 
+def _stored(run: dict[str, Any], of_key: str, of_what: str, workers: int = 1) -> str:
+    """The sentence's end for a worker variant of the throughput stage: its rate, its ratio to
+    ``of_what`` (``run[of_key]``) and to the naive agent, and its CPU per event."""
+    return (f"stored the same events at {run['events_per_s']:,} events/s ({run['seconds']} s): "
+            f"{ratio(run[of_key])} of {of_what}, {ratio(run['of_faust_naive'])} of the naive "
+            f"per-event agent.{_cpu(run.get('cpu_us_per_event'), workers)}")
+
+
 def pipeline_section(r: Result) -> list[str]:
     lines: list[str] = []
     for stage, error in r.get("errors", {}).items():
@@ -203,19 +211,13 @@ def pipeline_section(r: Result) -> list[str]:
                   f"{_cpu(t.get('prefstream_cpu_us_per_event'))}", ""]
         two = t.get("pipeline_process")
         if two:
-            lines += [f"With its pipeline in a child process (`pipeline_process`), the worker "
-                      f"stored the same events at {two['events_per_s']:,} events/s "
-                      f"({two['seconds']} s): {ratio(two['of_one_process'])} of one process, "
-                      f"{ratio(two['of_faust_naive'])} of the naive per-event agent."
-                      f"{_cpu(two.get('cpu_us_per_event'))}", ""]
+            lines += ["With its pipeline in a child process (`pipeline_process`), the worker "
+                      + _stored(two, "of_one_process", "one process"), ""]
         scaled = t.get("scale_out")
         if scaled:
             lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "
                       f"sharing the {r.get('partitions')} partitions on the same machine, "
-                      f"stored the same events at {scaled['events_per_s']:,} events/s "
-                      f"({scaled['seconds']} s): {ratio(scaled['of_one_worker'])} of one worker, "
-                      f"{ratio(scaled['of_faust_naive'])} of the naive per-event agent."
-                      f"{_cpu(scaled.get('cpu_us_per_event'), scaled['workers'])}", ""]
+                      + _stored(scaled, "of_one_worker", "one worker", scaled["workers"]), ""]
     f = r.get("freshness")
     if f:
         lines += ["### Freshness: a session's last event to its pairs being queryable", ""]
