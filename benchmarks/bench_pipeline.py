@@ -167,18 +167,20 @@ def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *
         raise StageError(f"throughput: the worker accepted under half of the events ({outcomes}):"
                          " the traffic is not what the full pipeline should see")
     return {"events_per_s": n / (last - first), "seconds": round(last - first, 2),
-            "outcomes": outcomes, "cpu_us_per_event": _cpu_per_event(cpu_first, cpu_last, n)}
+            "outcomes": outcomes,
+            "cpu_us_per_event": _cpu_per_event(trees, cpu_first, cpu_last, n)}
 
 
-def _cpu_per_event(before: list[dict[int, float]], after: list[dict[int, float]], n: int
-                   ) -> dict[str, float]:
-    """CPU µs per event over the timed window: the workers' own processes (``agent``: where
-    Faust runs) and their pipeline processes (``pipeline``), each summed over the workers."""
+def _cpu_per_event(trees: list[list[int]], before: list[dict[int, float]],
+                   after: list[dict[int, float]], n: int) -> dict[str, float]:
+    """CPU µs per event over the timed window: the workers' own processes (``agent``, each
+    tree's root: where Faust runs) and their descendants, the pipeline processes
+    (``pipeline``), each summed over the workers."""
     out = {"agent": 0.0, "pipeline": 0.0}
-    for b, a in zip(before, after, strict=True):
-        for k, pid in enumerate(b):
-            if pid in a:
-                out["agent" if k == 0 else "pipeline"] += a[pid] - b[pid]
+    for tree, b, a in zip(trees, before, after, strict=True):
+        for pid in tree:
+            if pid in a and pid in b:
+                out["agent" if pid == tree[0] else "pipeline"] += a[pid] - b[pid]
     return {k: round(v / n * 1e6, 1) for k, v in out.items()}
 
 

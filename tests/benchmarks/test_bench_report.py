@@ -237,7 +237,7 @@ def test_cpu_per_event_counts_the_worker_and_its_pipeline_process_apart() -> Non
     finally:
         child.kill()
         child.wait(timeout=30)
-    per_event = bench_pipeline._cpu_per_event([before], [after], 1000)
+    per_event = bench_pipeline._cpu_per_event([tree], [before], [after], 1000)
     assert per_event["agent"] > 0 and per_event["pipeline"] > 0
     line = report._cpu({"agent": 61.5, "pipeline": 120.0})
     assert "61.5 µs in the Faust agent's process" in line and "120 µs in the pipeline" in line
