@@ -221,12 +221,17 @@ def create_app(settings: Settings) -> faust.App:
             return value
 
         events_in.add_processor(note_epoch)  # before the buffer's own processor
+        behind = False  # whether the last batch was full: a backlog being read
         async for batch in events_in.noack_take(settings.take_max_events,
                                                 within=settings.take_within_s):
+            full = len(batch) >= settings.take_max_events
             async with flusher.lock:
-                await handle_batch(batch)
+                # a short batch after full ones: the backlog is read, flush without waiting
+                # out flush_interval_s (docs/delivery.md, "When rows are written")
+                await handle_batch(batch, caught_up=behind and not full)
+            behind = full
 
-    async def handle_batch(batch: list[Any]) -> None:
+    async def handle_batch(batch: list[Any], caught_up: bool = False) -> None:
         records: list[Record] = []
         stale = 0
         rewind: dict[TP, int] = {}
@@ -263,7 +268,7 @@ def create_app(settings: Settings) -> faust.App:
                                                       timestamp_ms=ts_ms)]
             crashpoints.reach("handle", len(batch))
             await send_side(side_messages)
-        if pipeline.due():
+        if pipeline.due(caught_up=caught_up):
             await flusher.flush()
 
     @app.timer(interval=min(0.25, settings.flush_interval_s / 4))

@@ -255,9 +255,11 @@ class RemotePipeline:
         except ConnectionError:  # it died meanwhile: its reader reports it and stops the worker
             pass
 
-    def due(self) -> bool:
-        """As ``Pipeline.due``: enough events, or events waiting ``flush_interval_s``."""
-        return flush_due(self.settings, self._events_since_flush, self._last_flush)
+    def due(self, *, caught_up: bool = False) -> bool:
+        """As ``Pipeline.due``: enough events, events waiting ``flush_interval_s``, or events
+        waiting when the worker caught up with a backlog."""
+        return flush_due(self.settings, self._events_since_flush, self._last_flush,
+                         caught_up=caught_up)
 
     def start_flush(self) -> RemoteJob:
         """Start a flush in the pipeline process (its batch and checkpoint as of now)."""

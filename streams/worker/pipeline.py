@@ -106,10 +106,15 @@ def describe_error(exc: ValidationError) -> str:
     return "; ".join(parts)[:MAX_REASON_CHARS]
 
 
-def flush_due(settings: Settings, events_since_flush: int, last_flush: float) -> bool:
+def flush_due(settings: Settings, events_since_flush: int, last_flush: float, *,
+              caught_up: bool = False) -> bool:
     """Whether a flush is due: ``flush_max_events`` events, or events waiting since the last
-    flush (``time.monotonic()`` then) for ``flush_interval_s``."""
+    flush (``time.monotonic()`` then) for ``flush_interval_s``, or events waiting when the
+    worker just ``caught_up`` with a backlog (nothing more to read now: waiting out the
+    interval would only delay the rows; see docs/delivery.md)."""
     if events_since_flush >= settings.flush_max_events:
+        return True
+    if events_since_flush > 0 and caught_up:
         return True
     elapsed = time.monotonic() - last_flush
     return events_since_flush > 0 and elapsed >= settings.flush_interval_s
@@ -300,8 +305,9 @@ class Pipeline:
         return partition_for(received, hours=self.settings.partition_hours)
 
     # -- batches -------------------------------------------------------------------------
-    def due(self) -> bool:
-        return flush_due(self.settings, self._events_since_flush, self._last_flush)
+    def due(self, *, caught_up: bool = False) -> bool:
+        return flush_due(self.settings, self._events_since_flush, self._last_flush,
+                         caught_up=caught_up)
 
     def start_flush(self) -> FlushJob:
         """Take the batch and the closed sessions to write, as of now; a new batch starts.

@@ -1,8 +1,10 @@
-"""The worker's flush log line (docs/first-hour.md, "Logs"): a flush that stored rows says so,
-even when a tick alone closed the session; an idle flush logs nothing."""
+"""When the worker flushes (docs/delivery.md) and its flush log line (docs/first-hour.md,
+"Logs"): a flush that stored rows says so, even when a tick alone closed the session; an idle
+flush logs nothing."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from factories import at, event
 from prefstream.settings import Settings
 from prefstream.storage.files import init_data_dir
 from prefstream.streams.worker.flush import flush_line
-from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, flush_offline
+from prefstream.streams.worker.pipeline import MemoryStore, Pipeline, flush_due, flush_offline
 
 ARRIVAL_MS = int(at(1).timestamp() * 1000)  # a minute after the events
 
@@ -36,3 +38,12 @@ def test_a_flush_names_what_it_stored_and_an_idle_one_logs_nothing(tmp_path: Pat
     assert line is not None and "accepted" not in line
     assert "'stored_pairs': 1" in line and "'stored_sessions': 1" in line
     assert flush_line(flush_offline(pipeline).counts) is None
+
+
+def test_a_flush_is_due_on_count_interval_or_a_caught_up_backlog() -> None:
+    s = Settings(flush_max_events=100, flush_interval_s=60.0)
+    now = time.monotonic()
+    assert flush_due(s, 100, now) and not flush_due(s, 99, now)
+    assert flush_due(s, 1, now - 61) and not flush_due(s, 0, now - 61)
+    assert flush_due(s, 1, now, caught_up=True)
+    assert not flush_due(s, 0, now, caught_up=True)  # nothing handled: nothing to write

@@ -136,3 +136,37 @@ def test_worker_restarted_mid_stream_loses_and_duplicates_nothing(
     n_accepted = query(settings.data_dir, "SELECT sum(n_events) + sum(n_duplicates) FROM sessions")
     n_side = len(got["dead_letters"]) + len(got["late_events"])
     assert n_accepted[0][0] + n_side == len(traffic.messages)
+
+
+def test_a_backlog_is_stored_once_read_not_a_flush_interval_later(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """A worker that caught up with a backlog flushes at once (docs/delivery.md, "When rows are
+    written"): with a 60 s flush interval and more events than one flush's count takes, the
+    backlog's rows are durable within seconds of its last batch."""
+    settings = make_settings(broker, tmp_path / "data", "backlog", take_max_events=100,
+                             flush_max_events=100_000).model_copy(
+                                 update={"flush_interval_s": 60.0})
+    prepare(settings)
+    traffic = generate_traffic(TrafficConfig(n_events=1000, seed=3, end=T0))
+    producer = FeedbackProducer(broker.bootstrap, topic=settings.events_topic)
+    for key, value in traffic.messages:
+        producer.send_raw(key, value)
+    producer.flush()
+    producer.close()
+    targets = end_offsets(settings)
+
+    worker = start_worker(settings, tmp_path / "worker.log")
+    started = time.monotonic()
+    try:
+        while True:
+            marks = read_watermarks(settings.data_dir)
+            if all(p in marks and marks[p].applied_offset + 1 >= end
+                   for p, end in targets.items()):
+                break
+            assert worker.poll() is None, "the worker exited"
+            assert time.monotonic() - started < 30, "the backlog waited for the flush interval"
+            time.sleep(0.1)
+    finally:
+        stop(worker)
+    assert query(settings.data_dir, "SELECT count(*) FROM sessions")[0][0] > 50
