@@ -226,7 +226,13 @@ def _pct(values: list[float], q: int) -> float | None:
 def memory(settings: Settings, n_sessions: int, log: Path, deadline: Deadline
            ) -> dict[str, Any]:
     """Resident memory of the worker holding ``n_sessions`` open sessions (one impression each,
-    a gap of a day so none closes)."""
+    a gap of a day so none closes), opened in two halves.
+
+    ``bytes_per_session``: all growth over the idle worker, per session; it includes what
+    reading 100,000s of messages leaves resident whatever they hold (fetch and stream buffers,
+    the allocator's high-water mark). ``marginal_bytes_per_session``: the growth from the first
+    half to the second, per session: what one more open session costs once the worker has read
+    traffic."""
     settings = settings.model_copy(update={"gap_s": 24 * 3600.0, "max_session_duration_s":
                                            48 * 3600.0, "flush_max_events": 20_000})
     prepare(settings)
@@ -234,27 +240,40 @@ def memory(settings: Settings, n_sessions: int, log: Path, deadline: Deadline
     try:
         wait_consuming(settings, deadline)
         idle = memory_mb(worker.pid)
-        _open_sessions(settings, n_sessions)
-        while metric_sum(settings, "prefstream_sessions_open") < n_sessions:
-            deadline.check(f"{n_sessions} open sessions (the worker reports "
-                           f"{metric_sum(settings, 'prefstream_sessions_open'):.0f})")
-            time.sleep(0.5)
+        half = n_sessions // 2
+        _open_sessions(settings, range(half))
+        _wait_open(settings, half, deadline)
+        halfway = memory_mb(worker.pid)
+        half_open = metric_sum(settings, "prefstream_sessions_open")
+        _open_sessions(settings, range(half, n_sessions))
+        _wait_open(settings, n_sessions, deadline)
         held = memory_mb(worker.pid)
         open_now = metric_sum(settings, "prefstream_sessions_open")
     finally:
         stop_worker(worker)
+    mib = 1024 * 1024
     return {"open_sessions": int(open_now), "rss_idle_mb": idle["rss_mb"],
-            "rss_mb": held["rss_mb"], "peak_mb": held["peak_mb"],
-            "bytes_per_session": round((held["rss_mb"] - idle["rss_mb"]) * 1024 * 1024
-                                       / max(open_now, 1))}
+            "rss_half_mb": halfway["rss_mb"], "rss_mb": held["rss_mb"],
+            "peak_mb": held["peak_mb"],
+            "bytes_per_session": round((held["rss_mb"] - idle["rss_mb"]) * mib
+                                       / max(open_now, 1)),
+            "marginal_bytes_per_session": round((held["rss_mb"] - halfway["rss_mb"]) * mib
+                                                / max(open_now - half_open, 1))}
 
 
-def _open_sessions(settings: Settings, n: int) -> None:
+def _wait_open(settings: Settings, n: int, deadline: Deadline) -> None:
+    while metric_sum(settings, "prefstream_sessions_open") < n:
+        deadline.check(f"{n} open sessions (the worker reports "
+                       f"{metric_sum(settings, 'prefstream_sessions_open'):.0f})")
+        time.sleep(0.5)
+
+
+def _open_sessions(settings: Settings, numbers: range) -> None:
     now = datetime.now(timezone.utc)
     producer = FeedbackProducer(str(settings.kafka_bootstrap), topic=settings.events_topic,
                                 max_block_ms=30_000, linger_ms=20, batch_size=256 * 1024)
     try:
-        for i in tqdm(range(n), desc="open sessions", unit="s", leave=False, disable=None):
+        for i in tqdm(numbers, desc="open sessions", unit="s", leave=False, disable=None):
             sid = f"mem-{i:07d}"
             producer.send_raw(sid.encode(), Impression(
                 event_id=f"e{i}", session_id=sid, user_id=f"u{i % 5000}", request_id=f"r{i}",

@@ -245,6 +245,12 @@ def pipeline_section(r: Result) -> list[str]:
                         "bytes per session"),
                        [(m["open_sessions"], m["rss_idle_mb"], m["rss_mb"], m["peak_mb"],
                          m["bytes_per_session"])])
+        if "marginal_bytes_per_session" in m:
+            lines += ["", f"Bytes per session: all growth over the idle worker, per session "
+                      f"(it includes what reading the messages leaves resident: fetch and "
+                      f"stream buffers). The second half of the sessions "
+                      f"({m['rss_half_mb']} -> {m['rss_mb']} MiB) cost "
+                      f"{m['marginal_bytes_per_session']} bytes each."]
         lines.append("")
     return lines[:-1] if lines and lines[-1] == "" else lines
 
