@@ -144,3 +144,25 @@ def test_an_abandoned_offset_commit_is_one_line_not_a_traceback(caplog):
     finally:
         for f in [f for f in logger.filters if isinstance(f, AbandonedCommit)]:
             logger.removeFilter(f)
+
+
+@pytest.mark.parametrize("level", ["warning", "error"])
+def test_a_quiet_worker_leaves_debug_records_unbuilt(tmp_path, level):
+    """At WARNING and above Faust's terminal spinner would set the root logger to DEBUG for the
+    whole run (a record built for every debug call of Faust and aiokafka); the worker has none."""
+    import logging
+
+    from prefstream.streams.worker.app import create_app
+    from prefstream.streams.worker.run import faust_worker
+
+    root = logging.getLogger()
+    saved = root.level, root.handlers[:]
+    try:
+        worker = faust_worker(create_app(Settings(data_dir=tmp_path, metrics_port=0)),
+                              Settings(data_dir=tmp_path), level)
+        worker._setup_logging()  # what the worker does first when it runs
+        assert not logging.getLogger("faust.topics").isEnabledFor(logging.DEBUG)
+        assert not logging.getLogger("aiokafka").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
