@@ -101,6 +101,8 @@ def test_the_worker_app_consumes_through_this_consumer(tmp_path):
 
     app = create_app(Settings(data_dir=tmp_path, metrics_port=0))
     assert isinstance(app.consumer, consumer.Consumer)
+    app.on_init_dependencies()  # what starting the app does first
+    assert app.monitor not in app.sensors  # Faust's per-message stats for its web views: off
 
 
 def test_an_abandoned_offset_commit_is_one_line_not_a_traceback(caplog):
