@@ -207,7 +207,10 @@ def _scrape_family(settings: Settings, name: str) -> list[tuple[str, float]]:
 
 
 def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
-               scale_workers: int = 0) -> dict[str, Any]:
+               scale_workers: int = 0, rounds: int = 1) -> dict[str, Any]:
+    """Every contender on the same pre-produced topic, ``rounds`` times in turn (each round
+    runs them back to back, so a round's contenders meet the same machine load); each figure
+    is the median round's, and ``rounds`` lists every round's events/s."""
     settings = base.model_copy(update={"data_dir": work / "through", "events_topic":
                                        "bench-events", "app_id": "bench-full"})
     prepare(settings)
@@ -217,48 +220,82 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
     end = traffic_end(datetime.now(timezone.utc), settings)
     traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=0, end=end))
     n, bootstrap = len(traffic.messages), str(base.kafka_bootstrap)
-    out: dict[str, Any] = {"events": n}
+    out: dict[str, Any] = {"events": n, "n_rounds": rounds}
     stage("throughput: produce")
     out["producer_events_per_s"] = round(produce(bootstrap, "bench-events", traffic.messages))
     stage("throughput: aiokafka")
     out["aiokafka_events_per_s"] = round(asyncio.run(
         aiokafka_rate(bootstrap, "bench-events", n, deadline)))
-    stage("throughput: faust per event")
-    out["faust_naive_events_per_s"] = round(faust_rate(bootstrap, "bench-events", n, "event",
-                                                       deadline))
-    stage("throughput: faust take(5000)")
-    out["faust_take_events_per_s"] = round(faust_rate(bootstrap, "bench-events", n, "take",
-                                                      deadline))
-    stage("throughput: prefstream worker")
-    full = prefstream_rate(settings, n, work / "worker-throughput.log", deadline)
-    out.update(prefstream_events_per_s=round(full["events_per_s"]),
+    runs: dict[str, list[Any]] = {"faust_naive": [], "faust_take": [], "prefstream": [],
+                                  "pipeline_process": [], "scale_out": []}
+    for k in range(rounds):
+        name = f"round {k + 1} of {rounds}" if rounds > 1 else ""
+        each = settings.model_copy(update={"data_dir": work / f"through-{k}",
+                                           "app_id": f"bench-full-{k}"})
+        stage(f"throughput: faust per event {name}")
+        runs["faust_naive"].append(faust_rate(bootstrap, "bench-events", n, "event", deadline))
+        stage(f"throughput: faust take(5000) {name}")
+        runs["faust_take"].append(faust_rate(bootstrap, "bench-events", n, "take", deadline))
+        stage(f"throughput: prefstream worker {name}")
+        runs["prefstream"].append(prefstream_rate(
+            each.model_copy(update={"pipeline_process": False}), n,
+            work / f"worker-throughput-{k}.log", deadline))
+        # the same worker with its pipeline in a child process (pipeline_process)
+        stage(f"throughput: prefstream worker, pipeline process {name}")
+        runs["pipeline_process"].append(prefstream_rate(each.model_copy(update={
+            "data_dir": work / f"through-two-{k}", "app_id": f"bench-two-{k}",
+            "pipeline_process": True}), n, work / f"worker-two-process-{k}.log", deadline))
+        if scale_workers > 1:  # scale-out: one-process workers in one consumer group
+            stage(f"throughput: {scale_workers} prefstream workers {name}")
+            runs["scale_out"].append(prefstream_rate(each.model_copy(update={
+                "data_dir": work / f"through-scaled-{k}", "app_id": f"bench-scaled-{k}",
+                "pipeline_process": False}), n, work / f"worker-scaled-{k}.log", deadline,
+                workers=scale_workers))
+    out["rounds"] = {name: [round(_rate(r)) for r in got] for name, got in runs.items() if got}
+    naive, take = median_rate(runs["faust_naive"]), median_rate(runs["faust_take"])
+    full = median_run(runs["prefstream"])
+    out.update(faust_naive_events_per_s=round(naive), faust_take_events_per_s=round(take),
+               prefstream_events_per_s=round(full["events_per_s"]),
                prefstream_seconds=full["seconds"], prefstream_outcomes=full["outcomes"],
                prefstream_cpu_us_per_event=full["cpu_us_per_event"])
-    out["ratios"] = {name: round(full["events_per_s"] / out[f"{name}_events_per_s"], 3)
-                     for name in ("faust_naive", "faust_take", "aiokafka")}
-    # the same worker with its pipeline in a child process (pipeline_process), a fresh group
-    stage("throughput: prefstream worker, pipeline process")
-    two = settings.model_copy(update={"data_dir": work / "through-two", "app_id": "bench-two",
-                                      "pipeline_process": True})
-    offloaded = prefstream_rate(two, n, work / "worker-two-process.log", deadline)
+    rates = {"faust_naive": naive, "faust_take": take, "aiokafka": out["aiokafka_events_per_s"]}
+    out["ratios"] = {name: round(full["events_per_s"] / rate, 3) for name, rate in rates.items()}
+    offloaded = median_run(runs["pipeline_process"])
     out["pipeline_process"] = {
         "events_per_s": round(offloaded["events_per_s"]), "seconds": offloaded["seconds"],
         "outcomes": offloaded["outcomes"], "cpu_us_per_event": offloaded["cpu_us_per_event"],
         "of_one_process": round(offloaded["events_per_s"] / full["events_per_s"], 3),
-        "of_faust_naive": round(offloaded["events_per_s"] / out["faust_naive_events_per_s"], 3)}
-    if scale_workers > 1:  # scale-out: worker processes in one consumer group, a fresh group
-        stage(f"throughput: {scale_workers} prefstream workers")
-        group = settings.model_copy(update={"data_dir": work / "through-scaled",
-                                            "app_id": "bench-scaled"})
-        scaled = prefstream_rate(group, n, work / "worker-scaled.log", deadline,
-                                 workers=scale_workers)
+        "of_faust_naive": round(offloaded["events_per_s"] / naive, 3),
+        # each round against the naive agent timed just before it (the same machine load)
+        "of_faust_naive_by_round": [round(r["events_per_s"] / a, 3) for r, a in
+                                    zip(runs["pipeline_process"], runs["faust_naive"],
+                                        strict=True)]}
+    if runs["scale_out"]:
+        scaled = median_run(runs["scale_out"])
         out["scale_out"] = {
             "workers": scale_workers, "events_per_s": round(scaled["events_per_s"]),
             "seconds": scaled["seconds"], "outcomes": scaled["outcomes"],
             "cpu_us_per_event": scaled["cpu_us_per_event"],
             "of_one_worker": round(scaled["events_per_s"] / full["events_per_s"], 3),
-            "of_faust_naive": round(scaled["events_per_s"] / out["faust_naive_events_per_s"], 3)}
+            "of_faust_naive": round(scaled["events_per_s"] / naive, 3),
+            "of_one_worker_by_round": [round(r["events_per_s"] / o["events_per_s"], 3) for r, o
+                                       in zip(runs["scale_out"], runs["prefstream"],
+                                              strict=True)]}
     return out
+
+
+def _rate(run: float | dict[str, Any]) -> float:
+    return run if isinstance(run, float | int) else float(run["events_per_s"])
+
+
+def median_rate(runs: list[float]) -> float:
+    """The median of the rounds' events/s (the lower middle one of an even number)."""
+    return sorted(runs)[(len(runs) - 1) // 2]
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round whose events/s is the median (the lower middle one of an even number)."""
+    return sorted(runs, key=_rate)[(len(runs) - 1) // 2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -266,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=100_000, help="throughput: events")
     parser.add_argument("--scale-workers", type=int, default=2, help="throughput: also time "
                         "this many worker processes sharing the partitions (0: skip)")
+    parser.add_argument("--rounds", type=int, default=3, help="throughput: run every contender "
+                        "this many times in turn and report the median round")
     parser.add_argument("--open-sessions", type=int, default=100_000, help="memory: sessions "
                         "held open at once")
     parser.add_argument("--freshness-seconds", type=float, default=40.0, help="freshness: wall "
@@ -318,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(name: str, settings: Settings, work: Path, args: argparse.Namespace,
               deadline: Deadline) -> dict[str, Any]:
     if name == "throughput":
-        return throughput(settings, work, args.events, deadline, args.scale_workers)
+        return throughput(settings, work, args.events, deadline, args.scale_workers,
+                          args.rounds)
     if name == "freshness":
         return freshness(settings.model_copy(update={
             "data_dir": work / "fresh", "events_topic": "bench-fresh", "app_id": "bench-fresh"}),

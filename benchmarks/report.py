@@ -179,6 +179,29 @@ def _cpu(per_event: dict[str, float] | None, workers: int = 1) -> str:
     return " CPU per event while timed: " + " and ".join(parts) + "."
 
 
+ROUND_NAMES = {"faust_naive": "naive per-event agent", "faust_take": "naive take(5000) agent",
+               "prefstream": "worker", "pipeline_process": "worker with its pipeline process",
+               "scale_out": "scale-out"}
+
+
+def _rounds(t: dict[str, Any]) -> str:
+    """How the median figures were picked, with every round's events/s and ratios."""
+    each = "; ".join(f"{ROUND_NAMES.get(name, name)} {', '.join(f'{x:,}' for x in rates)}"
+                     for name, rates in t["rounds"].items())
+    text = (f"Each figure is the median of {t['n_rounds']} rounds; a round runs every contender "
+            f"once, back to back, so they meet the same machine load. Events/s by round: "
+            f"{each}.")
+    by_round = t.get("pipeline_process", {}).get("of_faust_naive_by_round")
+    if by_round:
+        text += (" The pipeline process against the naive per-event agent of the same round: "
+                 + ", ".join(ratio(x) for x in by_round) + ".")
+    scaled = t.get("scale_out", {}).get("of_one_worker_by_round")
+    if scaled:
+        text += " Scale-out against one worker of the same round: " + ", ".join(
+            ratio(x) for x in scaled) + "."
+    return text
+
+
 def _stored(run: dict[str, Any], of_key: str, of_what: str, workers: int = 1) -> str:
     """The sentence's end for a worker variant of the throughput stage: its rate, its ratio to
     ``of_what`` (``run[of_key]``) and to the naive agent, and its CPU per event."""
@@ -218,6 +241,8 @@ def pipeline_section(r: Result) -> list[str]:
             lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "
                       f"sharing the {r.get('partitions')} partitions on the same machine, "
                       + _stored(scaled, "of_one_worker", "one worker", scaled["workers"]), ""]
+        if t.get("n_rounds", 1) > 1:
+            lines += [_rounds(t), ""]
     f = r.get("freshness")
     if f:
         lines += ["### Freshness: a session's last event to its pairs being queryable", ""]

@@ -242,3 +242,23 @@ def test_cpu_per_event_counts_the_worker_and_its_pipeline_process_apart() -> Non
     line = report._cpu({"agent": 61.5, "pipeline": 120.0})
     assert "61.5 µs in the Faust agent's process" in line and "120 µs in the pipeline" in line
     assert report._cpu(None) == ""
+
+
+def test_rounds_report_the_median_round_and_every_round() -> None:
+    runs = [{"events_per_s": r} for r in (9_000.0, 7_000.0, 11_000.0)]
+    assert bench_pipeline.median_run(runs) == {"events_per_s": 9_000.0}
+    assert bench_pipeline.median_rate([3.0, 1.0]) == 1.0  # the lower middle of an even number
+    pipeline = checked_in("pipeline")
+    throughput = pipeline["throughput"]
+    throughput.update(n_rounds=3, rounds={"faust_naive": [10_100, 9_000, 10_500],
+                                          "pipeline_process": [10_300, 9_900, 11_000]})
+    throughput["pipeline_process"]["of_faust_naive_by_round"] = [1.02, 1.1, 1.048]
+    stream = section(report.render({"pipeline": pipeline}),
+                     "Stream worker: throughput, freshness, memory")
+    assert ("Each figure is the median of 3 rounds; a round runs every contender once, back to "
+            "back, so they meet the same machine load. Events/s by round: naive per-event agent "
+            "10,100, 9,000, 10,500; worker with its pipeline process 10,300, 9,900, 11,000. The "
+            "pipeline process against the naive per-event agent of the same round: x1.02, x1.1, "
+            "x1.05.") in stream
+    throughput["n_rounds"] = 1
+    assert "median of" not in report.render({"pipeline": pipeline})
