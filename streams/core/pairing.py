@@ -35,11 +35,11 @@ function over one shared index of the session.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import combinations
+from json.encoder import encode_basestring as _json_str
 from typing import NamedTuple
 
 from prefstream.schemas import events as sch
@@ -90,8 +90,14 @@ def prompt_similarity(a: str, b: str) -> float:
 
 
 def _digest(kind: str, *parts: object) -> str:
-    """Row id: the row kind prefixes the hashed JSON list, so different kinds never collide."""
-    raw = json.dumps([kind, *[str(p) for p in parts]], ensure_ascii=False)
+    """Row id: the row kind prefixes the hashed JSON list, so different kinds never collide.
+
+    The list is ``json.dumps([kind, *map(str, parts)], ensure_ascii=False)``, written out: a
+    list of strings is its items, each encoded as json encodes a string, joined by ", " in
+    brackets (tests/streams/core/test_pairing_reference.py checks the two agree), without
+    the encoder's set-up, which cost more than the hash for these short lists.
+    """
+    raw = "[" + ", ".join([_json_str(str(p)) for p in (kind, *parts)]) + "]"
     return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
 
@@ -125,6 +131,8 @@ class _Ctx:
 
     rules: RuleConfig
     session: Session
+    key: str  # session.key, computed once: every row id names it
+    common: dict[str, str]  # the session's id and user, in every row
     shown: dict[str, _Shown] = field(default_factory=dict)
     by_request: dict[str, list[_Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
@@ -135,18 +143,25 @@ class _Ctx:
     ties: list[Tie] = field(default_factory=list)
     # refusal id -> (row, is it about a comparison?); equal ids are exact duplicates
     refusals: dict[str, tuple[Refusal, bool]] = field(default_factory=dict)
+    norms: dict[str, str] = field(default_factory=dict)  # prompt -> normalize_prompt(prompt)
 
-    @property
-    def common(self) -> dict[str, str]:
-        return {"session_id": self.session.session_id, "user_id": self.session.user_id}
+    def norm(self, prompt: str) -> str:
+        """``normalize_prompt``, once per distinct prompt of the session (rules compare the
+        prompts of every candidate, and a session has a few)."""
+        normalized = self.norms.get(prompt)
+        if normalized is None:
+            normalized = self.norms[prompt] = normalize_prompt(prompt)
+        return normalized
 
     def refuse(self, reason: str, rule: str, req: str, ids: tuple[str, ...], detail: str,
                ts: datetime, comparison: bool = True) -> None:
         joined = ",".join(ids)
-        rid = _digest("refusal", self.session.key, reason, rule, req, joined, detail, ts)
+        rid = _digest("refusal", self.key, reason, rule, req, joined, detail, ts)
+        if rid in self.refusals:  # the same refusal again: the first row stays
+            return
         row = Refusal(refusal_id=rid, reason=reason, rule=rule, request_id=req,
                       response_ids=joined, detail=detail, event_time=ts, **self.common)
-        self.refusals.setdefault(rid, (row, comparison))
+        self.refusals[rid] = (row, comparison)
 
     def refuse_cand(self, reason: str, c: _Cand, detail: str = "") -> None:
         ids = (c.chosen.response_id, c.rejected.response_id)
@@ -175,7 +190,9 @@ class _Ctx:
 
 def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     """Replay events in time order; answers are known only from their first impression on."""
-    ctx = _Ctx(rules, closed.session)
+    session = closed.session
+    ctx = _Ctx(rules, session, session.key,
+               {"session_id": session.session_id, "user_id": session.user_id})
     ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
     for idx, se in enumerate(ordered):
         ev = se.event
@@ -222,9 +239,9 @@ def _ban_conflicts(ctx: _Ctx) -> None:
 
 def _propose(ctx: _Ctx, c: _Cand, same_prompt: bool = True) -> None:
     """Context checks shared by all rules; conflicting answers are silently left out."""
-    if {c.chosen.response_id, c.rejected.response_id} & ctx.banned:
+    if c.chosen.response_id in ctx.banned or c.rejected.response_id in ctx.banned:
         return
-    if same_prompt and normalize_prompt(c.chosen.prompt) != normalize_prompt(c.rejected.prompt):
+    if same_prompt and ctx.norm(c.chosen.prompt) != ctx.norm(c.rejected.prompt):
         ctx.refuse_cand("context_mismatch", c)
     elif c.chosen.text.strip() == c.rejected.text.strip():
         ctx.refuse_cand("identical_candidates", c)
@@ -236,7 +253,7 @@ def _thumbs(ctx: _Ctx) -> None:
     ups, downs = ctx.first("thumbs_up"), ctx.first("thumbs_down")
     for kind, group in (("both_accepted", ups), ("both_rejected", downs)):
         for (a, _, ea), (b, _, eb) in combinations(group, 2):
-            same = normalize_prompt(a.prompt) == normalize_prompt(b.prompt)
+            same = ctx.norm(a.prompt) == ctx.norm(b.prompt)
             if same and a.text.strip() != b.text.strip():  # ties only on one prompt
                 ctx.ties.append(_tie(ctx, kind, a, b, max(ea.ts, eb.ts)))
     for a, ia, ea in ups:
@@ -331,7 +348,7 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
     """One row per (prompt, chosen, rejected); weak ones refused; contradictions refused both."""
     groups: dict[tuple[str, str, str], list[_Cand]] = {}
     for c in ctx.cands:
-        key = (normalize_prompt(c.prompt), c.chosen.text, c.rejected.text)
+        key = (ctx.norm(c.prompt), c.chosen.text, c.rejected.text)
         groups.setdefault(key, []).append(c)
     kept = {}
     for key, cs in groups.items():
@@ -350,7 +367,7 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
 def _pair(ctx: _Ctx, c: _Cand, names: tuple[str, ...]) -> Pair:
     s, ch, rj = ctx.session, c.chosen, c.rejected
     return Pair(
-        pair_id=_digest("pair", s.key, normalize_prompt(c.prompt), ch.text, rj.text),
+        pair_id=_digest("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text),
         rule=c.rule, rules=names, confidence=c.confidence, propensity_weight=c.propensity,
         prompt=c.prompt, chosen=ch.text, rejected=rj.text, request_id=ch.request_id,
         rejected_request_id=rj.request_id, chosen_response_id=ch.response_id,
@@ -361,7 +378,7 @@ def _pair(ctx: _Ctx, c: _Cand, names: tuple[str, ...]) -> Pair:
 
 
 def _tie(ctx: _Ctx, kind: str, a: _Shown, b: _Shown, ts: datetime) -> Tie:
-    tie_id = _digest("tie", ctx.session.key, kind, *sorted((a.response_id, b.response_id)))
+    tie_id = _digest("tie", ctx.key, kind, *sorted((a.response_id, b.response_id)))
     return Tie(tie_id=tie_id, kind=kind, rule="thumbs", prompt=a.prompt, response_a=a.text,
                response_b=b.text, response_a_id=a.response_id, response_b_id=b.response_id,
                request_id=a.request_id, event_time=ts, **ctx.common)
@@ -378,7 +395,7 @@ def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
             continue
         ev, a = min(lone, key=lambda e: list(UNPAIRED_SIGNALS).index(e.type)), ctx.shown[rid]
         rows.append(UnpairedRow(
-            row_id=_digest("unpaired", ctx.session.key, rid), prompt=a.prompt, completion=a.text,
+            row_id=_digest("unpaired", ctx.key, rid), prompt=a.prompt, completion=a.text,
             label=UNPAIRED_SIGNALS[ev.type], signal=ev.type, confidence=confs[ev.type],
             request_id=a.request_id, response_id=rid, model_version=a.model,
             position=a.position, event_time=ev.ts, **ctx.common,
