@@ -136,6 +136,10 @@ class _Ctx:
     shown: dict[str, _Shown] = field(default_factory=dict)
     by_request: dict[str, list[_Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
+    # kind -> answer -> its first signal of the kind; answers in time order of that signal
+    firsts: dict[str, dict[str, tuple[int, Signal]]] = field(default_factory=dict)
+    accepted: dict[str, tuple[int, Signal]] = field(default_factory=dict)  # see ``positive``
+    last_slots: dict[str, int] = field(default_factory=dict)  # see ``last_slot``
     reforms: list[tuple[int, sch.Reformulate]] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)  # requests with any exposed signal
     banned: set[str] = field(default_factory=set)  # answers with conflicting thumbs
@@ -170,22 +174,21 @@ class _Ctx:
 
     def positive(self, rid: str) -> tuple[int, Signal] | None:
         """First positive signal (dwelled click, copy, thumbs up) on an answer."""
-        hits = (s for s in self.signals.get(rid, ()) if s[1].type in sch.POSITIVE_TYPES)
-        return next(hits, None)
+        return self.accepted.get(rid)
 
     def first(self, kind: str) -> list[tuple[_Shown, int, Signal]]:
         """First signal of ``kind`` per (non-conflicting) answer, in time order."""
-        out = []
-        for rid, sigs in self.signals.items():
-            hit = next(((i, e) for i, e in sigs if e.type == kind), None)
-            if hit and rid not in self.banned:
-                out.append((self.shown[rid], *hit))
-        return sorted(out, key=lambda t: t[1])
+        hits = self.firsts.get(kind, {})
+        return [(self.shown[rid], *hit) for rid, hit in hits.items() if rid not in self.banned]
 
     def last_slot(self, req: str) -> int:
         """Lowest slot of the request that got a positive signal (-1 if none)."""
-        slots = [s.position for s in self.by_request[req] if self.positive(s.response_id)]
-        return max((p for p in slots if p is not None), default=-1)
+        slot = self.last_slots.get(req)
+        if slot is None:  # once per request: every answer a rule pairs asks for it
+            slots = [s.position for s in self.by_request[req] if s.response_id in self.accepted]
+            slot = max((p for p in slots if p is not None), default=-1)
+            self.last_slots[req] = slot
+        return slot
 
 
 def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
@@ -226,10 +229,17 @@ def _add_signal(ctx: _Ctx, idx: int, ev: Signal) -> None:
                    f"{detail} dwell_ms={ev.dwell_ms}", ev.ts, False)
     else:
         ctx.signals.setdefault(ev.response_id, []).append((idx, ev))
+        # replay order: the first signal the index meets is the first in time
+        ctx.firsts.setdefault(ev.type, {}).setdefault(ev.response_id, (idx, ev))
+        if ev.type in sch.POSITIVE_TYPES:
+            ctx.accepted.setdefault(ev.response_id, (idx, ev))
 
 
 def _ban_conflicts(ctx: _Ctx) -> None:
+    ups, downs = ctx.firsts.get("thumbs_up", {}), ctx.firsts.get("thumbs_down", {})
     for rid, sigs in ctx.signals.items():
+        if rid not in ups or rid not in downs:
+            continue
         kinds = {e.type: e.ts for _, e in sigs if e.type in ("thumbs_up", "thumbs_down")}
         if len(kinds) == 2:
             ctx.banned.add(rid)
