@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 from prefstream.schemas import events as sch
 from prefstream.schemas.records import (
+    UNSTAMPED,
     ClosedSession,
     Pair,
     PairingResult,
@@ -51,6 +52,8 @@ from prefstream.schemas.records import (
     Session,
     Tie,
     UnpairedRow,
+    construct_valid,
+    given_fields,
 )
 from prefstream.schemas.rules import RuleConfig
 
@@ -74,6 +77,9 @@ SIGNAL_RULE = {
 UNPAIRED_SIGNALS = {"thumbs_up": True, "thumbs_down": False, "copy": True}
 # Reformulation confidence loses up to this share as similarity falls from 1 to 0 (see below).
 REFORMULATE_SIM_DISCOUNT = 0.1
+_PAIR_FIELDS, _TIE_FIELDS, _UNPAIRED_FIELDS, _REFUSAL_FIELDS = (
+    given_fields(Pair), given_fields(Tie), given_fields(UnpairedRow), given_fields(Refusal))
+_RESULT_FIELDS = frozenset(PairingResult.model_fields)
 
 Signal = sch.Click | sch.Copy | sch.ThumbsUp | sch.ThumbsDown | sch.Regenerate | sch.Edit
 
@@ -132,7 +138,6 @@ class _Ctx:
     rules: RuleConfig
     session: Session
     key: str  # session.key, computed once: every row id names it
-    common: dict[str, str]  # the session's id and user, in every row
     shown: dict[str, _Shown] = field(default_factory=dict)
     by_request: dict[str, list[_Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
@@ -163,8 +168,12 @@ class _Ctx:
         rid = _digest("refusal", self.key, reason, rule, req, joined, detail, ts)
         if rid in self.refusals:  # the same refusal again: the first row stays
             return
-        row = Refusal(refusal_id=rid, reason=reason, rule=rule, request_id=req,
-                      response_ids=joined, detail=detail, event_time=ts, **self.common)
+        s = self.session
+        row = construct_valid(Refusal, {
+            "refusal_id": rid, "reason": reason, "rule": rule, "session_id": s.session_id,
+            "user_id": s.user_id, "request_id": req, "response_ids": joined, "detail": detail,
+            "event_time": ts, "partition": UNSTAMPED,
+        }, set(_REFUSAL_FIELDS))
         self.refusals[rid] = (row, comparison)
 
     def refuse_cand(self, reason: str, c: _Cand, detail: str = "") -> None:
@@ -194,8 +203,7 @@ class _Ctx:
 def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     """Replay events in time order; answers are known only from their first impression on."""
     session = closed.session
-    ctx = _Ctx(rules, session, session.key,
-               {"session_id": session.session_id, "user_id": session.user_id})
+    ctx = _Ctx(rules, session, session.key)
     ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
     for idx, se in enumerate(ordered):
         ev = se.event
@@ -374,24 +382,35 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
     return [v for (p, ch, rj), v in kept.items() if (p, rj, ch) not in kept]
 
 
+# Rows are built without validation (``construct_valid``: fields in declared order), as their
+# values come from validated events and rules; tests/streams/core/test_pairing_reference.py
+# compares them with validated ones.
+
+
 def _pair(ctx: _Ctx, c: _Cand, names: tuple[str, ...]) -> Pair:
     s, ch, rj = ctx.session, c.chosen, c.rejected
-    return Pair(
-        pair_id=_digest("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text),
-        rule=c.rule, rules=names, confidence=c.confidence, propensity_weight=c.propensity,
-        prompt=c.prompt, chosen=ch.text, rejected=rj.text, request_id=ch.request_id,
-        rejected_request_id=rj.request_id, chosen_response_id=ch.response_id,
-        rejected_response_id=rj.response_id, chosen_model=ch.model, rejected_model=rj.model,
-        chosen_position=ch.position, rejected_position=rj.position, event_time=c.ts,
-        session_start=s.start, session_end=s.last, **ctx.common,
-    )
+    return construct_valid(Pair, {
+        "pair_id": _digest("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text),
+        "rule": c.rule, "rules": names, "confidence": c.confidence,
+        "propensity_weight": c.propensity, "prompt": c.prompt, "chosen": ch.text,
+        "rejected": rj.text, "session_id": s.session_id, "user_id": s.user_id,
+        "request_id": ch.request_id, "rejected_request_id": rj.request_id,
+        "chosen_response_id": ch.response_id, "rejected_response_id": rj.response_id,
+        "chosen_model": ch.model, "rejected_model": rj.model, "chosen_position": ch.position,
+        "rejected_position": rj.position, "event_time": c.ts, "session_start": s.start,
+        "session_end": s.last, "partition": UNSTAMPED,
+    }, set(_PAIR_FIELDS))
 
 
 def _tie(ctx: _Ctx, kind: str, a: _Shown, b: _Shown, ts: datetime) -> Tie:
-    tie_id = _digest("tie", ctx.key, kind, *sorted((a.response_id, b.response_id)))
-    return Tie(tie_id=tie_id, kind=kind, rule="thumbs", prompt=a.prompt, response_a=a.text,
-               response_b=b.text, response_a_id=a.response_id, response_b_id=b.response_id,
-               request_id=a.request_id, event_time=ts, **ctx.common)
+    s = ctx.session
+    return construct_valid(Tie, {
+        "tie_id": _digest("tie", ctx.key, kind, *sorted((a.response_id, b.response_id))),
+        "kind": kind, "rule": "thumbs", "prompt": a.prompt, "response_a": a.text,
+        "response_b": b.text, "response_a_id": a.response_id, "response_b_id": b.response_id,
+        "session_id": s.session_id, "user_id": s.user_id, "request_id": a.request_id,
+        "event_time": ts, "partition": UNSTAMPED,
+    }, set(_TIE_FIELDS))
 
 
 def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
@@ -404,12 +423,14 @@ def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
         if rid in used or rid in ctx.banned or not lone:
             continue
         ev, a = min(lone, key=lambda e: list(UNPAIRED_SIGNALS).index(e.type)), ctx.shown[rid]
-        rows.append(UnpairedRow(
-            row_id=_digest("unpaired", ctx.key, rid), prompt=a.prompt, completion=a.text,
-            label=UNPAIRED_SIGNALS[ev.type], signal=ev.type, confidence=confs[ev.type],
-            request_id=a.request_id, response_id=rid, model_version=a.model,
-            position=a.position, event_time=ev.ts, **ctx.common,
-        ))
+        rows.append(construct_valid(UnpairedRow, {
+            "row_id": _digest("unpaired", ctx.key, rid), "prompt": a.prompt,
+            "completion": a.text, "label": UNPAIRED_SIGNALS[ev.type], "signal": ev.type,
+            "confidence": confs[ev.type], "session_id": ctx.session.session_id,
+            "user_id": ctx.session.user_id, "request_id": a.request_id, "response_id": rid,
+            "model_version": a.model, "position": a.position, "event_time": ev.ts,
+            "partition": UNSTAMPED,
+        }, set(_UNPAIRED_FIELDS)))
     return rows
 
 
@@ -430,7 +451,8 @@ def session_to_pairs(closed: ClosedSession, rules: RuleConfig) -> PairingResult:
     used = {p.chosen_response_id for p in pairs} | {p.rejected_response_id for p in pairs}
     used |= {t.response_a_id for t in ctx.ties} | {t.response_b_id for t in ctx.ties}
     n_refused = sum(about_comparison for _, about_comparison in ctx.refusals.values())
-    return PairingResult(
-        n_candidates=len(pairs) + len(ctx.ties) + n_refused, pairs=pairs, ties=tuple(ctx.ties),
-        unpaired=tuple(_unpaired(ctx, used)), refusals=tuple(r for r, _ in ctx.refusals.values()),
-    )
+    return construct_valid(PairingResult, {
+        "n_candidates": len(pairs) + len(ctx.ties) + n_refused, "pairs": pairs,
+        "ties": tuple(ctx.ties), "unpaired": tuple(_unpaired(ctx, used)),
+        "refusals": tuple(r for r, _ in ctx.refusals.values()),
+    }, set(_RESULT_FIELDS))
