@@ -84,14 +84,22 @@ _RESULT_FIELDS = frozenset(PairingResult.model_fields)
 Signal = sch.Click | sch.Copy | sch.ThumbsUp | sch.ThumbsDown | sch.Regenerate | sch.Edit
 
 
+_EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+_WORD = re.compile(r"\w+")
+
+
 def normalize_prompt(text: str) -> str:
     """Lowercase, collapse whitespace, strip punctuation (any non-word char) at both ends."""
-    return re.sub(r"^[\W_]+|[\W_]+$", "", " ".join(text.lower().split()))
+    return _EDGE_PUNCTUATION.sub("", " ".join(text.lower().split()))
 
 
 def prompt_similarity(a: str, b: str) -> float:
     """Jaccard of word-token sets of the normalized prompts; two empty prompts are identical."""
-    ta, tb = (set(re.findall(r"\w+", normalize_prompt(x))) for x in (a, b))
+    return _jaccard(normalize_prompt(a), normalize_prompt(b))
+
+
+def _jaccard(normalized_a: str, normalized_b: str) -> float:
+    ta, tb = set(_WORD.findall(normalized_a)), set(_WORD.findall(normalized_b))
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
 
 
@@ -327,8 +335,12 @@ def _reformulations(ctx: _Ctx) -> None:
         news = ctx.by_request.get(f.request_id, ())
         # accepted after the reformulation, so the old answer was shown before the decisive signal
         accepted = [(b, p) for b in news if (p := ctx.positive(b.response_id)) and p[0] > fidx]
+        sims: dict[str, float] = {}  # prompt_similarity per old prompt: answers share one
         for a in olds:
-            _reformulate_one(ctx, f, a, prompt_similarity(a.prompt, f.prompt), accepted)
+            sim = sims.get(a.prompt)
+            if sim is None:
+                sim = sims[a.prompt] = _jaccard(ctx.norm(a.prompt), ctx.norm(f.prompt))
+            _reformulate_one(ctx, f, a, sim, accepted)
 
 
 def _reformulate_one(ctx: _Ctx, f: sch.Reformulate, a: _Shown, sim: float,

@@ -67,7 +67,8 @@ def closed_sessions(draw: st.DrawFn) -> ClosedSession:
             rid = draw(st.sampled_from([f"q{q}r{k}", *[r for r, _ in shown]])) if shown and \
                 draw(st.integers(0, 4)) == 0 else f"q{q}r{k}"
             events.append(_event("impression", draw(times), draw(zones), f"q{q}",
-                                 response_id=rid, prompt=prompt,
+                                 response_id=rid, prompt=prompt if draw(st.integers(0, 4))
+                                 else draw(st.sampled_from(PROMPTS)),  # mostly the request's
                                  response_text=draw(st.sampled_from(TEXTS)),
                                  position=draw(st.integers(0, 4)),
                                  model_version=draw(st.sampled_from(["m1", "m2"]))))
