@@ -213,41 +213,44 @@ def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     session = closed.session
     ctx = _Ctx(rules, session, session.key)
     ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
+    shown, by_request = ctx.shown, ctx.by_request
     for idx, se in enumerate(ordered):
         ev = se.event
-        if isinstance(ev, sch.Impression):
-            if ev.response_id not in ctx.shown:
+        kind = ev.type
+        if kind == "impression":
+            if ev.response_id not in shown:
                 s = _Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
                            ev.model_version, ev.position, idx, ev.ts)
-                ctx.shown[ev.response_id] = s
-                ctx.by_request.setdefault(ev.request_id, []).append(s)
-        elif isinstance(ev, sch.Reformulate):
+                shown[ev.response_id] = s
+                by_request.setdefault(ev.request_id, []).append(s)
+        elif kind == "reformulate":
             ctx.reforms.append((idx, ev))
-        elif not isinstance(ev, sch.SessionEnd):
+        elif kind != "session_end":
             _add_signal(ctx, idx, ev)
     return ctx
 
 
 def _add_signal(ctx: _Ctx, idx: int, ev: Signal) -> None:
-    shown, rule = ctx.shown.get(ev.response_id), SIGNAL_RULE[ev.type]
-    detail = f"{ev.type} {ev.event_id}"
+    shown, kind = ctx.shown.get(ev.response_id), ev.type
     if shown is None:  # replay order: only earlier impressions are in ``shown``
-        ctx.refuse("not_exposed", rule, ev.request_id, (ev.response_id,), detail, ev.ts, False)
+        ctx.refuse("not_exposed", SIGNAL_RULE[kind], ev.request_id, (ev.response_id,),
+                   f"{kind} {ev.event_id}", ev.ts, False)
         return
     if ev.request_id != shown.request_id:  # exposure is per request: what this request showed
-        ctx.refuse("request_mismatch", rule, ev.request_id, (ev.response_id,),
-                   f"{detail} names request {ev.request_id}; the answer was shown in "
-                   f"{shown.request_id}", ev.ts, False)
+        ctx.refuse("request_mismatch", SIGNAL_RULE[kind], ev.request_id, (ev.response_id,),
+                   f"{kind} {ev.event_id} names request {ev.request_id}; the answer was shown "
+                   f"in {shown.request_id}", ev.ts, False)
         return
     ctx.touched.add(shown.request_id)
-    if isinstance(ev, sch.Click) and ev.dwell_ms < ctx.rules.min_dwell_ms:
-        ctx.refuse("click_without_dwell", rule, shown.request_id, (ev.response_id,),
-                   f"{detail} dwell_ms={ev.dwell_ms}", ev.ts, False)
+    if kind == "click" and ev.dwell_ms < ctx.rules.min_dwell_ms:
+        ctx.refuse("click_without_dwell", SIGNAL_RULE[kind], shown.request_id,
+                   (ev.response_id,), f"{kind} {ev.event_id} dwell_ms={ev.dwell_ms}", ev.ts,
+                   False)
     else:
         ctx.signals.setdefault(ev.response_id, []).append((idx, ev))
         # replay order: the first signal the index meets is the first in time
-        ctx.firsts.setdefault(ev.type, {}).setdefault(ev.response_id, (idx, ev))
-        if ev.type in sch.POSITIVE_TYPES:
+        ctx.firsts.setdefault(kind, {}).setdefault(ev.response_id, (idx, ev))
+        if kind in sch.POSITIVE_TYPES:
             ctx.accepted.setdefault(ev.response_id, (idx, ev))
 
 
