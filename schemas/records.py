@@ -232,8 +232,11 @@ def partition_for(ts: datetime, *, hours: int = 1) -> str:
     if ts.tzinfo is None:
         raise ValueError("partition_for needs a timezone-aware datetime")
     utc = ts.astimezone(timezone.utc)
-    floored = utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0)
-    return floored.strftime(PARTITION_FORMAT)
+    hour = utc.hour - utc.hour % hours
+    if utc.year < 1000:  # strftime writes such a year as the platform does: keep its names
+        return utc.replace(hour=hour).strftime(PARTITION_FORMAT)
+    # PARTITION_FORMAT written out (once per closed session, at half strftime's cost)
+    return f"{utc.year}-{utc.month:02d}-{utc.day:02d}T{hour:02d}"
 
 
 def partition_bounds(name: str, *, hours: int = 1) -> tuple[datetime, datetime]:
