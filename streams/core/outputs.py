@@ -127,7 +127,10 @@ def session_summary(closed: ClosedSession, result: PairingResult) -> SessionSumm
     validated models (tests/streams/core/test_pairing_reference.py compares it with a
     validated row)."""
     session = closed.session
-    events = [item.event for item in session.events]
+    requests, n_impressions = set(), 0
+    for item in session.events:  # one pass: the events are many, the counts two
+        requests.add(item.event.request_id)
+        n_impressions += item.event.type == "impression"
     return construct_valid(SessionSummary, {
         "session_key": session.key,
         "session_id": session.session_id,
@@ -136,10 +139,10 @@ def session_summary(closed: ClosedSession, result: PairingResult) -> SessionSumm
         "start": session.start,
         "end": session.last,
         "close_reason": closed.reason,
-        "n_events": len(events),
+        "n_events": len(session.events),
         "n_duplicates": session.n_duplicates,
-        "n_requests": len({e.request_id for e in events}),
-        "n_impressions": sum(1 for e in events if e.type == "impression"),
+        "n_requests": len(requests),
+        "n_impressions": n_impressions,
         "n_candidates": result.n_candidates,
         "n_pairs": len(result.pairs),
         "n_ties": len(result.ties),
