@@ -28,23 +28,21 @@ kept); below ``min_confidence`` -> ``low_confidence``; A>B and B>A -> both ``con
 Lone thumbs/copy signals become unpaired (KTO) rows. Pure: no I/O, clock or randomness; ids are
 sha256 over stable strings, so a redelivered session yields the same rows.
 
-Its size (~410 lines) is the rules and their refusal reasons side by side, each rule a short
-function over one shared index of the session.
+Its size (~415 lines) is the rules and their refusal reasons side by side, each rule a short
+function over one shared index of the session; the rows they yield are built by
+``streams/core/pair_rows.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import combinations
-from json.encoder import encode_basestring as _json_str
 from typing import NamedTuple
 
 from prefstream.schemas import events as sch
 from prefstream.schemas.records import (
-    UNSTAMPED,
     ClosedSession,
     Pair,
     PairingResult,
@@ -52,10 +50,17 @@ from prefstream.schemas.records import (
     Session,
     Tie,
     UnpairedRow,
-    construct_valid,
-    given_fields,
 )
 from prefstream.schemas.rules import RuleConfig
+from prefstream.streams.core.pair_rows import (
+    Shown,
+    pair_row,
+    pairing_result,
+    refusal_row,
+    row_id,
+    tie_row,
+    unpaired_row,
+)
 
 RULES = (
     "thumbs", "copy_over_skipped", "click_over_skipped_above", "regenerate_accept", "edit",
@@ -77,9 +82,6 @@ SIGNAL_RULE = {
 UNPAIRED_SIGNALS = {"thumbs_up": True, "thumbs_down": False, "copy": True}
 # Reformulation confidence loses up to this share as similarity falls from 1 to 0 (see below).
 REFORMULATE_SIM_DISCOUNT = 0.1
-_PAIR_FIELDS, _TIE_FIELDS, _UNPAIRED_FIELDS, _REFUSAL_FIELDS = (
-    given_fields(Pair), given_fields(Tie), given_fields(UnpairedRow), given_fields(Refusal))
-_RESULT_FIELDS = frozenset(PairingResult.model_fields)
 
 Signal = sch.Click | sch.Copy | sch.ThumbsUp | sch.ThumbsDown | sch.Regenerate | sch.Edit
 
@@ -103,38 +105,13 @@ def _jaccard(normalized_a: str, normalized_b: str) -> float:
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
 
 
-def _digest(kind: str, *parts: object) -> str:
-    """Row id: the row kind prefixes the hashed JSON list, so different kinds never collide.
-
-    The list is ``json.dumps([kind, *map(str, parts)], ensure_ascii=False)``, written out: a
-    list of strings is its items, each encoded as json encodes a string, joined by ", " in
-    brackets (tests/streams/core/test_pairing_reference.py checks the two agree), without
-    the encoder's set-up, which cost more than the hash for these short lists.
-    """
-    raw = "[" + ", ".join([_json_str(str(p)) for p in (kind, *parts)]) + "]"
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-class _Shown(NamedTuple):
-    """An answer at its first impression (or the user's edit standing in for one)."""
-
-    response_id: str
-    request_id: str
-    prompt: str
-    text: str
-    model: str
-    position: int | None
-    idx: int  # place in (ts, offset) order
-    ts: datetime
-
-
 class _Cand(NamedTuple):
     rule: str
     confidence: float
     propensity: float
     prompt: str
-    chosen: _Shown
-    rejected: _Shown
+    chosen: Shown
+    rejected: Shown
     idx: int  # the decisive signal
     ts: datetime
 
@@ -146,8 +123,8 @@ class _Ctx:
     rules: RuleConfig
     session: Session
     key: str  # session.key, computed once: every row id names it
-    shown: dict[str, _Shown] = field(default_factory=dict)
-    by_request: dict[str, list[_Shown]] = field(default_factory=dict)
+    shown: dict[str, Shown] = field(default_factory=dict)
+    by_request: dict[str, list[Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
     # kind -> answer -> its first signal of the kind; answers in time order of that signal
     firsts: dict[str, dict[str, tuple[int, Signal]]] = field(default_factory=dict)
@@ -173,16 +150,10 @@ class _Ctx:
     def refuse(self, reason: str, rule: str, req: str, ids: tuple[str, ...], detail: str,
                ts: datetime, comparison: bool = True) -> None:
         joined = ",".join(ids)
-        rid = _digest("refusal", self.key, reason, rule, req, joined, detail, ts)
-        if rid in self.refusals:  # the same refusal again: the first row stays
-            return
-        s = self.session
-        row = construct_valid(Refusal, {
-            "refusal_id": rid, "reason": reason, "rule": rule, "session_id": s.session_id,
-            "user_id": s.user_id, "request_id": req, "response_ids": joined, "detail": detail,
-            "event_time": ts, "partition": UNSTAMPED,
-        }, set(_REFUSAL_FIELDS))
-        self.refusals[rid] = (row, comparison)
+        rid = row_id("refusal", self.key, reason, rule, req, joined, detail, ts)
+        if rid not in self.refusals:  # the same refusal again: the first row stays
+            row = refusal_row(self.session, rid, reason, rule, req, joined, detail, ts)
+            self.refusals[rid] = (row, comparison)
 
     def refuse_cand(self, reason: str, c: _Cand, detail: str = "") -> None:
         ids = (c.chosen.response_id, c.rejected.response_id)
@@ -193,7 +164,7 @@ class _Ctx:
         """First positive signal (dwelled click, copy, thumbs up) on an answer."""
         return self.accepted.get(rid)
 
-    def first(self, kind: str) -> list[tuple[_Shown, int, Signal]]:
+    def first(self, kind: str) -> list[tuple[Shown, int, Signal]]:
         """First signal of ``kind`` per (non-conflicting) answer, in time order."""
         hits = self.firsts.get(kind, {})
         return [(self.shown[rid], *hit) for rid, hit in hits.items() if rid not in self.banned]
@@ -219,7 +190,7 @@ def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
         kind = ev.type
         if kind == "impression":
             if ev.response_id not in shown:
-                s = _Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
+                s = Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
                            ev.model_version, ev.position, idx, ev.ts)
                 shown[ev.response_id] = s
                 by_request.setdefault(ev.request_id, []).append(s)
@@ -346,8 +317,8 @@ def _reformulations(ctx: _Ctx) -> None:
             _reformulate_one(ctx, f, a, sim, accepted)
 
 
-def _reformulate_one(ctx: _Ctx, f: sch.Reformulate, a: _Shown, sim: float,
-                     accepted: list[tuple[_Shown, tuple[int, Signal]]]) -> None:
+def _reformulate_one(ctx: _Ctx, f: sch.Reformulate, a: Shown, sim: float,
+                     accepted: list[tuple[Shown, tuple[int, Signal]]]) -> None:
     r, rule = ctx.rules, "reformulate_same_intent"
     gap = (f.ts - a.ts).total_seconds()
     if ctx.positive(a.response_id) or a.response_id in ctx.banned:
@@ -397,35 +368,16 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
     return [v for (p, ch, rj), v in kept.items() if (p, rj, ch) not in kept]
 
 
-# Rows are built without validation (``construct_valid``: fields in declared order), as their
-# values come from validated events and rules; tests/streams/core/test_pairing_reference.py
-# compares them with validated ones.
-
-
 def _pair(ctx: _Ctx, c: _Cand, names: tuple[str, ...]) -> Pair:
-    s, ch, rj = ctx.session, c.chosen, c.rejected
-    return construct_valid(Pair, {
-        "pair_id": _digest("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text),
-        "rule": c.rule, "rules": names, "confidence": c.confidence,
-        "propensity_weight": c.propensity, "prompt": c.prompt, "chosen": ch.text,
-        "rejected": rj.text, "session_id": s.session_id, "user_id": s.user_id,
-        "request_id": ch.request_id, "rejected_request_id": rj.request_id,
-        "chosen_response_id": ch.response_id, "rejected_response_id": rj.response_id,
-        "chosen_model": ch.model, "rejected_model": rj.model, "chosen_position": ch.position,
-        "rejected_position": rj.position, "event_time": c.ts, "session_start": s.start,
-        "session_end": s.last, "partition": UNSTAMPED,
-    }, set(_PAIR_FIELDS))
+    ch, rj = c.chosen, c.rejected
+    pair_id = row_id("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text)
+    return pair_row(ctx.session, pair_id, c.rule, names, c.confidence, c.propensity, c.prompt,
+                    ch, rj, c.ts)
 
 
-def _tie(ctx: _Ctx, kind: str, a: _Shown, b: _Shown, ts: datetime) -> Tie:
-    s = ctx.session
-    return construct_valid(Tie, {
-        "tie_id": _digest("tie", ctx.key, kind, *sorted((a.response_id, b.response_id))),
-        "kind": kind, "rule": "thumbs", "prompt": a.prompt, "response_a": a.text,
-        "response_b": b.text, "response_a_id": a.response_id, "response_b_id": b.response_id,
-        "session_id": s.session_id, "user_id": s.user_id, "request_id": a.request_id,
-        "event_time": ts, "partition": UNSTAMPED,
-    }, set(_TIE_FIELDS))
+def _tie(ctx: _Ctx, kind: str, a: Shown, b: Shown, ts: datetime) -> Tie:
+    tie_id = row_id("tie", ctx.key, kind, *sorted((a.response_id, b.response_id)))
+    return tie_row(ctx.session, tie_id, kind, a, b, ts)
 
 
 def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
@@ -438,14 +390,8 @@ def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
         if rid in used or rid in ctx.banned or not lone:
             continue
         ev, a = min(lone, key=lambda e: list(UNPAIRED_SIGNALS).index(e.type)), ctx.shown[rid]
-        rows.append(construct_valid(UnpairedRow, {
-            "row_id": _digest("unpaired", ctx.key, rid), "prompt": a.prompt,
-            "completion": a.text, "label": UNPAIRED_SIGNALS[ev.type], "signal": ev.type,
-            "confidence": confs[ev.type], "session_id": ctx.session.session_id,
-            "user_id": ctx.session.user_id, "request_id": a.request_id, "response_id": rid,
-            "model_version": a.model, "position": a.position, "event_time": ev.ts,
-            "partition": UNSTAMPED,
-        }, set(_UNPAIRED_FIELDS)))
+        rows.append(unpaired_row(ctx.session, row_id("unpaired", ctx.key, rid), a, ev.type,
+                                 UNPAIRED_SIGNALS[ev.type], confs[ev.type], ev.ts))
     return rows
 
 
@@ -466,8 +412,5 @@ def session_to_pairs(closed: ClosedSession, rules: RuleConfig) -> PairingResult:
     used = {p.chosen_response_id for p in pairs} | {p.rejected_response_id for p in pairs}
     used |= {t.response_a_id for t in ctx.ties} | {t.response_b_id for t in ctx.ties}
     n_refused = sum(about_comparison for _, about_comparison in ctx.refusals.values())
-    return construct_valid(PairingResult, {
-        "n_candidates": len(pairs) + len(ctx.ties) + n_refused, "pairs": pairs,
-        "ties": tuple(ctx.ties), "unpaired": tuple(_unpaired(ctx, used)),
-        "refusals": tuple(r for r, _ in ctx.refusals.values()),
-    }, set(_RESULT_FIELDS))
+    return pairing_result(len(pairs) + len(ctx.ties) + n_refused, pairs, tuple(ctx.ties),
+                          tuple(_unpaired(ctx, used)), tuple(r for r, _ in ctx.refusals.values()))

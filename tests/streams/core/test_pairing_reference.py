@@ -16,7 +16,8 @@ from prefstream.schemas.records import ClosedSession, PairingResult, Session, Se
 from prefstream.schemas.rules import RuleConfig
 from prefstream.storage.partitions import partition_for, stamp
 from prefstream.streams.core.outputs import session_rows
-from prefstream.streams.core.pairing import _digest, session_to_pairs
+from prefstream.streams.core.pair_rows import row_id
+from prefstream.streams.core.pairing import session_to_pairs
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=timezone.utc)
 ZONES = [timezone.utc, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
@@ -181,4 +182,4 @@ def test_rare_outcomes_equal_the_reference():
 @given(st.text(), st.lists(st.one_of(st.text(), st.integers(), st.datetimes(
     timezones=st.sampled_from(ZONES))), max_size=8))
 def test_row_ids_hash_the_json_list_of_their_parts(kind: str, parts: list[object]):
-    assert _digest(kind, *parts) == ref._digest(kind, *parts)
+    assert row_id(kind, *parts) == ref._digest(kind, *parts)
