@@ -183,7 +183,7 @@ def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     """Replay events in time order; answers are known only from their first impression on."""
     session = closed.session
     ctx = _Ctx(rules, session, session.key)
-    ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
+    ordered = sorted(session.events, key=lambda se: (se.event.ts, se.offset))
     shown, by_request = ctx.shown, ctx.by_request
     for idx, se in enumerate(ordered):
         ev = se.event
@@ -191,7 +191,7 @@ def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
         if kind == "impression":
             if ev.response_id not in shown:
                 s = Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
-                           ev.model_version, ev.position, idx, ev.ts)
+                          ev.model_version, ev.position, idx, ev.ts)
                 shown[ev.response_id] = s
                 by_request.setdefault(ev.request_id, []).append(s)
         elif kind == "reformulate":
