@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from prefstream.schemas.records import (  # noqa: F401  (re-exported)
     PARTITION_FORMAT,
     UNSTAMPED,
+    construct_valid,
     partition_bounds,
     partition_for,
 )
@@ -24,8 +25,20 @@ Row = TypeVar("Row", bound=BaseModel)
 def stamp(rows: Iterable[Row], partition: str) -> list[Row]:
     """The rows with their storage ``partition`` set: the writer decides where rows are stored
     (a session's rows: :func:`partition_for` its last event), the core that builds them does
-    not."""
-    return [row.model_copy(update={"partition": partition}) for row in rows]
+    not.
+
+    What ``row.model_copy(update={"partition": partition})`` makes, built directly (every row of
+    every closed session passes here): the fields in their order, ``partition`` among the fields
+    set. A row with extra fields or private attributes (none of ``schemas.records``) is copied.
+    """
+    out = []
+    for row in rows:
+        if row.__pydantic_extra__ is not None or row.__pydantic_private__ is not None:
+            out.append(row.model_copy(update={"partition": partition}))
+            continue
+        values = {**row.__dict__, "partition": partition}  # the key keeps its place
+        out.append(construct_valid(type(row), values, {*row.__pydantic_fields_set__, "partition"}))
+    return out
 
 # --- inside a partition folder: generations -----------------------------------------------------
 #

@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, SecretStr
 
-from prefstream.schemas.records import ClosedSession, PairingResult, SessionSummary
+from prefstream.schemas.records import (
+    UNSTAMPED,
+    ClosedSession,
+    PairingResult,
+    SessionSummary,
+    construct_valid,
+    given_fields,
+)
 
 PSEUDONYM_HEX_CHARS = 32  # 128 bits: collisions are out of reach for any user count
 REDACT_HEX_CHARS = 32
@@ -36,6 +43,7 @@ EVENT_ID_FIELDS = frozenset({
     "response_id", "position", "model_version", "dwell_ms", "previous_request_id",
 })
 Row = TypeVar("Row", bound=BaseModel)
+_SUMMARY_FIELDS = given_fields(SessionSummary)
 
 
 def pseudonym(user_id: str, key: SecretStr) -> str:
@@ -113,27 +121,35 @@ def scrub_event(event: BaseModel, text_storage: str) -> bytes:
 
 
 def session_summary(closed: ClosedSession, result: PairingResult) -> SessionSummary:
-    """The ``sessions`` row of a closed session (its storage ``partition`` left to the writer)."""
+    """The ``sessions`` row of a closed session (its storage ``partition`` left to the writer).
+
+    Built without re-validating (``construct_valid``): its values are counts and fields of
+    validated models (tests/streams/core/test_pairing_reference.py compares it with a
+    validated row)."""
     session = closed.session
-    events = [item.event for item in session.events]
-    return SessionSummary(
-        session_key=session.key,
-        session_id=session.session_id,
-        user_id=session.user_id,
-        kafka_partition=session.kafka_partition,
-        start=session.start,
-        end=session.last,
-        close_reason=closed.reason,
-        n_events=len(events),
-        n_duplicates=session.n_duplicates,
-        n_requests=len({e.request_id for e in events}),
-        n_impressions=sum(1 for e in events if e.type == "impression"),
-        n_candidates=result.n_candidates,
-        n_pairs=len(result.pairs),
-        n_ties=len(result.ties),
-        n_unpaired=len(result.unpaired),
-        n_refusals=len(result.refusals),
-    )
+    requests, n_impressions = set(), 0
+    for item in session.events:  # one pass: the events are many, the counts two
+        requests.add(item.event.request_id)
+        n_impressions += item.event.type == "impression"
+    return construct_valid(SessionSummary, {
+        "session_key": session.key,
+        "session_id": session.session_id,
+        "user_id": session.user_id,
+        "kafka_partition": session.kafka_partition,
+        "start": session.start,
+        "end": session.last,
+        "close_reason": closed.reason,
+        "n_events": len(session.events),
+        "n_duplicates": session.n_duplicates,
+        "n_requests": len(requests),
+        "n_impressions": n_impressions,
+        "n_candidates": result.n_candidates,
+        "n_pairs": len(result.pairs),
+        "n_ties": len(result.ties),
+        "n_unpaired": len(result.unpaired),
+        "n_refusals": len(result.refusals),
+        "partition": UNSTAMPED,
+    }, set(_SUMMARY_FIELDS))
 
 
 def session_rows(closed: ClosedSession, result: PairingResult, *,
@@ -150,5 +166,7 @@ def session_rows(closed: ClosedSession, result: PairingResult, *,
         "refusals": list(result.refusals),
         "sessions": [session_summary(closed, result)],
     }
+    if text_storage == "full":  # nothing to scrub: the lists as they are
+        return rows
     return {table: [scrub_row(r, table, text_storage) for r in table_rows]
             for table, table_rows in rows.items()}

@@ -28,14 +28,13 @@ kept); below ``min_confidence`` -> ``low_confidence``; A>B and B>A -> both ``con
 Lone thumbs/copy signals become unpaired (KTO) rows. Pure: no I/O, clock or randomness; ids are
 sha256 over stable strings, so a redelivered session yields the same rows.
 
-Its size (~410 lines) is the rules and their refusal reasons side by side, each rule a short
-function over one shared index of the session.
+Its size (~415 lines) is the rules and their refusal reasons side by side, each rule a short
+function over one shared index of the session; the rows they yield are built by
+``streams/core/pair_rows.py``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -53,6 +52,15 @@ from prefstream.schemas.records import (
     UnpairedRow,
 )
 from prefstream.schemas.rules import RuleConfig
+from prefstream.streams.core.pair_rows import (
+    Shown,
+    pair_row,
+    pairing_result,
+    refusal_row,
+    row_id,
+    tie_row,
+    unpaired_row,
+)
 
 RULES = (
     "thumbs", "copy_over_skipped", "click_over_skipped_above", "regenerate_accept", "edit",
@@ -78,34 +86,23 @@ REFORMULATE_SIM_DISCOUNT = 0.1
 Signal = sch.Click | sch.Copy | sch.ThumbsUp | sch.ThumbsDown | sch.Regenerate | sch.Edit
 
 
+_EDGE_PUNCTUATION = re.compile(r"^[\W_]+|[\W_]+$")
+_WORD = re.compile(r"\w+")
+
+
 def normalize_prompt(text: str) -> str:
     """Lowercase, collapse whitespace, strip punctuation (any non-word char) at both ends."""
-    return re.sub(r"^[\W_]+|[\W_]+$", "", " ".join(text.lower().split()))
+    return _EDGE_PUNCTUATION.sub("", " ".join(text.lower().split()))
 
 
 def prompt_similarity(a: str, b: str) -> float:
     """Jaccard of word-token sets of the normalized prompts; two empty prompts are identical."""
-    ta, tb = (set(re.findall(r"\w+", normalize_prompt(x))) for x in (a, b))
+    return _jaccard(normalize_prompt(a), normalize_prompt(b))
+
+
+def _jaccard(normalized_a: str, normalized_b: str) -> float:
+    ta, tb = set(_WORD.findall(normalized_a)), set(_WORD.findall(normalized_b))
     return len(ta & tb) / len(ta | tb) if ta | tb else 1.0
-
-
-def _digest(kind: str, *parts: object) -> str:
-    """Row id: the row kind prefixes the hashed JSON list, so different kinds never collide."""
-    raw = json.dumps([kind, *[str(p) for p in parts]], ensure_ascii=False)
-    return hashlib.sha256(raw.encode()).hexdigest()[:32]
-
-
-class _Shown(NamedTuple):
-    """An answer at its first impression (or the user's edit standing in for one)."""
-
-    response_id: str
-    request_id: str
-    prompt: str
-    text: str
-    model: str
-    position: int | None
-    idx: int  # place in (ts, offset) order
-    ts: datetime
 
 
 class _Cand(NamedTuple):
@@ -113,8 +110,8 @@ class _Cand(NamedTuple):
     confidence: float
     propensity: float
     prompt: str
-    chosen: _Shown
-    rejected: _Shown
+    chosen: Shown
+    rejected: Shown
     idx: int  # the decisive signal
     ts: datetime
 
@@ -125,9 +122,14 @@ class _Ctx:
 
     rules: RuleConfig
     session: Session
-    shown: dict[str, _Shown] = field(default_factory=dict)
-    by_request: dict[str, list[_Shown]] = field(default_factory=dict)
+    key: str  # session.key, computed once: every row id names it
+    shown: dict[str, Shown] = field(default_factory=dict)
+    by_request: dict[str, list[Shown]] = field(default_factory=dict)
     signals: dict[str, list[tuple[int, Signal]]] = field(default_factory=dict)
+    # kind -> answer -> its first signal of the kind; answers in time order of that signal
+    firsts: dict[str, dict[str, tuple[int, Signal]]] = field(default_factory=dict)
+    accepted: dict[str, tuple[int, Signal]] = field(default_factory=dict)  # see ``positive``
+    last_slots: dict[str, int] = field(default_factory=dict)  # see ``last_slot``
     reforms: list[tuple[int, sch.Reformulate]] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)  # requests with any exposed signal
     banned: set[str] = field(default_factory=set)  # answers with conflicting thumbs
@@ -135,18 +137,23 @@ class _Ctx:
     ties: list[Tie] = field(default_factory=list)
     # refusal id -> (row, is it about a comparison?); equal ids are exact duplicates
     refusals: dict[str, tuple[Refusal, bool]] = field(default_factory=dict)
+    norms: dict[str, str] = field(default_factory=dict)  # prompt -> normalize_prompt(prompt)
 
-    @property
-    def common(self) -> dict[str, str]:
-        return {"session_id": self.session.session_id, "user_id": self.session.user_id}
+    def norm(self, prompt: str) -> str:
+        """``normalize_prompt``, once per distinct prompt of the session (rules compare the
+        prompts of every candidate, and a session has a few)."""
+        normalized = self.norms.get(prompt)
+        if normalized is None:
+            normalized = self.norms[prompt] = normalize_prompt(prompt)
+        return normalized
 
     def refuse(self, reason: str, rule: str, req: str, ids: tuple[str, ...], detail: str,
                ts: datetime, comparison: bool = True) -> None:
         joined = ",".join(ids)
-        rid = _digest("refusal", self.session.key, reason, rule, req, joined, detail, ts)
-        row = Refusal(refusal_id=rid, reason=reason, rule=rule, request_id=req,
-                      response_ids=joined, detail=detail, event_time=ts, **self.common)
-        self.refusals.setdefault(rid, (row, comparison))
+        rid = row_id("refusal", self.key, reason, rule, req, joined, detail, ts)
+        if rid not in self.refusals:  # the same refusal again: the first row stays
+            row = refusal_row(self.session, rid, reason, rule, req, joined, detail, ts)
+            self.refusals[rid] = (row, comparison)
 
     def refuse_cand(self, reason: str, c: _Cand, detail: str = "") -> None:
         ids = (c.chosen.response_id, c.rejected.response_id)
@@ -155,64 +162,74 @@ class _Ctx:
 
     def positive(self, rid: str) -> tuple[int, Signal] | None:
         """First positive signal (dwelled click, copy, thumbs up) on an answer."""
-        hits = (s for s in self.signals.get(rid, ()) if s[1].type in sch.POSITIVE_TYPES)
-        return next(hits, None)
+        return self.accepted.get(rid)
 
-    def first(self, kind: str) -> list[tuple[_Shown, int, Signal]]:
+    def first(self, kind: str) -> list[tuple[Shown, int, Signal]]:
         """First signal of ``kind`` per (non-conflicting) answer, in time order."""
-        out = []
-        for rid, sigs in self.signals.items():
-            hit = next(((i, e) for i, e in sigs if e.type == kind), None)
-            if hit and rid not in self.banned:
-                out.append((self.shown[rid], *hit))
-        return sorted(out, key=lambda t: t[1])
+        hits = self.firsts.get(kind, {})
+        return [(self.shown[rid], *hit) for rid, hit in hits.items() if rid not in self.banned]
 
     def last_slot(self, req: str) -> int:
         """Lowest slot of the request that got a positive signal (-1 if none)."""
-        slots = [s.position for s in self.by_request[req] if self.positive(s.response_id)]
-        return max((p for p in slots if p is not None), default=-1)
+        slot = self.last_slots.get(req)
+        if slot is None:  # once per request: every answer a rule pairs asks for it
+            slots = [s.position for s in self.by_request[req] if s.response_id in self.accepted]
+            slot = max((p for p in slots if p is not None), default=-1)
+            self.last_slots[req] = slot
+        return slot
 
 
 def _index(closed: ClosedSession, rules: RuleConfig) -> _Ctx:
     """Replay events in time order; answers are known only from their first impression on."""
-    ctx = _Ctx(rules, closed.session)
-    ordered = sorted(closed.session.events, key=lambda se: (se.event.ts, se.offset))
+    session = closed.session
+    ctx = _Ctx(rules, session, session.key)
+    ordered = sorted(session.events, key=lambda se: (se.event.ts, se.offset))
+    shown, by_request = ctx.shown, ctx.by_request
     for idx, se in enumerate(ordered):
         ev = se.event
-        if isinstance(ev, sch.Impression):
-            if ev.response_id not in ctx.shown:
-                s = _Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
-                           ev.model_version, ev.position, idx, ev.ts)
-                ctx.shown[ev.response_id] = s
-                ctx.by_request.setdefault(ev.request_id, []).append(s)
-        elif isinstance(ev, sch.Reformulate):
+        kind = ev.type
+        if kind == "impression":
+            if ev.response_id not in shown:
+                s = Shown(ev.response_id, ev.request_id, ev.prompt, ev.response_text,
+                          ev.model_version, ev.position, idx, ev.ts)
+                shown[ev.response_id] = s
+                by_request.setdefault(ev.request_id, []).append(s)
+        elif kind == "reformulate":
             ctx.reforms.append((idx, ev))
-        elif not isinstance(ev, sch.SessionEnd):
+        elif kind != "session_end":
             _add_signal(ctx, idx, ev)
     return ctx
 
 
 def _add_signal(ctx: _Ctx, idx: int, ev: Signal) -> None:
-    shown, rule = ctx.shown.get(ev.response_id), SIGNAL_RULE[ev.type]
-    detail = f"{ev.type} {ev.event_id}"
+    shown, kind = ctx.shown.get(ev.response_id), ev.type
     if shown is None:  # replay order: only earlier impressions are in ``shown``
-        ctx.refuse("not_exposed", rule, ev.request_id, (ev.response_id,), detail, ev.ts, False)
+        ctx.refuse("not_exposed", SIGNAL_RULE[kind], ev.request_id, (ev.response_id,),
+                   f"{kind} {ev.event_id}", ev.ts, False)
         return
     if ev.request_id != shown.request_id:  # exposure is per request: what this request showed
-        ctx.refuse("request_mismatch", rule, ev.request_id, (ev.response_id,),
-                   f"{detail} names request {ev.request_id}; the answer was shown in "
-                   f"{shown.request_id}", ev.ts, False)
+        ctx.refuse("request_mismatch", SIGNAL_RULE[kind], ev.request_id, (ev.response_id,),
+                   f"{kind} {ev.event_id} names request {ev.request_id}; the answer was shown "
+                   f"in {shown.request_id}", ev.ts, False)
         return
     ctx.touched.add(shown.request_id)
-    if isinstance(ev, sch.Click) and ev.dwell_ms < ctx.rules.min_dwell_ms:
-        ctx.refuse("click_without_dwell", rule, shown.request_id, (ev.response_id,),
-                   f"{detail} dwell_ms={ev.dwell_ms}", ev.ts, False)
+    if kind == "click" and ev.dwell_ms < ctx.rules.min_dwell_ms:
+        ctx.refuse("click_without_dwell", SIGNAL_RULE[kind], shown.request_id,
+                   (ev.response_id,), f"{kind} {ev.event_id} dwell_ms={ev.dwell_ms}", ev.ts,
+                   False)
     else:
         ctx.signals.setdefault(ev.response_id, []).append((idx, ev))
+        # replay order: the first signal the index meets is the first in time
+        ctx.firsts.setdefault(kind, {}).setdefault(ev.response_id, (idx, ev))
+        if kind in sch.POSITIVE_TYPES:
+            ctx.accepted.setdefault(ev.response_id, (idx, ev))
 
 
 def _ban_conflicts(ctx: _Ctx) -> None:
+    ups, downs = ctx.firsts.get("thumbs_up", {}), ctx.firsts.get("thumbs_down", {})
     for rid, sigs in ctx.signals.items():
+        if rid not in ups or rid not in downs:
+            continue
         kinds = {e.type: e.ts for _, e in sigs if e.type in ("thumbs_up", "thumbs_down")}
         if len(kinds) == 2:
             ctx.banned.add(rid)
@@ -222,9 +239,9 @@ def _ban_conflicts(ctx: _Ctx) -> None:
 
 def _propose(ctx: _Ctx, c: _Cand, same_prompt: bool = True) -> None:
     """Context checks shared by all rules; conflicting answers are silently left out."""
-    if {c.chosen.response_id, c.rejected.response_id} & ctx.banned:
+    if c.chosen.response_id in ctx.banned or c.rejected.response_id in ctx.banned:
         return
-    if same_prompt and normalize_prompt(c.chosen.prompt) != normalize_prompt(c.rejected.prompt):
+    if same_prompt and ctx.norm(c.chosen.prompt) != ctx.norm(c.rejected.prompt):
         ctx.refuse_cand("context_mismatch", c)
     elif c.chosen.text.strip() == c.rejected.text.strip():
         ctx.refuse_cand("identical_candidates", c)
@@ -236,7 +253,7 @@ def _thumbs(ctx: _Ctx) -> None:
     ups, downs = ctx.first("thumbs_up"), ctx.first("thumbs_down")
     for kind, group in (("both_accepted", ups), ("both_rejected", downs)):
         for (a, _, ea), (b, _, eb) in combinations(group, 2):
-            same = normalize_prompt(a.prompt) == normalize_prompt(b.prompt)
+            same = ctx.norm(a.prompt) == ctx.norm(b.prompt)
             if same and a.text.strip() != b.text.strip():  # ties only on one prompt
                 ctx.ties.append(_tie(ctx, kind, a, b, max(ea.ts, eb.ts)))
     for a, ia, ea in ups:
@@ -292,12 +309,16 @@ def _reformulations(ctx: _Ctx) -> None:
         news = ctx.by_request.get(f.request_id, ())
         # accepted after the reformulation, so the old answer was shown before the decisive signal
         accepted = [(b, p) for b in news if (p := ctx.positive(b.response_id)) and p[0] > fidx]
+        sims: dict[str, float] = {}  # prompt_similarity per old prompt: answers share one
         for a in olds:
-            _reformulate_one(ctx, f, a, prompt_similarity(a.prompt, f.prompt), accepted)
+            sim = sims.get(a.prompt)
+            if sim is None:
+                sim = sims[a.prompt] = _jaccard(ctx.norm(a.prompt), ctx.norm(f.prompt))
+            _reformulate_one(ctx, f, a, sim, accepted)
 
 
-def _reformulate_one(ctx: _Ctx, f: sch.Reformulate, a: _Shown, sim: float,
-                     accepted: list[tuple[_Shown, tuple[int, Signal]]]) -> None:
+def _reformulate_one(ctx: _Ctx, f: sch.Reformulate, a: Shown, sim: float,
+                     accepted: list[tuple[Shown, tuple[int, Signal]]]) -> None:
     r, rule = ctx.rules, "reformulate_same_intent"
     gap = (f.ts - a.ts).total_seconds()
     if ctx.positive(a.response_id) or a.response_id in ctx.banned:
@@ -331,7 +352,7 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
     """One row per (prompt, chosen, rejected); weak ones refused; contradictions refused both."""
     groups: dict[tuple[str, str, str], list[_Cand]] = {}
     for c in ctx.cands:
-        key = (normalize_prompt(c.prompt), c.chosen.text, c.rejected.text)
+        key = (ctx.norm(c.prompt), c.chosen.text, c.rejected.text)
         groups.setdefault(key, []).append(c)
     kept = {}
     for key, cs in groups.items():
@@ -348,23 +369,15 @@ def _merge(ctx: _Ctx) -> list[tuple[_Cand, tuple[str, ...]]]:
 
 
 def _pair(ctx: _Ctx, c: _Cand, names: tuple[str, ...]) -> Pair:
-    s, ch, rj = ctx.session, c.chosen, c.rejected
-    return Pair(
-        pair_id=_digest("pair", s.key, normalize_prompt(c.prompt), ch.text, rj.text),
-        rule=c.rule, rules=names, confidence=c.confidence, propensity_weight=c.propensity,
-        prompt=c.prompt, chosen=ch.text, rejected=rj.text, request_id=ch.request_id,
-        rejected_request_id=rj.request_id, chosen_response_id=ch.response_id,
-        rejected_response_id=rj.response_id, chosen_model=ch.model, rejected_model=rj.model,
-        chosen_position=ch.position, rejected_position=rj.position, event_time=c.ts,
-        session_start=s.start, session_end=s.last, **ctx.common,
-    )
+    ch, rj = c.chosen, c.rejected
+    pair_id = row_id("pair", ctx.key, ctx.norm(c.prompt), ch.text, rj.text)
+    return pair_row(ctx.session, pair_id, c.rule, names, c.confidence, c.propensity, c.prompt,
+                    ch, rj, c.ts)
 
 
-def _tie(ctx: _Ctx, kind: str, a: _Shown, b: _Shown, ts: datetime) -> Tie:
-    tie_id = _digest("tie", ctx.session.key, kind, *sorted((a.response_id, b.response_id)))
-    return Tie(tie_id=tie_id, kind=kind, rule="thumbs", prompt=a.prompt, response_a=a.text,
-               response_b=b.text, response_a_id=a.response_id, response_b_id=b.response_id,
-               request_id=a.request_id, event_time=ts, **ctx.common)
+def _tie(ctx: _Ctx, kind: str, a: Shown, b: Shown, ts: datetime) -> Tie:
+    tie_id = row_id("tie", ctx.key, kind, *sorted((a.response_id, b.response_id)))
+    return tie_row(ctx.session, tie_id, kind, a, b, ts)
 
 
 def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
@@ -377,12 +390,8 @@ def _unpaired(ctx: _Ctx, used: set[str]) -> list[UnpairedRow]:
         if rid in used or rid in ctx.banned or not lone:
             continue
         ev, a = min(lone, key=lambda e: list(UNPAIRED_SIGNALS).index(e.type)), ctx.shown[rid]
-        rows.append(UnpairedRow(
-            row_id=_digest("unpaired", ctx.session.key, rid), prompt=a.prompt, completion=a.text,
-            label=UNPAIRED_SIGNALS[ev.type], signal=ev.type, confidence=confs[ev.type],
-            request_id=a.request_id, response_id=rid, model_version=a.model,
-            position=a.position, event_time=ev.ts, **ctx.common,
-        ))
+        rows.append(unpaired_row(ctx.session, row_id("unpaired", ctx.key, rid), a, ev.type,
+                                 UNPAIRED_SIGNALS[ev.type], confs[ev.type], ev.ts))
     return rows
 
 
@@ -403,7 +412,5 @@ def session_to_pairs(closed: ClosedSession, rules: RuleConfig) -> PairingResult:
     used = {p.chosen_response_id for p in pairs} | {p.rejected_response_id for p in pairs}
     used |= {t.response_a_id for t in ctx.ties} | {t.response_b_id for t in ctx.ties}
     n_refused = sum(about_comparison for _, about_comparison in ctx.refusals.values())
-    return PairingResult(
-        n_candidates=len(pairs) + len(ctx.ties) + n_refused, pairs=pairs, ties=tuple(ctx.ties),
-        unpaired=tuple(_unpaired(ctx, used)), refusals=tuple(r for r, _ in ctx.refusals.values()),
-    )
+    return pairing_result(len(pairs) + len(ctx.ties) + n_refused, pairs, tuple(ctx.ties),
+                          tuple(_unpaired(ctx, used)), tuple(r for r, _ in ctx.refusals.values()))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from prefstream.schemas.events import EVENT_ADAPTER, EVENT_TYPES, MAX_TEXT_CHARS, Copy, Impression
+from prefstream.schemas.records import PARTITION_FORMAT, partition_for
 
 ids = st.from_regex(r"[A-Za-z0-9_.:-]{1,40}", fullmatch=True)
 texts = st.text(min_size=1, max_size=200)
@@ -69,3 +70,13 @@ def test_cli_prints_the_json_schema_of_every_event_type() -> None:
     names = set(schema["$defs"])
     assert {model.__name__ for model in EVENT_TYPES} <= names
     assert schema["discriminator"]["propertyName"] == "type"
+
+
+@given(ts=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
+                       timezones=st.sampled_from([timezone.utc, IST])),
+       hours=st.integers(1, 24))
+def test_partition_names_are_the_strftime_of_the_floored_utc_hour(ts: datetime, hours: int):
+    """partition_for writes PARTITION_FORMAT out itself: the names strftime gave, any year."""
+    utc = ts.astimezone(timezone.utc)
+    floored = utc.replace(hour=utc.hour - utc.hour % hours, minute=0, second=0, microsecond=0)
+    assert partition_for(ts, hours=hours) == floored.strftime(PARTITION_FORMAT)
