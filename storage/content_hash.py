@@ -11,16 +11,19 @@ Two schemes; a stored hash names its own, and every check recomputes in the stor
   each row's canonical JSON, in the same order (:func:`json_rows_hash`). Kept so those
   manifests keep verifying.
 
-Both read the rows of a partition's files one batch at a time for the ids; the column scheme then
-holds the rows of :data:`PASS_BYTES` at most (more rows take more passes over the files).
+A seal (:func:`files_hash`) reads a partition's rows whole for the column scheme, up to
+:data:`ONE_READ_BYTES`; a larger partition is sealed in the JSON rows scheme, which holds only the
+ids and a digest per row (``cols1`` of it would need every row in memory at once, or a pass over
+its files per slice of ids). Both are checked alike.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from prefstream.storage.tables import TABLES, arrow_schema
+
+log = logging.getLogger(__name__)
 
 #: the scheme of hashes written by earlier versions: no prefix, 64 hex digits
 JSON_ROWS = "json-rows"
@@ -44,11 +48,9 @@ _PREFIX = f"{COLUMNS}:"
 BLOCK_ROWS = 65_536
 #: rows per record batch when reading a partition's files
 HASH_READ_ROWS = 4096
-#: a seal holds about this many bytes of rows (as Parquet's uncompressed sizes count them) at once;
-#: a larger partition is hashed in several passes over its files, whole blocks each
-PASS_BYTES = 256 * 2**20
-
-Batches = Callable[[], Iterator[pa.RecordBatch]]
+#: a seal reads a partition's rows whole (Arrow's bytes) up to this size for the column scheme;
+#: beyond it, the JSON rows scheme (slow, but a batch at a time)
+ONE_READ_BYTES = 256 * 2**20
 
 
 def hash_scheme(stored: str) -> str:
@@ -62,19 +64,26 @@ def content_sha256(tables: Mapping[str, pa.Table], like: str | None = None) -> s
     if like is not None and hash_scheme(like) == JSON_ROWS:
         return json_rows_hash({t: rows.to_batches(max_chunksize=HASH_READ_ROWS)
                                for t, rows in tables.items()})[0]
-    return columns_hash({t: (lambda rows=rows: iter(rows.to_batches()), rows.schema)
-                         for t, rows in tables.items()})[0]
+    return columns_hash(tables)[0]
 
 
 def files_hash(listed: Mapping[str, Sequence[Path]]) -> tuple[str, dict[str, int]]:
-    """The current scheme's hash of the rows of each table's files (in file order, as a seal
-    lists them), and the rows per table (the first of each id counts)."""
-    sources = {}
+    """The hash a seal stores for the rows of each table's files (in file order, as the seal
+    lists them), and the rows per table (the first of each id counts): the current scheme, from
+    the rows read whole; the JSON rows scheme when they take more than :data:`ONE_READ_BYTES`
+    (it holds the ids and a digest per row only)."""
+    read, size = {}, 0
     for table, paths in listed.items():
-        schema = arrow_schema(TABLES[table][0])
-        sources[table] = (lambda t=table, p=paths: file_batches(t, p), schema)
-    sizes = {t: _uncompressed_bytes(paths) for t, paths in listed.items()}
-    return columns_hash(sources, sizes)
+        batches = []
+        for batch in file_batches(table, paths):
+            size += batch.nbytes
+            if size > ONE_READ_BYTES:
+                log.info("rows of more than %d bytes: hashed as JSON rows, a batch at a time",
+                         ONE_READ_BYTES)
+                return json_rows_hash({t: file_batches(t, p) for t, p in listed.items()})
+            batches.append(batch)
+        read[table] = pa.Table.from_batches(batches, schema=arrow_schema(TABLES[table][0]))
+    return columns_hash(read)
 
 
 def file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
@@ -86,43 +95,24 @@ def file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
     return iter(scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False))
 
 
-def _uncompressed_bytes(files: Sequence[Path]) -> int:
-    total = 0
-    for f in files:
-        meta = pq.ParquetFile(f).metadata
-        total += sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-    return total
-
-
 # --- the column scheme -------------------------------------------------------------------------
 
-def columns_hash(sources: Mapping[str, tuple[Batches, pa.Schema]],
-                 sizes: Mapping[str, int] | None = None) -> tuple[str, dict[str, int]]:
-    """``cols1:`` hash of tables given as a way to read their batches (once for the ids, once
-    per pass for the rows) and their schema; ``sizes``: each table's bytes, to plan passes
-    (none: one pass). Also the rows per table (the first of each id counts)."""
+def columns_hash(tables: Mapping[str, pa.Table]) -> tuple[str, dict[str, int]]:
+    """``cols1:`` hash of tables, and the rows per table (the first of each id counts). Rows are
+    copied in id order one block at a time."""
     digest = hashlib.sha256()
     counts = {}
-    for table, (batches, schema) in sources.items():
-        id_col = TABLES[table][1]
-        total = 0 if sizes is None else sizes.get(table, 0)
-        if total <= PASS_BYTES:  # one read: the rows, then the chosen ones among them
-            whole = pa.Table.from_batches(list(batches()), schema=schema)
-            chosen = _first_of_each_id(whole.column(id_col).chunks)
-            passes: Iterable[pa.Table] = [whole.take(chosen)]
-        else:  # one read for the ids, then one per pass
-            chosen = _first_of_each_id(b.column(id_col) for b in batches())
-            passes = _ordered_rows(batches, schema, chosen, _pass_rows(total, len(chosen)))
+    for table, rows in tables.items():
+        chosen = _first_of_each_id(rows.column(TABLES[table][1]).chunks)
         counts[table] = len(chosen)
         _feed_str(digest, table)
-        digest.update(struct.pack("<QQ", len(chosen), len(schema)))
-        for field in schema:
+        digest.update(struct.pack("<QQ", len(chosen), len(rows.schema)))
+        for field in rows.schema:
             _feed_str(digest, field.name)
             _feed_str(digest, str(_canonical_type(field.type)))
-        for rows in passes:
-            for start in range(0, rows.num_rows, BLOCK_ROWS):
-                for column in rows.slice(start, BLOCK_ROWS).columns:
-                    _feed_array(digest, column.combine_chunks())
+        for start in range(0, len(chosen), BLOCK_ROWS):
+            for column in rows.take(chosen[start:start + BLOCK_ROWS]).columns:
+                _feed_array(digest, column.combine_chunks())
     return _PREFIX + digest.hexdigest(), counts
 
 
@@ -139,35 +129,6 @@ def _first_of_each_id(id_chunks: Iterable[pa.Array]) -> np.ndarray:
     if len(sorted_ids) > 1:
         first[1:] = ~np.asarray(pc.equal(sorted_ids[1:], sorted_ids[:-1]))
     return ordered.column("at").to_numpy()[first]
-
-
-def _pass_rows(total_bytes: int, n_rows: int) -> int:
-    """Rows per pass: whole blocks, as many as :data:`PASS_BYTES` holds (at least one)."""
-    if n_rows == 0:
-        return 1
-    per_row = total_bytes / n_rows
-    return max(1, int(PASS_BYTES / per_row) // BLOCK_ROWS) * BLOCK_ROWS
-
-
-def _ordered_rows(batches: Batches, schema: pa.Schema, chosen: np.ndarray,
-                  pass_rows: int) -> Iterator[pa.Table]:
-    """The chosen rows, in their order, as tables of ``pass_rows`` rows (the last shorter), each
-    taken in a pass over the batches."""
-    if len(chosen) == 0:
-        return
-    rank = np.full(int(chosen.max()) + 1, -1, dtype=np.int64)
-    rank[chosen] = np.arange(len(chosen))
-    for lo in range(0, len(chosen), pass_rows):
-        picked, ranks, at = [], [], 0
-        for batch in batches():
-            mine = rank[at:at + batch.num_rows]
-            keep = np.flatnonzero((mine >= lo) & (mine < lo + pass_rows))
-            at += batch.num_rows
-            if len(keep):
-                picked.append(batch.take(pa.array(keep)))
-                ranks.append(mine[keep])
-        rows = pa.Table.from_batches(picked, schema=schema)
-        yield rows.take(pa.array(np.argsort(np.concatenate(ranks), kind="stable")))
 
 
 def _canonical_type(kind: pa.DataType) -> pa.DataType:

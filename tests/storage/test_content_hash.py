@@ -220,9 +220,10 @@ def test_a_later_copy_of_an_id_does_not_count_and_nothing_runs_together():
     assert rehash(as_ties) != rehash(base)  # another table, other names, another hash
 
 
-# --- from files: one pass or several -----------------------------------------------------------
+# --- from files ------------------------------------------------------------------------------
 
-def test_a_partition_larger_than_a_pass_hashes_as_in_one(data_dir, tmp_path, monkeypatch):
+def test_a_seal_hashes_its_files_rows_and_a_large_partition_as_json_rows(data_dir, tmp_path,
+                                                                         monkeypatch):
     rows = [pair(f"p{i:03d}", minute=i % 60, prompt="x" * (i % 7)) for i in range(40)]
     for chunk in (rows[25:], rows[:10], rows[10:25]):
         write_rows(data_dir=data_dir, table="pairs", rows=chunk)
@@ -234,15 +235,15 @@ def test_a_partition_larger_than_a_pass_hashes_as_in_one(data_dir, tmp_path, mon
     listed["pairs"] = [*listed["pairs"], copies]
     whole = {t: pa.concat_tables([pq.read_table(f) for f in paths] or [SCHEMAS[t].empty_table()])
              for t, paths in listed.items()}
-    monkeypatch.setattr(content_hash, "BLOCK_ROWS", 4)
-    one = files_hash(listed)
-    monkeypatch.setattr(content_hash, "PASS_BYTES", 1)  # a block per pass: 10 passes
-    assert files_hash(listed) == one == (content_sha256(whole), {
-        "pairs": 40, "ties": 0, "unpaired": 0, "refusals": 0, "sessions": 1})
-    monkeypatch.setattr(content_hash, "PASS_BYTES", 3 * 1024)
-    assert files_hash(listed) == one
-    assert columns_hash({"pairs": (lambda: iter(()), SCHEMAS["pairs"])}) == (
-        content_sha256({"pairs": SCHEMAS["pairs"].empty_table()}), {"pairs": 0})
+    counts = {"pairs": 40, "ties": 0, "unpaired": 0, "refusals": 0, "sessions": 1}
+    assert files_hash(listed) == (content_sha256(whole), counts)
+    assert content_sha256(whole) == content_sha256(whole | {"pairs": whole["pairs"].slice(0, 40)})
+    monkeypatch.setattr(content_hash, "ONE_READ_BYTES", 1000)
+    big = files_hash(listed)
+    assert big == json_rows_hash({t: table.to_batches() for t, table in whole.items()})
+    assert hash_scheme(big[0]) == JSON_ROWS and big[1] == counts
+    assert content_sha256(whole, like=big[0]) == big[0]
+    assert columns_hash({"pairs": SCHEMAS["pairs"].empty_table()})[1] == {"pairs": 0}
 
 
 # --- manifests of both schemes -----------------------------------------------------------------
