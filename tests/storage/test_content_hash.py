@@ -238,6 +238,12 @@ def test_a_seal_hashes_its_files_rows_and_a_large_partition_as_json_rows(data_di
     counts = {"pairs": 40, "ties": 0, "unpaired": 0, "refusals": 0, "sessions": 1}
     assert files_hash(listed) == (content_sha256(whole), counts)
     assert content_sha256(whole) == content_sha256(whole | {"pairs": whole["pairs"].slice(0, 40)})
+    older = tmp_path / "older.parquet"  # a file without a column added since: nulls, as read
+    pq.write_table(whole["pairs"].slice(0, 3).drop_columns(["rejected_position"]), older)
+    as_read = whole["pairs"].slice(0, 3).set_column(
+        whole["pairs"].schema.get_field_index("rejected_position"), "rejected_position",
+        pa.nulls(3, pa.int64()))
+    assert files_hash({"pairs": [older]}) == (content_sha256({"pairs": as_read}), {"pairs": 3})
     monkeypatch.setattr(content_hash, "ONE_READ_BYTES", 1000)
     big = files_hash(listed)
     assert big == json_rows_hash({t: table.to_batches() for t, table in whole.items()})
