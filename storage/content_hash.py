@@ -188,6 +188,8 @@ def _feed_array(digest: Any, array: pa.Array) -> None:
 
 def _feed_strings(digest: Any, array: pa.Array) -> None:
     """Lengths then bytes of a string array without nulls, read from its buffers."""
+    if len(array) == 0:  # its offsets buffer may be absent
+        return
     _, offsets_buf, data_buf = array.buffers()
     offsets = np.frombuffer(offsets_buf, dtype="<i4", count=len(array) + 1,
                             offset=array.offset * 4)
