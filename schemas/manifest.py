@@ -26,7 +26,8 @@ class ManifestRow(BaseModel):
     n_unpaired: int = Field(ge=0)
     n_refusals: int = Field(ge=0)
     n_sessions: int = Field(ge=0)
-    sha256: str = Field(description="Hash of its rows (``storage.seals.content_sha256``).")
+    sha256: str = Field(description="Hash of its rows, naming its scheme: ``cols1:<64 hex>``, or "
+                        "``<64 hex>`` as written before (``storage.content_hash``).")
 
     def n_rows(self, table: str) -> int:
         """Rows of ``table`` (one of :data:`SEALED_TABLES`) in the partition."""

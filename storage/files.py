@@ -60,9 +60,9 @@ from prefstream.storage.quarantine import DAMAGED
 from prefstream.storage.seals import (  # noqa: F401  (re-exported)
     HASH_READ_ROWS,
     MANIFEST_SCHEMA,
-    _content_hash,
     content_sha256,
     is_sealed,
+    json_rows_hash,
     manifest_version,
     manifest_versions,
     reseal,

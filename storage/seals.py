@@ -1,43 +1,40 @@
 """Sealed partitions: the manifest (``manifest/<partition>[.v<N>].parquet``, one row per
 partition: files, row counts, content hash; each reseal adds a version; the row's model is
-``schemas.manifest.ManifestRow``), sealing once every Kafka partition's watermark passed a
-partition, and the content hash of its rows."""
+``schemas.manifest.ManifestRow``), and sealing once every Kafka partition's watermark passed a
+partition. The content hash of its rows is ``storage.content_hash``."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from prefstream.schemas.manifest import ManifestRow
 from prefstream.storage.atomic import live_files, partition_lock, remove_stale_temps, write_atomic
+from prefstream.storage.content_hash import (  # noqa: F401  (re-exported)
+    HASH_READ_ROWS,
+    content_sha256,
+    files_hash,
+    json_rows_hash,
+)
 from prefstream.storage.partitions import (
     SCHEMA_DIR,
     partition_bounds,
 )
 from prefstream.storage.quarantine import readable
-from prefstream.storage.tables import SEALED_TABLES, TABLES, arrow_schema
+from prefstream.storage.tables import SEALED_TABLES
 from prefstream.storage.watermarks import read_watermarks
 
 log = logging.getLogger(__name__)
 
-
-#: rows per record batch when hashing a partition at its seal
-HASH_READ_ROWS = 4096
 
 #: the on-disk form of a :class:`ManifestRow` (its fields, in order; unchanged since the first
 #: sealed data dirs, which must keep reading)
@@ -132,8 +129,7 @@ def _seal(data_dir: Path, partition: str, watermark: datetime,
             for t, paths in listed.items()):
         sha256, counts = known.sha256, {t: known.n_rows(t) for t in listed}
     else:
-        sha256, counts = _content_hash({t: _file_batches(t, paths)
-                                        for t, paths in listed.items()})
+        sha256, counts = files_hash(listed)
     files = sorted(str(f.relative_to(data_dir)) for paths in listed.values() for f in paths)
     start, end = bounds
     row = ManifestRow(
@@ -157,58 +153,6 @@ def read_manifest_row(path: Path) -> ManifestRow:
     pydantic's ``ValidationError`` (a row that is not a manifest row) when it is damaged."""
     return ManifestRow.model_validate(
         pq.read_table(path, schema=MANIFEST_SCHEMA).to_pylist()[0])
-
-def content_sha256(tables: Mapping[str, pa.Table]) -> str:
-    """Hash of the rows, not of the files holding them (so a compaction keeps it): per table, in
-    the given order, its name and then the SHA-256 of every row's canonical JSON, in id order."""
-    return _content_hash({t: rows.to_batches(max_chunksize=HASH_READ_ROWS)
-                          for t, rows in tables.items()})[0]
-
-def _content_hash(batches: Mapping[str, Iterable[pa.RecordBatch]]) -> tuple[str, dict[str, int]]:
-    """:func:`content_sha256` of tables given as record batches, read one batch at a time (a
-    sealed partition is never held whole, nor as a Python object per row: only the id column and
-    a 32-byte digest per row, in flat buffers); also the rows per table (the first of each id
-    counts)."""
-    digest = hashlib.sha256()
-    counts = {}
-    for table, stream in batches.items():
-        id_col = TABLES[table][1]
-        ids: list[pa.Array] = []
-        digests = bytearray()
-        for batch in stream:
-            ids.append(batch.column(id_col))
-            for row in batch.to_pylist():
-                digests += hashlib.sha256(_CANONICAL_JSON.encode(row).encode()).digest()
-        digest.update(f"table {table}\n".encode())
-        counts[table] = 0
-        if not ids:
-            continue
-        keyed = pa.table({"id": pa.chunked_array(ids),
-                          "at": pa.array(np.arange(len(digests) // 32, dtype=np.int64))})
-        ordered = keyed.sort_by([("id", "ascending"), ("at", "ascending")])
-        sorted_ids = ordered.column("id").combine_chunks()
-        first = np.ones(len(sorted_ids), dtype=bool)  # the first row of each id, in read order
-        if len(sorted_ids) > 1:
-            first[1:] = ~np.asarray(pc.equal(sorted_ids[1:], sorted_ids[:-1]))
-        rows = np.frombuffer(digests, dtype=np.uint8).reshape(-1, 32)
-        digest.update(rows[ordered.column("at").to_numpy()[first]].tobytes())
-        counts[table] = int(first.sum())
-    return digest.hexdigest(), counts
-
-def _file_batches(table: str, files: Sequence[Path]) -> Iterator[pa.RecordBatch]:
-    """The rows of a table's files as record batches of its schema, in file order."""
-    if not files:
-        return iter(())
-    scan = ds.dataset([str(f) for f in files], schema=arrow_schema(TABLES[table][0]),
-                      format="parquet")
-    return iter(scan.to_batches(batch_size=HASH_READ_ROWS, use_threads=False))
-
-def _json_value(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"no canonical JSON for {type(value).__name__}")
-
-_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, default=_json_value)
 
 def sealed_partitions(data_dir: Path) -> list[ManifestRow]:
     """Manifest rows of sealed partitions (each its newest version), oldest partition first: the

@@ -1,10 +1,10 @@
 """Read a sealed partition and check it against its manifest row (``docs/storage-safety.md``).
 
 The manifest's ``sha256`` is the hash of the partition's rows when it was sealed (or resealed
-after late rows; ``storage.files.content_sha256``). A file rewritten since (rows dropped, fields
-changed), rotted pages, or a file moved to quarantine change the rows read now, hence the hash:
-the caller refuses such a partition. The rows are hashed as they are read, so what is checked is
-what is used.
+after late rows; ``storage.content_hash``), recomputed here in the scheme it names. A file
+rewritten since (rows dropped, fields changed), rotted pages, or a file moved to quarantine
+change the rows read now, hence the hash: the caller refuses such a partition. The rows are
+hashed as they are read, so what is checked is what is used.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from prefstream.storage.tables import SEALED_TABLES
 class SealedContent:
     partition: str
     tables: dict[str, pa.Table]
-    #: hash of the rows read now; equal to ``expected`` when the partition is intact
+    #: hash of the rows read now, in the scheme of ``expected`` (``storage.content_hash``); equal
+    #: to it when the partition is intact
     sha256: str
     expected: str
 
@@ -38,4 +39,4 @@ def read_sealed(data_dir: Path, row: ManifestRow) -> SealedContent:
     partition = row.partition
     tables = {t: read_table(data_dir=data_dir, table=t, partitions=[partition])
               for t in SEALED_TABLES}
-    return SealedContent(partition, tables, content_sha256(tables), row.sha256)
+    return SealedContent(partition, tables, content_sha256(tables, like=row.sha256), row.sha256)

@@ -568,5 +568,5 @@ def test_the_content_hash_is_sha256_over_row_digests_in_id_order_first_of_each_i
         line = json.dumps(row, sort_keys=True, default=lambda v: v.isoformat())
         first.setdefault(row["pair_id"], hashlib.sha256(line.encode()).digest())
     want = hashlib.sha256(b"table pairs\n" + b"".join(first[k] for k in sorted(first)))
-    got, counts = files._content_hash({"pairs": table.to_batches(max_chunksize=chunk)})
+    got, counts = files.json_rows_hash({"pairs": table.to_batches(max_chunksize=chunk)})
     assert (got, counts) == (want.hexdigest(), {"pairs": len(first)})
