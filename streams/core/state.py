@@ -184,10 +184,12 @@ class PartitionSessions:
             slot.due = None
         self._due.pop(session_id, None)
 
-    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None) -> None:
+    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None,
+                  due: int | None = None) -> None:
         """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
-        now), and push it to the heap if it moved."""
-        due = _next_deadline(slot, self.rules)
+        now; ``due``: the slot's, if known), and push it to the heap if it moved."""
+        if due is None:
+            due = _next_deadline(slot, self.rules)
         if isinstance(slot, OpenSlot):
             slot.due = due
             self._due.pop(session_id, None)
@@ -246,7 +248,9 @@ class PartitionSessions:
         if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
             self._rebuild_by_last()
 
-    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
+    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None,
+             due: int | None = None) -> None:
+        """Hold ``slot`` for ``session_id`` (None: drop it); ``due``: its deadline, if known."""
         if slot is not None:
             slot = _stored(session_id, slot)
         self._track_last(session_id, self._slots.get(session_id), slot)
@@ -256,7 +260,7 @@ class PartitionSessions:
         else:
             before = self._scheduled(session_id)
             self._slots[session_id] = slot
-            self._schedule(session_id, slot, before)
+            self._schedule(session_id, slot, before, due)
         if slot is not None and slot.pending:
             self._pending.add(session_id)
         else:
@@ -272,9 +276,11 @@ class PartitionSessions:
         if stored is None or isinstance(stored, OpenSlot):  # the hot path, held compactly
             fast = compact.append(stored, event, offset=offset, clock=self.clock,
                                   rules=self.rules, size=size)
+            if fast is not None:
+                self._put(event.session_id, fast,
+                          compact.appended_deadline(stored, fast, self.rules))
         if fast is not None:
             outcome: Outcome = "accepted"
-            self._put(event.session_id, fast)
         else:
             outcome = self._add(event, stored, offset, size)
         self.clock = self.clock.arrived(arrival_ms)
@@ -322,7 +328,13 @@ class PartitionSessions:
             if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
             self._unschedule(session_id)
-            slot = to_model(self._slots[session_id])
+            stored = self._slots[session_id]
+            if isinstance(stored, OpenSlot):  # usually closes whole: no open session's models
+                after = compact.expire(stored, self.clock.watermark, self.rules)
+                if after is not None:
+                    self._put(session_id, after)
+                    continue
+            slot = to_model(stored)
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)

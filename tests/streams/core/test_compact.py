@@ -1,10 +1,12 @@
 """Open sessions held compactly (streams.core.compact): the same state as the sessionizer's
-models, read back exactly, through the changelog record too, and the one step done compactly
-(a plain accept) decided as the sessionizer decides it."""
+models, read back exactly, through the changelog record too; the steps done compactly (a plain
+accept, its deadline, the close of a whole session) decided as the sessionizer decides them; and
+a partition's state (streams.core.state), message by message, what the rules give on the models
+alone."""
 
 from __future__ import annotations
 
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 
 from factories import T0, at, event
 from helpers.core import pending
@@ -23,6 +25,7 @@ from prefstream.streams.core.sessionize import (
     add_event,
     deadline,
     expire,
+    next_deadline,
     state_bytes,
 )
 from prefstream.streams.core.state import DEADLINE_HEAP_SLACK, PartitionSessions
@@ -37,8 +40,9 @@ _text = st.sampled_from(_SHARED) | st.text(
 
 
 @st.composite
-def events(draw: st.DrawFn, n: int) -> list:
-    """``n`` events of one session: any type, texts, users, minutes and UTC offsets."""
+def events(draw: st.DrawFn, n: int, span: int = 600) -> list:
+    """``n`` events of one session: any type, texts, users, minutes (``span`` of them) and UTC
+    offsets."""
     out = []
     for i in range(n):
         kind = draw(st.sampled_from(KINDS))
@@ -51,7 +55,7 @@ def events(draw: st.DrawFn, n: int) -> list:
             fields = dict(edited_text=draw(_text))
         ev = event(kind, event_id=f"e{i}", user_id=draw(st.sampled_from(("u1", "u1", "ü2"))),
                    **fields)
-        ts = at(draw(st.integers(0, 600)) + draw(st.integers(0, 999_999)) / 6e7)
+        ts = at(draw(st.integers(0, span)) + draw(st.integers(0, 999_999)) / 6e7)
         out.append(ev.model_copy(update={"ts": ts.astimezone(zone)}))
     return out
 
@@ -231,7 +235,7 @@ def test_bounds_are_read_from_the_events_and_others_keep_the_model():
 
 
 def test_the_models_have_nothing_model_construct_would_add():
-    """``compact._construct`` sets what ``model_construct`` sets for models without private
+    """``compact_events.construct`` sets what ``model_construct`` sets for models without private
     attributes, post-init or defaults left out: the same model."""
     from prefstream.schemas.events import EVENT_TYPES
     from prefstream.schemas.records import Session, SessionEvent
@@ -247,3 +251,181 @@ def test_the_models_have_nothing_model_construct_would_add():
     for model, cls in ((built, SessionSlot), (built.open, Session),
                        (built.open.events[0], SessionEvent)):
         assert list(vars(model)) == list(cls.model_fields)
+
+
+def assert_same_groups(got: SessionSlot, want: SessionSlot) -> None:
+    """Equal, every group's times and its events' in the same UTC offsets, fields in order."""
+    assert got == want
+    groups = [(g, w) for name in ("pending", "held")
+              for g, w in zip(getattr(got, name), getattr(want, name), strict=True)]
+    for closed, wanted in groups:
+        assert closed.reason == wanted.reason
+        a, b = closed.session, wanted.session
+        assert list(vars(a)) == list(vars(b))
+        assert [str(t) for t in (a.start, a.last, a.ended_at)] == [
+            str(t) for t in (b.start, b.last, b.ended_at)]
+        for x, y in zip(a.events, b.events, strict=True):
+            assert x.event.ts.isoformat() == y.event.ts.isoformat()
+            assert type(x.event) is type(y.event)
+
+
+durations = st.sampled_from((timedelta(hours=6), timedelta(minutes=45)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(st.integers(1, 8), st.sampled_from((40, 600))).flatmap(lambda a: events(*a)),
+       st.integers(0, 1300), durations,
+       st.lists(st.integers(0, 7), max_size=2))
+def test_the_compact_close_is_the_sessionizers(evs, watermark_minute, longest, copies):
+    """Whenever ``compact.expire`` closes a slot it gives what ``sessionize.expire`` gives on
+    its model (groups split by gap or duration, duplicates and bytes on their group), and it
+    closes every slot whose groups are all due."""
+    rules = SessionRules(max_duration=longest)
+    slot = slot_of(evs, rules)
+    for n, k in enumerate(copies):  # duplicates, counted on the group of their original
+        copy = evs[k % len(evs)]
+        slot, outcome = add_event(slot, copy, offset=50 + n, clock=Clock(kafka_partition=3),
+                                  rules=rules, size=9)
+        assert outcome == "duplicate"
+    held = compact.compact(slot, "s1")
+    assert isinstance(held, OpenSlot)
+    watermark = at(watermark_minute)
+    got = compact.expire(held, watermark, rules)
+    want = expire(slot, watermark, rules)
+    if got is None:
+        assert want.open is not None
+    else:
+        assert want.open is None and want.pending
+        assert_same_groups(got, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.tuples(st.integers(1, 6), st.sampled_from((40, 600))).flatmap(lambda a: events(*a)),
+       st.data())
+def test_the_deadline_after_an_append_is_the_sessionizers(evs, data):
+    """``compact.appended_deadline`` (from the slot's deadline before the event, when the event
+    is its latest) is the sessionizer's deadline of the slot after it, whether the event joins
+    the first group, starts the next one (a gap or the longest duration on), or ends it."""
+    rules = SessionRules(max_duration=data.draw(durations, label="longest"))
+    before = compact.compact(slot_of(evs, rules), "s1")
+    before.due = compact.deadline_micros(before, rules)
+    latest = max(ev.ts for ev in evs)
+    step = data.draw(st.sampled_from((0, 1, 10, 29, 30, 31, 50, 400)) | st.integers(-60, 60),
+                     label="minutes after the latest")
+    [new] = data.draw(events(1), label="event")
+    new = new.model_copy(update={"event_id": "new", "ts": (latest + timedelta(minutes=step))
+                                 .astimezone(new.ts.tzinfo)})
+    after = compact.append(before, new, offset=99, clock=Clock(kafka_partition=3), rules=rules,
+                           size=0)
+    assert after is not None
+    want, _ = add_event(slot_of(evs, rules), new, offset=99, clock=Clock(kafka_partition=3),
+                        rules=rules)
+    expected = (deadline(want.open, rules)[0] - EPOCH) // TICK
+    assert compact.appended_deadline(before, after, rules) == expected
+    before.due = None  # not scheduled: read from every event
+    assert compact.appended_deadline(before, after, rules) == expected
+    assert compact.appended_deadline(None, compact.compact(slot_of([new], rules)),
+                                     rules) == compact.deadline_micros(
+        compact.compact(slot_of([new], rules)), rules)
+
+
+# --- a partition, message by message ----------------------------------------------------
+
+T0_MS = int(T0.timestamp() * 1000)
+
+
+@st.composite
+def streams(draw: st.DrawFn) -> list[tuple]:
+    """Messages of two sessions, ``("msg", event, offset, arrival ms, size)`` or ``("tick",
+    wall ms)``: rich events (every type, texts, users, UTC offsets) within ``span`` minutes,
+    arriving in order with some jitter, with re-sent copies, redeliveries and ticks."""
+    span = draw(st.sampled_from((60, 600)))
+    evs = draw(st.integers(1, 14).flatmap(lambda n: events(n, span)))
+    out: list[tuple] = []
+    for offset, ev in enumerate(sorted(evs, key=lambda e: e.ts)):
+        ev = ev.model_copy(update={"session_id": draw(st.sampled_from(("s1", "s2")))})
+        arrival = int(ev.ts.timestamp() * 1000) + draw(st.integers(0, 12)) * 60_000
+        size = state_bytes(ev.model_dump_json().encode())
+        out.append(("msg", ev, offset, arrival, size))
+        extra = draw(st.sampled_from(("none", "none", "none", "dup", "redeliver", "tick")))
+        if extra == "dup":  # an earlier event again, at a new offset
+            old = out[draw(st.integers(0, len(out) - 1))]
+            if old[0] == "msg":
+                out.append(("msg", old[1], 100 + offset, arrival, old[4]))
+        elif extra == "redeliver":
+            out.append(draw(st.sampled_from([m for m in out if m[0] == "msg"])))
+        elif extra == "tick":
+            out.append(("tick", arrival + draw(st.integers(0, 60)) * 60_000))
+    return out
+
+
+rules_st = st.builds(
+    SessionRules,
+    max_events=st.sampled_from((3, 500)),
+    max_duration=st.sampled_from((timedelta(minutes=45), timedelta(hours=6))),
+    max_bytes=st.sampled_from((None, None, 4000, 900_000)),
+)
+
+
+class ModelsOnly:
+    """The partition as the sessionizer's models alone: each message applied by the rules
+    (``add_event``, the clock), then every slot whose next deadline the watermark passed
+    expired (``expire``), as :class:`PartitionSessions` does without compact state."""
+
+    def __init__(self, rules: SessionRules) -> None:
+        self.rules, self.clock = rules, Clock(kafka_partition=0)
+        self.slots: dict[str, SessionSlot] = {}
+
+    def on_event(self, ev, offset: int, arrival_ms: int, size: int) -> str:
+        slot, outcome = add_event(self.slots.get(ev.session_id), ev, offset=offset,
+                                  clock=self.clock, rules=self.rules, size=size)
+        if outcome in ("late", "redelivered"):
+            pass  # the slot as it was (an empty one for a late first event: none kept)
+        elif slot is None:
+            self.slots.pop(ev.session_id, None)
+        else:
+            self.slots[ev.session_id] = slot
+        self.clock = self.clock.arrived(arrival_ms)
+        if outcome in ("accepted", "redelivered"):
+            bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
+            bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
+            self.clock = self.clock.observe(min(ev.ts, bound), self.rules.grace)
+            self._expire()
+        return outcome
+
+    def on_tick(self, wall_ms: int) -> None:
+        self.clock = self.clock.tick(wall_ms, self.rules)
+        self._expire()
+
+    def _expire(self) -> None:
+        for sid, slot in self.slots.items():
+            due = next_deadline(slot, self.rules)
+            if due is not None and due <= self.clock.watermark:
+                self.slots[sid] = expire(slot, self.clock.watermark, self.rules)
+
+
+def assert_same_state(ps: PartitionSessions, ref: ModelsOnly) -> None:
+    assert ps.clock == ref.clock
+    assert dict(ps.slots) == ref.slots
+    for sid, slot in ref.slots.items():
+        assert_same_groups(ps.slots[sid], slot)
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams(), rules_st)
+def test_the_compact_partition_is_the_sessionizers_models(messages, rules):
+    ps, ref = PartitionSessions(Clock(kafka_partition=0), rules), ModelsOnly(rules)
+    for msg in messages:
+        if msg[0] == "tick":
+            ps.on_tick(msg[1])
+            ref.on_tick(msg[1])
+        else:
+            _, ev, offset, arrival, size = msg
+            assert ps.on_event(ev, offset=offset, arrival_ms=arrival, size=size) == (
+                ref.on_event(ev, offset, arrival, size))
+        assert_same_state(ps, ref)
+    far = T0_MS + 30 * 24 * 3_600_000  # closes everything
+    ps.on_tick(far)
+    ref.on_tick(far)
+    assert_same_state(ps, ref)
+    assert ps.open_sessions == 0
