@@ -180,26 +180,31 @@ def expire(slot: OpenSlot, watermark: datetime, rules: SessionRules) -> SessionS
     its open session (the usual close: one group); None when a group stays open (the models
     decide). Built from the encoded events, without the open session's models."""
     heads = _heads(slot.blobs())
-    groups = _groups(heads, rules)
-    closing = [_group_deadline([heads[k] for k in g], rules) for g in groups]
-    if any(due > micros(watermark) for due, _ in closing):
-        return None
-    events = decode_events(slot.blobs(), slot.session_id, slot.user_id)
+    watermark_us = micros(watermark)
+    groups = []
+    for members in _groups(heads, rules):
+        bounds = _bounds([heads[k] for k in members])
+        due, reason = _group_deadline([heads[members[k]][1] if k is not None else None
+                                       for k in bounds], rules)
+        if due > watermark_us:
+            return None
+        groups.append((members, bounds, reason))
+    events = decode_events(slot.blobs(), slot.session_id, slot.user_id, heads)
     user_id = events[0].event.user_id if slot.user_id is None else slot.user_id
     pending = []
-    for members, (_, reason) in zip(groups, closing, strict=True):
+    for members, (start, last, end), reason in groups:
         mine = tuple(events[k] for k in members)
         ids = {i.event.event_id for i in mine}
         dups = tuple(d for d in slot.duplicates if d[1] in ids)
         size = sum(heads[k][3] for k in members)
         if size:  # as sessionize._with_events: each duplicate recorded counts too
             size += sum(duplicate_bytes(d[1]) for d in dups)
-        start, last, end = _bounds([heads[k] for k in members])
-        session = construct(Session, dict(
-            session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
-            start=mine[start].event.ts, last=mine[last].event.ts, events=mine,
-            n_duplicates=len(dups), duplicates=dups,
-            ended_at=None if end is None else mine[end].event.ts, cut=False, n_bytes=size))
+        session = construct(Session, {
+            "session_id": slot.session_id, "user_id": user_id,
+            "kafka_partition": slot.kafka_partition, "start": mine[start].event.ts,
+            "last": mine[last].event.ts, "events": mine, "n_duplicates": len(dups),
+            "duplicates": dups, "ended_at": None if end is None else mine[end].event.ts,
+            "cut": False, "n_bytes": size})
         pending.append(construct(ClosedSession, {"session": session, "reason": reason}))
     return construct(SessionSlot, {"open": None, "pending": tuple(pending), "held": ()})
 
@@ -208,7 +213,8 @@ def _groups(heads: list[Head], rules: SessionRules) -> list[list[int]]:
     """The events (their places in arrival order) of each group of :func:`sessionize.clusters`,
     from the encoded times and offsets."""
     gap, longest = rules.gap // TICK, rules.max_duration // TICK
-    order = sorted(range(len(heads)), key=lambda k: heads[k][1:3])  # by (time, offset)
+    keys = [h[1:3] for h in heads]
+    order = sorted(range(len(heads)), key=keys.__getitem__)  # by (time, offset)
     groups = [[order[0]]]
     start = last = heads[order[0]][1]
     for k in order[1:]:
@@ -218,20 +224,20 @@ def _groups(heads: list[Head], rules: SessionRules) -> list[list[int]]:
             start = at
         groups[-1].append(k)
         last = at
-    return [sorted(g) for g in groups]
+    return [sorted(g) for g in groups] if len(groups) > 1 else [list(range(len(heads)))]
 
 
-def _group_deadline(heads: list[Head], rules: SessionRules) -> tuple[int, CloseReason]:
-    """:func:`sessionize._deadline_of` of a group, in µs: ``min`` of the same candidates (on
-    equal times the reason's name decides, as it does there)."""
-    times = [h[1] for h in heads]
-    start, last = min(times), max(times)
-    ends = [h[1] for h in heads if h[0] & ~ZONED == END]
+def _group_deadline(bounds: list[int | None], rules: SessionRules) -> tuple[int, CloseReason]:
+    """:func:`sessionize._deadline_of` of a group from its start, last and end time (µs, None:
+    no ``session_end``): ``min`` of the same candidates (on equal times the reason's name
+    decides, as it does there)."""
+    start, last, end = bounds
+    assert start is not None and last is not None
     candidates: list[tuple[int, CloseReason]] = [
         (last + rules.gap // TICK, "gap"),
         (max(start + rules.max_duration // TICK, last + 1), "max_duration")]
-    if ends:
-        candidates.append((max(max(ends), last + 1), "session_end"))
+    if end is not None:
+        candidates.append((max(end, last + 1), "session_end"))
     return min(candidates)
 
 

@@ -178,25 +178,27 @@ def written_user(blob: bytes, user_id: str) -> bool:
     return blob.startswith(b"[" + name + b",", at)
 
 
-def decode_events(blobs: tuple[bytes, ...], session_id: str,
-                  user_id: str | None) -> tuple[SessionEvent, ...]:
+def decode_events(blobs: tuple[bytes, ...], session_id: str, user_id: str | None,
+                  heads: list[tuple[int, int, int, int]] | None = None,
+                  ) -> tuple[SessionEvent, ...]:
     """The :class:`SessionEvent` each of a session's events was when :func:`encode_event`
     encoded it (the very values it had), in arrival order; ``user_id``: the session's (None:
-    the first event's).
+    the first event's); ``heads``: their headers (:data:`HEAD`), if read already.
 
     This runs for every event of a session that closes: the values of all of them are read in
     one JSON array, and each event's fields are set on a copy of a template of its type."""
-    heads = []
+    if heads is None:
+        heads = [HEAD.unpack_from(blob) for blob in blobs]
+    items = []
     bodies = []
-    for blob in blobs:
-        flags, micros, offset, size = HEAD.unpack_from(blob)
+    for blob, (flags, micros, offset, size) in zip(blobs, heads, strict=True):
         at = HEAD.size
         epoch = EPOCH
         if flags & ZONED:
             epoch = _epoch_in(ZONE.unpack_from(blob, at)[0])
             at += ZONE.size
         end = blob.index(SEP, at)
-        heads.append((flags & ~ZONED, epoch + timedelta(0, 0, micros), offset, size,
+        items.append((flags & ~ZONED, epoch + timedelta(0, 0, micros), offset, size,
                       blob[at:end].decode()))
         bodies.append(blob[end + 1:])
     try:
@@ -206,7 +208,7 @@ def decode_events(blobs: tuple[bytes, ...], session_id: str,
     if user_id is None:
         user_id = rows[0][0]
     out = []
-    for (code, ts, offset, size, event_id), values in zip(heads, rows, strict=True):
+    for (code, ts, offset, size, event_id), values in zip(items, rows, strict=True):
         for i in _TEXT_AT[code]:
             if isinstance(values[i], list):  # a reference to an earlier event's text
                 k, j = values[i]

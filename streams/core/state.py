@@ -150,6 +150,8 @@ class PartitionSessions:
         self._evicted = 0
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
+        self._watermark = (EPOCH, 0)  # the clock's watermark, and in µs
+        self._bound = (0, EPOCH)  # the last arrival bound (ms), and as a time
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
@@ -287,13 +289,19 @@ class PartitionSessions:
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
-            bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
-            bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
+            bound = self._bound_at(self.clock.bound_ms(arrival_ms, self.rules))
             self.clock = self.clock.observe(min(event.ts, bound), self.rules.grace)
             self._expire()
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)
         return outcome
+
+    def _bound_at(self, bound_ms: int) -> datetime:
+        """The time of ``bound_ms`` (the last one's again: the events of a batch mostly share
+        it)."""
+        if bound_ms != self._bound[0]:
+            self._bound = (bound_ms, datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc))
+        return self._bound[1]
 
     def _add(self, event: FeedbackEvent, stored: StoredSlot | None, offset: int,
              size: int) -> Outcome:
@@ -322,7 +330,9 @@ class PartitionSessions:
         self._expire()
 
     def _expire(self) -> None:
-        watermark = _micros(self.clock.watermark)
+        if self.clock.watermark is not self._watermark[0]:  # µs once per watermark
+            self._watermark = (self.clock.watermark, _micros(self.clock.watermark))
+        watermark = self._watermark[1]
         while self._heap and self._heap[0][0] <= watermark:
             due, session_id = heapq.heappop(self._heap)
             if self._scheduled(session_id) != due:
