@@ -21,13 +21,12 @@ into the closed groups). See docs/operations.md ("State memory").
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from operator import itemgetter
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession, Session
 from prefstream.streams.core.compact_events import (
-    END,
     HEAD,
     SEP,
     SIZE,
@@ -43,20 +42,17 @@ from prefstream.streams.core.compact_events import (
     values_of,
     written_user,
 )
+from prefstream.streams.core.compact_groups import bounds, group_deadline, groups, headers
 from prefstream.streams.core.sessionize import (
-    EPOCH,
-    TICK,
     Clock,
-    CloseReason,
+    Outcome,
     SessionRules,
     SessionSlot,
-    _deadline_of,
     duplicate_bytes,
+    group_bytes,
 )
 
 _first = itemgetter(0)
-#: (flags, µs, Kafka offset, size) of an event: its header (:data:`HEAD`)
-Head = tuple[int, int, int, int]
 
 
 class OpenSlot:
@@ -65,7 +61,7 @@ class OpenSlot:
 
     ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order;
     the session's bounds (``start``, ``last``, ``ended_at``) are read from them (see
-    :func:`_bounds`).
+    :func:`compact_groups.bounds`).
     The first holds the user id; ``user_id`` is None when it is the session's (the usual case).
     ``extra_bytes``: the session's counted size beyond its events' (duplicates counted).
     Reads like a ``SessionSlot`` (``open``, ``pending``, ``held``, equality) by materializing it.
@@ -83,15 +79,15 @@ class OpenSlot:
 
     @property
     def start(self) -> datetime:
-        return event_time(self.blobs()[_bounds(_heads(self.blobs()))[0]])
+        return event_time(self.blobs()[bounds(headers(self.blobs()))[0]])
 
     @property
     def last(self) -> datetime:
-        return event_time(self.blobs()[_bounds(_heads(self.blobs()))[1]])
+        return event_time(self.blobs()[bounds(headers(self.blobs()))[1]])
 
     @property
     def ended_at(self) -> datetime | None:
-        end = _bounds(_heads(self.blobs()))[2]
+        end = bounds(headers(self.blobs()))[2]
         return None if end is None else event_time(self.blobs()[end])
 
     def last_micros(self) -> int:
@@ -133,39 +129,17 @@ class OpenSlot:
 StoredSlot = OpenSlot | SessionSlot
 
 
-def _heads(blobs: tuple[bytes, ...]) -> list[Head]:
-    return [HEAD.unpack_from(b) for b in blobs]
-
-
 def _size(blobs: tuple[bytes, ...]) -> int:
     """The counted size of the events (read in one pass in C: this runs for every event
     appended, over each event of its session)."""
     return sum(map(_first, map(SIZE.unpack_from, blobs)))
 
 
-def _bounds(heads: list[Head]) -> tuple[int, int, int | None]:
-    """Which events give the session's start, last and end (``session_end``) times: the first
-    in arrival order at the earliest, latest and latest end time (``min``/``max`` keep the
-    first of equals, and the sessionizer takes them in arrival order)."""
-    start = last = 0
-    end = None
-    lo = hi = heads[0][1]
-    top = None
-    for k, (flags, at, _, _) in enumerate(heads):
-        if at < lo:
-            start, lo = k, at
-        if at > hi:
-            last, hi = k, at
-        if flags & ~ZONED == END and (top is None or at > top):
-            end, top = k, at
-    return start, last, end
-
-
 # --- slots ----------------------------------------------------------------------------------
 
 def to_session(slot: OpenSlot) -> Session:
     events = decode_events(slot.blobs(), slot.session_id, slot.user_id)
-    start, last, end = _bounds(_heads(slot.blobs()))
+    start, last, end = bounds(headers(slot.blobs()))
     return construct(Session, dict(
         session_id=slot.session_id, user_id=events[0].event.user_id if slot.user_id is None
         else slot.user_id, kafka_partition=slot.kafka_partition,
@@ -179,24 +153,25 @@ def expire(slot: OpenSlot, watermark: datetime, rules: SessionRules) -> SessionS
     """:func:`sessionize.expire` of the slot's model, when the watermark closes every group of
     its open session (the usual close: one group); None when a group stays open (the models
     decide). Built from the encoded events, without the open session's models."""
-    heads = _heads(slot.blobs())
+    read = headers(slot.blobs())
     watermark_us = micros(watermark)
-    groups = []
-    for members in _groups(heads, rules):
-        bounds = _bounds([heads[k] for k in members])
-        due, reason = _group_deadline([heads[members[k]][1] if k is not None else None
-                                       for k in bounds], rules)
+    closing = []
+    for members in groups(read, rules):
+        mine = [read[k] for k in members]
+        start, last, end = bounds(mine)
+        due, reason = group_deadline(mine[start][1], mine[last][1],
+                                     None if end is None else mine[end][1], rules)
         if due > watermark_us:
             return None
-        groups.append((members, bounds, reason))
-    events = decode_events(slot.blobs(), slot.session_id, slot.user_id, heads)
+        closing.append((members, (start, last, end), reason))
+    events = decode_events(slot.blobs(), slot.session_id, slot.user_id, read)
     user_id = events[0].event.user_id if slot.user_id is None else slot.user_id
     pending = []
-    for members, (start, last, end), reason in groups:
+    for members, (start, last, end), reason in closing:
         mine = tuple(events[k] for k in members)
         ids = {i.event.event_id for i in mine}
         dups = tuple(d for d in slot.duplicates if d[1] in ids)
-        size = sum(heads[k][3] for k in members)
+        size = sum(read[k][3] for k in members)
         if size:  # as sessionize._with_events: each duplicate recorded counts too
             size += sum(duplicate_bytes(d[1]) for d in dups)
         session = construct(Session, {
@@ -207,38 +182,6 @@ def expire(slot: OpenSlot, watermark: datetime, rules: SessionRules) -> SessionS
             "cut": False, "n_bytes": size})
         pending.append(construct(ClosedSession, {"session": session, "reason": reason}))
     return construct(SessionSlot, {"open": None, "pending": tuple(pending), "held": ()})
-
-
-def _groups(heads: list[Head], rules: SessionRules) -> list[list[int]]:
-    """The events (their places in arrival order) of each group of :func:`sessionize.clusters`,
-    from the encoded times and offsets."""
-    gap, longest = rules.gap // TICK, rules.max_duration // TICK
-    keys = [h[1:3] for h in heads]
-    order = sorted(range(len(heads)), key=keys.__getitem__)  # by (time, offset)
-    groups = [[order[0]]]
-    start = last = heads[order[0]][1]
-    for k in order[1:]:
-        at = heads[k][1]
-        if at - last >= gap or at - start >= longest:  # sessionize.splits
-            groups.append([])
-            start = at
-        groups[-1].append(k)
-        last = at
-    return [sorted(g) for g in groups] if len(groups) > 1 else [list(range(len(heads)))]
-
-
-def _group_deadline(bounds: list[int | None], rules: SessionRules) -> tuple[int, CloseReason]:
-    """:func:`sessionize._deadline_of` of a group from its start, last and end time (µs, None:
-    no ``session_end``): ``min`` of the same candidates (on equal times the reason's name
-    decides, as it does there)."""
-    start, last, end = bounds
-    assert start is not None and last is not None
-    candidates: list[tuple[int, CloseReason]] = [
-        (last + rules.gap // TICK, "gap"),
-        (max(start + rules.max_duration // TICK, last + 1), "max_duration")]
-    if end is not None:
-        candidates.append((max(end, last + 1), "session_end"))
-    return min(candidates)
 
 
 def to_model(slot: StoredSlot) -> SessionSlot:
@@ -267,7 +210,7 @@ def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
                     session.kafka_partition,
                     session.n_bytes - sum(i.n_bytes for i in session.events),
                     session.duplicates, blobs[0] if len(blobs) == 1 else blobs)
-    start, last, end = _bounds(_heads(blobs))
+    start, last, end = bounds(headers(blobs))
     if not (_same_time(session.events[start].event.ts, session.start)
             and _same_time(session.events[last].event.ts, session.last)
             and (session.ended_at is None if end is None
@@ -332,63 +275,34 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
                     slot.duplicates, (*blobs, blob))
 
 
-def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
-    """:func:`sessionize.deadline` of the open session, from the encoded event times."""
-    start, last, ended = _first_group(slot, rules)
-    return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
+def repeat(slot: OpenSlot, event: FeedbackEvent, *, offset: int, clock: Clock,
+           rules: SessionRules, size: int) -> tuple[OpenSlot, Outcome] | None:
+    """:func:`sessionize.add_event` of an event the open session holds already (a redelivery
+    or a duplicate, counted on the slot) or that is late: the slot after it and the outcome;
+    None for any other event (the rules decide)."""
+    seen = _seen(slot, event.event_id, offset)
+    if seen == "redelivered":
+        return slot, seen
+    if clock.is_late(event.ts):
+        return slot, "late"
+    if seen is None:
+        return None
+    extra = duplicate_bytes(event.event_id) if size else 0
+    if size and rules.max_bytes is not None and (
+            slot.n_bytes + group_bytes(slot.session_id, slot.session_user) + extra
+            > rules.max_bytes):  # sessionize._over of the slot (its open group alone)
+        return slot, "oversized"
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition,
+                    slot.extra_bytes + extra, (*slot.duplicates, (offset, event.event_id)),
+                    slot.events), "duplicate"
 
 
-def deadline_micros(slot: OpenSlot, rules: SessionRules) -> int:
-    """The time of :func:`deadline` in µs since the epoch, in integers alone: the partition
-    schedules one for every accepted event, and needs no datetime for it."""
-    return _due(*_first_group(slot, rules), rules)
-
-
-def _due(start: int, last: int, ended: int | None, rules: SessionRules) -> int:
-    """:func:`sessionize._deadline_of`'s time for a group, in µs (TICK is one)."""
-    after_last = last + 1
-    due = min(last + rules.gap // TICK, max(start + rules.max_duration // TICK, after_last))
-    return due if ended is None else min(due, max(ended, after_last))
-
-
-def appended_deadline(before: OpenSlot | None, slot: OpenSlot, rules: SessionRules) -> int:
-    """:func:`deadline_micros` of ``slot``, :func:`append` having added its last event to
-    ``before``; from ``before.due`` (its deadline, as scheduled) when that event is the latest,
-    reading each event's time once instead of sorting them.
-
-    ``before`` (earliest time ``s``, latest ``L``, deadline ``D`` of its first group) is one
-    group without a ``session_end`` whenever ``D > L + 1``: a later group starts at ``L`` or
-    before, and ``D`` is at most that start (a gap after the first group's last event, or at
-    ``s`` plus the longest duration); a ``session_end`` in a lone group makes ``D`` ``L + 1``.
-    An event at ``t >= L`` then starts the next group (``D`` stays) or extends this one to ``t``.
-    """
-    if before is None or before.due is None:
-        return deadline_micros(slot, rules)
-    flags, t = HEAD.unpack_from(slot.blobs()[-1])[:2]
-    times = list(map(TIME.unpack_from, before.blobs()))
-    (start,), (last,) = min(times), max(times)
-    if t < last or before.due <= last + 1:
-        return deadline_micros(slot, rules)
-    if t - last >= rules.gap // TICK or t - start >= rules.max_duration // TICK:
-        return before.due  # sessionize.splits: the first group stays as it was
-    return _due(start, t, t if flags & ~ZONED == END else None, rules)
-
-
-def _first_group(slot: OpenSlot, rules: SessionRules) -> tuple[int, int, int | None]:
-    """Start, last and end (``session_end``, None: none) time in µs of the first group of the
-    session (:func:`sessionize.clusters`), from the encoded event times."""
-    times = sorted(HEAD.unpack_from(b)[1::-1] for b in slot.blobs())
-    gap, longest = rules.gap // TICK, rules.max_duration // TICK
-    start = last = times[0][0]
-    ended = None
-    for at, flags in times:
-        if at - last >= gap or at - start >= longest:  # sessionize.splits
-            break
-        last = at
-        if flags & ~ZONED == END:
-            ended = at
-    return start, last, ended
-
-
-def _at(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
+def _seen(slot: OpenSlot, event_id: str, offset: int) -> Outcome | None:
+    """:func:`sessionize._seen` of the open session."""
+    wanted = event_id.encode() + SEP
+    for blob in slot.blobs():
+        if blob.startswith(wanted, HEAD.size + (ZONE.size if blob[0] & ZONED else 0)):
+            again = HEAD.unpack_from(blob)[2] == offset or any(
+                o == offset for o, _ in slot.duplicates)
+            return "redelivered" if again else "duplicate"
+    return None

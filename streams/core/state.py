@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
-from prefstream.streams.core import compact
+from prefstream.streams.core import compact, compact_groups
 from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
 from prefstream.streams.core.sessionize import (
     EPOCH,
@@ -78,7 +78,7 @@ def _n_held(slot: StoredSlot | None) -> int:
 def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
     """:func:`next_deadline` in µs."""
     if isinstance(slot, OpenSlot):
-        return compact.deadline_micros(slot, rules)
+        return compact_groups.deadline_micros(slot.blobs(), rules)
     due = next_deadline(slot, rules)
     return None if due is None else _micros(due)
 
@@ -250,9 +250,7 @@ class PartitionSessions:
         if len(self._by_last) > 2 * self._n_open + EVICTION_HEAP_SLACK:
             self._rebuild_by_last()
 
-    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None,
-             due: int | None = None) -> None:
-        """Hold ``slot`` for ``session_id`` (None: drop it); ``due``: its deadline, if known."""
+    def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
         if slot is not None:
             slot = _stored(session_id, slot)
         self._track_last(session_id, self._slots.get(session_id), slot)
@@ -262,11 +260,20 @@ class PartitionSessions:
         else:
             before = self._scheduled(session_id)
             self._slots[session_id] = slot
-            self._schedule(session_id, slot, before, due)
+            self._schedule(session_id, slot, before)
         if slot is not None and slot.pending:
             self._pending.add(session_id)
         else:
             self._pending.discard(session_id)
+        self._dirty.add(session_id)
+
+    def _put_open(self, session_id: str, before: OpenSlot | None, slot: OpenSlot,
+                  due: int | None) -> None:
+        """:meth:`_put` of an open slot held compactly in place of ``before`` (the hot path:
+        nothing pending before or after); ``due``: its deadline, if known."""
+        self._track_last(session_id, before, slot)
+        self._slots[session_id] = slot
+        self._schedule(session_id, slot, None if before is None else before.due, due)
         self._dirty.add(session_id)
 
     def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int,
@@ -274,15 +281,8 @@ class PartitionSessions:
         """Apply one event; ``size``: its state bytes (:func:`~streams.core.sessionize.state_bytes`,
         0 = not counted)."""
         stored = self._slots.get(event.session_id)
-        fast = None
         if stored is None or isinstance(stored, OpenSlot):  # the hot path, held compactly
-            fast = compact.append(stored, event, offset=offset, clock=self.clock,
-                                  rules=self.rules, size=size)
-            if fast is not None:
-                self._put(event.session_id, fast,
-                          compact.appended_deadline(stored, fast, self.rules))
-        if fast is not None:
-            outcome: Outcome = "accepted"
+            outcome = self._add_compact(event, stored, offset, size)
         else:
             outcome = self._add(event, stored, offset, size)
         self.clock = self.clock.arrived(arrival_ms)
@@ -302,6 +302,28 @@ class PartitionSessions:
         if bound_ms != self._bound[0]:
             self._bound = (bound_ms, datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc))
         return self._bound[1]
+
+    def _add_compact(self, event: FeedbackEvent, stored: OpenSlot | None, offset: int,
+                     size: int) -> Outcome:
+        """``event`` into a slot held compactly: a plain accept, a copy of one of its events or
+        a late event decided on it as the rules decide them; anything else by :meth:`_add`."""
+        slot = compact.append(stored, event, offset=offset, clock=self.clock, rules=self.rules,
+                              size=size)
+        if slot is not None:
+            due = compact_groups.appended_deadline(
+                slot.blobs(), self.rules, () if stored is None else stored.blobs(),
+                None if stored is None else stored.due)
+            self._put_open(event.session_id, stored, slot, due)
+            return "accepted"
+        if stored is not None:
+            seen = compact.repeat(stored, event, offset=offset, clock=self.clock,
+                                  rules=self.rules, size=size)
+            if seen is not None:
+                slot, outcome = seen
+                if slot is not stored:  # a duplicate counted: same events, same deadline
+                    self._put_open(event.session_id, stored, slot, stored.due)
+                return outcome
+        return self._add(event, stored, offset, size)
 
     def _add(self, event: FeedbackEvent, stored: StoredSlot | None, offset: int,
              size: int) -> Outcome:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefstream.schemas.events import MAX_POSITION
-from prefstream.streams.core import compact, compact_record
+from prefstream.streams.core import compact, compact_groups, compact_record
 from prefstream.streams.core.compact import OpenSlot, to_model
 from prefstream.streams.core.sessionize import (
     EPOCH,
@@ -85,7 +85,7 @@ def test_an_open_session_reads_back_as_the_model_it_was_built_as(evs):
     assert isinstance(held, OpenSlot)
     assert_same(to_model(held), slot)
     assert held == slot and held.open == slot.open
-    assert compact.deadline(held, RULES) == deadline(slot.open, RULES)
+    assert compact_groups.deadline(held.blobs(), RULES) == deadline(slot.open, RULES)
     assert_same(to_model(compact_record.from_json(compact_record.to_json(held), "s1")), slot)
 
 
@@ -95,7 +95,8 @@ def test_the_deadline_in_micros_is_the_sessionizers(evs):
     """What the partition schedules (integers alone) is the sessionizer's deadline."""
     slot = slot_of(evs)
     held = compact.compact(slot, "s1")
-    assert compact.deadline_micros(held, RULES) == (deadline(slot.open, RULES)[0] - EPOCH) // TICK
+    assert compact_groups.deadline_micros(held.blobs(), RULES) == (
+        deadline(slot.open, RULES)[0] - EPOCH) // TICK
 
 
 def test_texts_are_held_once_per_session():
@@ -161,6 +162,30 @@ def test_the_compact_accept_is_the_sessionizers(evs, new, watermark_minute, max_
         if first is not None:
             assert outcome == "accepted"
             assert_same(to_model(first), want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 4).flatmap(events), st.data())
+def test_copies_and_late_events_are_decided_on_the_compact_slot_as_by_the_rules(evs, data):
+    """``compact.repeat``: a redelivery, a duplicate (counted, up to the byte bound) or a late
+    event gives the outcome and the slot ``add_event`` gives; another event is the rules'."""
+    rules = SessionRules(max_bytes=data.draw(st.sampled_from((None, 450, 500, 100_000))))
+    model = slot_of(evs, rules)
+    held = compact.compact(model, "s1")
+    clock = Clock(kafka_partition=3, watermark=data.draw(st.sampled_from((EPOCH, at(700)))))
+    for _ in range(data.draw(st.integers(1, 6), label="copies")):
+        k = data.draw(st.integers(0, len(evs) - 1), label="of event")
+        offset = data.draw(st.sampled_from((k, 40, 41)), label="at offset")  # k: its own
+        size = data.draw(st.sampled_from((0, 300)), label="size")
+        got = compact.repeat(held, evs[k], offset=offset, clock=clock, rules=rules, size=size)
+        want, outcome = add_event(model, evs[k], offset=offset, clock=clock, rules=rules,
+                                  size=size)
+        assert got is not None and got[1] == outcome
+        assert_same(to_model(got[0]), want)
+        held, model = got[0], want
+    new = event(minute=1, event_id="new")
+    late = compact.repeat(held, new, offset=50, clock=clock, rules=rules, size=0)
+    assert late == ((held, "late") if clock.is_late(new.ts) else None)
 
 
 def test_plain_accepts_are_done_compactly_and_the_rest_by_the_rules():
@@ -303,12 +328,12 @@ def test_the_compact_close_is_the_sessionizers(evs, watermark_minute, longest, c
 @given(st.tuples(st.integers(1, 6), st.sampled_from((40, 600))).flatmap(lambda a: events(*a)),
        st.data())
 def test_the_deadline_after_an_append_is_the_sessionizers(evs, data):
-    """``compact.appended_deadline`` (from the slot's deadline before the event, when the event
-    is its latest) is the sessionizer's deadline of the slot after it, whether the event joins
+    """``compact_groups.appended_deadline`` (from the deadline before the event, when the event
+    is the latest) is the sessionizer's deadline of the slot after it, whether the event joins
     the first group, starts the next one (a gap or the longest duration on), or ends it."""
     rules = SessionRules(max_duration=data.draw(durations, label="longest"))
     before = compact.compact(slot_of(evs, rules), "s1")
-    before.due = compact.deadline_micros(before, rules)
+    due = compact_groups.deadline_micros(before.blobs(), rules)
     latest = max(ev.ts for ev in evs)
     step = data.draw(st.sampled_from((0, 1, 10, 29, 30, 31, 50, 400)) | st.integers(-60, 60),
                      label="minutes after the latest")
@@ -321,12 +346,12 @@ def test_the_deadline_after_an_append_is_the_sessionizers(evs, data):
     want, _ = add_event(slot_of(evs, rules), new, offset=99, clock=Clock(kafka_partition=3),
                         rules=rules)
     expected = (deadline(want.open, rules)[0] - EPOCH) // TICK
-    assert compact.appended_deadline(before, after, rules) == expected
-    before.due = None  # not scheduled: read from every event
-    assert compact.appended_deadline(before, after, rules) == expected
-    assert compact.appended_deadline(None, compact.compact(slot_of([new], rules)),
-                                     rules) == compact.deadline_micros(
-        compact.compact(slot_of([new], rules)), rules)
+    for known in (due, None):  # None: not scheduled, read from every event
+        assert compact_groups.appended_deadline(after.blobs(), rules, before.blobs(),
+                                                known) == expected
+    alone = compact.compact(slot_of([new], rules)).blobs()
+    assert compact_groups.appended_deadline(alone, rules, (), None) == (
+        compact_groups.deadline_micros(alone, rules))
 
 
 # --- a partition, message by message ----------------------------------------------------
@@ -338,16 +363,18 @@ T0_MS = int(T0.timestamp() * 1000)
 def streams(draw: st.DrawFn) -> list[tuple]:
     """Messages of two sessions, ``("msg", event, offset, arrival ms, size)`` or ``("tick",
     wall ms)``: rich events (every type, texts, users, UTC offsets) within ``span`` minutes,
-    arriving in order with some jitter, with re-sent copies, redeliveries and ticks."""
+    arriving in order with some jitter, with re-sent copies, redeliveries and ticks; sizes
+    counted (as the worker counts them) or not (0)."""
     span = draw(st.sampled_from((60, 600)))
+    counted = draw(st.booleans())
     evs = draw(st.integers(1, 14).flatmap(lambda n: events(n, span)))
     out: list[tuple] = []
     for offset, ev in enumerate(sorted(evs, key=lambda e: e.ts)):
         ev = ev.model_copy(update={"session_id": draw(st.sampled_from(("s1", "s2")))})
         arrival = int(ev.ts.timestamp() * 1000) + draw(st.integers(0, 12)) * 60_000
-        size = state_bytes(ev.model_dump_json().encode())
+        size = state_bytes(ev.model_dump_json().encode()) if counted else 0
         out.append(("msg", ev, offset, arrival, size))
-        extra = draw(st.sampled_from(("none", "none", "none", "dup", "redeliver", "tick")))
+        extra = draw(st.sampled_from(("none", "none", "dup", "dup", "redeliver", "tick")))
         if extra == "dup":  # an earlier event again, at a new offset
             old = out[draw(st.integers(0, len(out) - 1))]
             if old[0] == "msg":
@@ -363,7 +390,7 @@ rules_st = st.builds(
     SessionRules,
     max_events=st.sampled_from((3, 500)),
     max_duration=st.sampled_from((timedelta(minutes=45), timedelta(hours=6))),
-    max_bytes=st.sampled_from((None, None, 4000, 900_000)),
+    max_bytes=st.sampled_from((None, None, 900, 4000, 900_000)),
 )
 
 
