@@ -170,7 +170,7 @@ def test_copies_and_late_events_are_decided_on_the_compact_slot_as_by_the_rules(
     """``compact.repeat``: a redelivery, a duplicate (counted, up to the byte bound) or a late
     event gives the outcome and the slot ``add_event`` gives; another event is the rules'."""
     rules = SessionRules(max_bytes=data.draw(st.sampled_from((None, 450, 500, 100_000))))
-    model = slot_of(evs, rules)
+    model = slot_of(evs)  # built without the byte bound: only the copies meet it
     held = compact.compact(model, "s1")
     clock = Clock(kafka_partition=3, watermark=data.draw(st.sampled_from((EPOCH, at(700)))))
     for _ in range(data.draw(st.integers(1, 6), label="copies")):
