@@ -21,6 +21,7 @@ into the closed groups). See docs/operations.md ("State memory").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from operator import itemgetter
 
@@ -44,6 +45,7 @@ from prefstream.streams.core.compact_events import (
 )
 from prefstream.streams.core.compact_groups import bounds, group_deadline, groups, headers
 from prefstream.streams.core.sessionize import (
+    GROUP_OVERHEAD_BYTES,
     Clock,
     Outcome,
     SessionRules,
@@ -256,15 +258,20 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     if clock.is_late(event.ts) or not encodable(size, offset):
         return None
     if slot is None:
-        if rules.max_events <= 1 or (rules.max_bytes is not None and size > rules.max_bytes):
+        if rules.max_events <= 1 or _over(rules, size, event.session_id, len(event.user_id),
+                                          lambda: event.user_id):
             return None
         return OpenSlot(event.session_id, None, clock.kafka_partition, 0, (),
                         encode_event(event, offset, size, None))
     blobs = slot.blobs()
-    if rules.max_events <= 1 + len(blobs) or (
-            rules.max_bytes is not None
-            and _size(blobs) + slot.extra_bytes + size > rules.max_bytes // 2):
+    if rules.max_events <= 1 + len(blobs):
         return None
+    if rules.max_bytes is not None:
+        n_bytes = _size(blobs) + slot.extra_bytes + size
+        user_chars = len(slot.user_id if slot.user_id is not None else blobs[0])
+        if n_bytes > rules.max_bytes // 2 or _over(rules, n_bytes, slot.session_id, user_chars,
+                                                   lambda: slot.session_user):
+            return None
     joined = _joined(slot)
     if _holds(blobs, event.event_id, joined):
         return None
@@ -273,6 +280,19 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     blob = encode_event(event, offset, size, event.user_id if same else None, blobs, joined)
     return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.extra_bytes,
                     slot.duplicates, (*blobs, blob))
+
+
+def _over(rules: SessionRules, n_bytes: int, session_id: str, user_chars: int,
+          user_id: Callable[[], str]) -> bool:
+    """:func:`sessionize._over`: whether events of ``n_bytes`` and their group's own bytes
+    (:func:`group_bytes`) take the state over ``rules.max_bytes``. The group's bytes are
+    worked out only near the bound: JSON escapes its ids to at most 12 bytes a character
+    (``user_chars``: at least as many as the user id has)."""
+    if rules.max_bytes is None:
+        return False
+    most = GROUP_OVERHEAD_BYTES + 12 * (len(session_id) + user_chars) + 4
+    return n_bytes + most > rules.max_bytes and (
+        n_bytes + group_bytes(session_id, user_id()) > rules.max_bytes)
 
 
 def repeat(slot: OpenSlot, event: FeedbackEvent, *, offset: int, clock: Clock,

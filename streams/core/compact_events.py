@@ -48,12 +48,23 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _TEMPLATE = tuple({name: cls.model_fields[name].default if name in ("schema_version", "type")
                    else None for name in cls.model_fields} for cls in EVENT_TYPES)
 _setattr = object.__setattr__
+_EPOCH_DAY = EPOCH.toordinal()
 _new = object.__new__
 
 
 def micros(ts: datetime) -> int:
     """A time as µs since the epoch."""
     return (ts - EPOCH) // TICK
+
+
+def micros_in_zone(ts: datetime) -> tuple[int, int]:
+    """:func:`micros` of an aware time, and its UTC offset in µs: from its fields and one call
+    of its offset (subtracting the epoch calls both times' offsets, a third of an event's
+    encoding)."""
+    offset_us = ts.utcoffset() // TICK  # type: ignore[operator]
+    days = ts.toordinal() - _EPOCH_DAY
+    local = ((days * 24 + ts.hour) * 60 + ts.minute) * 60 + ts.second
+    return local * 1_000_000 + ts.microsecond - offset_us, offset_us
 
 
 def _zone(offset_us: int) -> timezone:
@@ -126,7 +137,6 @@ def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | No
     holds already written as a reference to it (``[k, i]``: value ``i`` of event ``k``).
     ``joined``: the earlier events as one ``bytes`` (``b"".join(earlier)``), if at hand."""
     code = _CODE[type(event)]
-    ts = event.ts
     fields = event.__dict__  # the validated values, as getattr would read them
     values: list[Any] = [None if event.user_id == user_id else event.user_id]
     values += [fields[f] for f in _FIELDS[code]]
@@ -137,8 +147,7 @@ def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | No
                     joined = b"".join(earlier)
                 values[i] = _shared(values[i], earlier, joined)
     body = dump_values(values)
-    return pack_event(code, micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
-                      offset, size, event.event_id, body)
+    return pack_event(code, *micros_in_zone(event.ts), offset, size, event.event_id, body)
 
 
 def _shared(text: str, earlier: tuple[bytes, ...], joined: bytes) -> str | list[int]:

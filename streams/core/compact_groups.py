@@ -15,6 +15,16 @@ from prefstream.streams.core.sessionize import EPOCH, TICK, _deadline_of
 
 #: (flags, µs, Kafka offset, size) of an event: its header
 Head = tuple[int, int, int, int]
+_limits: tuple[SessionRules | None, int, int] = (None, 0, 0)
+
+
+def limits(rules: SessionRules) -> tuple[int, int]:
+    """The gap and the longest duration of ``rules`` in µs (worked out once per rules: this
+    runs for every event)."""
+    global _limits
+    if _limits[0] is not rules:
+        _limits = (rules, rules.gap // TICK, rules.max_duration // TICK)
+    return _limits[1], _limits[2]
 
 
 def headers(blobs: tuple[bytes, ...]) -> list[Head]:
@@ -42,7 +52,7 @@ def bounds(heads: list[Head]) -> tuple[int, int, int | None]:
 def groups(heads: list[Head], rules: SessionRules) -> list[list[int]]:
     """The events (their places in arrival order) of each group of :func:`sessionize.clusters`:
     in order of time and Kafka offset, a new group after a gap or at the longest duration."""
-    gap, longest = rules.gap // TICK, rules.max_duration // TICK
+    gap, longest = limits(rules)
     keys = [h[1:3] for h in heads]
     order = sorted(range(len(heads)), key=keys.__getitem__)
     out = [[order[0]]]
@@ -62,9 +72,9 @@ def group_deadline(start: int, last: int, ended: int | None,
     """:func:`sessionize._deadline_of` of a group from its start, last and end time (None: no
     ``session_end``): ``min`` of the same candidates (on equal times the reason's name decides,
     as it does there)."""
+    gap, longest = limits(rules)
     candidates: list[tuple[int, CloseReason]] = [
-        (last + rules.gap // TICK, "gap"),
-        (max(start + rules.max_duration // TICK, last + 1), "max_duration")]
+        (last + gap, "gap"), (max(start + longest, last + 1), "max_duration")]
     if ended is not None:
         candidates.append((max(ended, last + 1), "session_end"))
     return min(candidates)
@@ -84,8 +94,9 @@ def deadline_micros(blobs: tuple[bytes, ...], rules: SessionRules) -> int:
 
 def _due(start: int, last: int, ended: int | None, rules: SessionRules) -> int:
     """The time of :func:`group_deadline`."""
+    gap, longest = limits(rules)
     after_last = last + 1
-    due = min(last + rules.gap // TICK, max(start + rules.max_duration // TICK, after_last))
+    due = min(last + gap, max(start + longest, after_last))
     return due if ended is None else min(due, max(ended, after_last))
 
 
@@ -108,7 +119,8 @@ def appended_deadline(blobs: tuple[bytes, ...], rules: SessionRules, before: tup
     (start,), (last,) = min(times), max(times)
     if t < last or due <= last + 1:
         return deadline_micros(blobs, rules)
-    if t - last >= rules.gap // TICK or t - start >= rules.max_duration // TICK:
+    gap, longest = limits(rules)
+    if t - last >= gap or t - start >= longest:
         return due  # sessionize.splits: the first group stays as it was
     return _due(start, t, t if flags & ~ZONED == END else None, rules)
 
@@ -116,7 +128,7 @@ def appended_deadline(blobs: tuple[bytes, ...], rules: SessionRules, before: tup
 def _first_group(blobs: tuple[bytes, ...], rules: SessionRules) -> tuple[int, int, int | None]:
     """Start, last and end (``session_end``, None: none) time of the first group."""
     times = sorted(HEAD.unpack_from(b)[1::-1] for b in blobs)
-    gap, longest = rules.gap // TICK, rules.max_duration // TICK
+    gap, longest = limits(rules)
     start = last = times[0][0]
     ended = None
     for at, flags in times:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prefstream.schemas.events import MAX_POSITION
-from prefstream.streams.core import compact, compact_groups, compact_record
+from prefstream.streams.core import compact, compact_events, compact_groups, compact_record
 from prefstream.streams.core.compact import OpenSlot, to_model
 from prefstream.streams.core.sessionize import (
     EPOCH,
@@ -25,6 +25,7 @@ from prefstream.streams.core.sessionize import (
     add_event,
     deadline,
     expire,
+    group_bytes,
     next_deadline,
     state_bytes,
 )
@@ -97,6 +98,13 @@ def test_the_deadline_in_micros_is_the_sessionizers(evs):
     held = compact.compact(slot, "s1")
     assert compact_groups.deadline_micros(held.blobs(), RULES) == (
         deadline(slot.open, RULES)[0] - EPOCH) // TICK
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.datetimes(timezones=st.builds(timezone, st.timedeltas(
+    min_value=-timedelta(hours=23, minutes=59), max_value=timedelta(hours=23, minutes=59)))))
+def test_an_event_time_in_micros_is_read_from_its_fields_exactly(ts):
+    assert compact_events.micros_in_zone(ts) == ((ts - EPOCH) // TICK, ts.utcoffset() // TICK)
 
 
 def test_texts_are_held_once_per_session():
@@ -199,6 +207,33 @@ def test_plain_accepts_are_done_compactly_and_the_rest_by_the_rules():
     assert ps.slots["s1"].open.duplicates == ((2, a.event_id),)
     assert isinstance(ps._slots["s1"], OpenSlot)  # a counted duplicate is held compactly too
     assert ps.holds("s1", b.event_id) and not ps.holds("s1", "nope")
+
+
+def test_an_event_its_group_would_take_over_the_byte_bound_is_oversized_as_by_the_rules():
+    """The bound counts the group's own bytes too (``group_bytes``): an event that fits
+    ``max_bytes`` alone but not with them is refused, as ``add_event`` refuses it (found by the
+    message-by-message property below: the compact accept took it)."""
+    ev = event(minute=0)
+    size = 1000 - group_bytes("s1", "u1") + 1
+    rules = SessionRules(max_bytes=1000)
+    assert add_event(None, ev, offset=0, clock=Clock(kafka_partition=0), rules=rules,
+                     size=size) == (None, "oversized")
+    ps = PartitionSessions(Clock(kafka_partition=0), rules)
+    assert ps.on_event(ev, offset=0, arrival_ms=int(T0.timestamp() * 1000),
+                       size=size) == "oversized"
+    assert ps.slots == {}
+    assert ps.on_event(ev, offset=1, arrival_ms=int(T0.timestamp() * 1000),
+                       size=size - 1) == "accepted"
+    # a later event under half the bound, with a group of long ids over the other half
+    sid, rules = "s" * 40, SessionRules(max_bytes=800)
+    ps = PartitionSessions(Clock(kafka_partition=0), rules)
+    first, second = event(minute=0, session_id=sid), event(minute=1, session_id=sid)
+    assert ps.on_event(first, offset=0, arrival_ms=int(T0.timestamp() * 1000),
+                       size=300) == "accepted"
+    want = add_event(ps.slots[sid], second, offset=1, clock=ps.clock, rules=rules, size=60)
+    assert want[1] == "oversized"
+    assert ps.on_event(second, offset=1, arrival_ms=int(T0.timestamp() * 1000),
+                       size=60) == "oversized"
 
 
 def test_the_eviction_heap_is_kept_only_near_the_limit():
