@@ -6,6 +6,7 @@ Properties over whole event streams run through ``PartitionSessions`` in test_st
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
 from itertools import pairwise
@@ -28,6 +29,7 @@ from prefstream.streams.core.sessionize import (
     expire,
     flushed,
     next_deadline,
+    state_bytes,
 )
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
@@ -637,3 +639,15 @@ def test_expire_closes_exactly_the_due_leading_groups(session, rules, minute, la
         assert deadline(closed_slot.open, rules)[0] > watermark
     end = watermark + timedelta(minutes=later)
     assert expire(closed_slot, end, rules) == expire(slot, end, rules)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80) | st.text(max_size=60).map(
+    lambda t: t.encode("utf-8", "surrogatepass")) | st.lists(st.sampled_from(
+        (b'{"a":', b'"x\\"', b"\\", b'"', b" ", b"~", b"\x7f", b"\x1f", b"\n", b"\xc3\xa9",
+         b"z" * 30))).map(b"".join))
+def test_state_bytes_count_the_escaped_message_without_building_it(raw):
+    """As ``json.dumps`` escapes the message's text, whatever its bytes (the printable ASCII
+    shortcut included)."""
+    assert state_bytes(raw) == len(json.dumps(raw.decode("utf-8", errors="replace"))) + 128
+
