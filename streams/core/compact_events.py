@@ -48,6 +48,7 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _TEMPLATE = tuple({name: cls.model_fields[name].default if name in ("schema_version", "type")
                    else None for name in cls.model_fields} for cls in EVENT_TYPES)
 _setattr = object.__setattr__
+_ALL_FIELDS: dict[type, set[str]] = {}  # see construct
 _EPOCH_DAY = EPOCH.toordinal()
 _new = object.__new__
 
@@ -232,12 +233,18 @@ def decode_events(blobs: tuple[bytes, ...], session_id: str, user_id: str | None
 
 
 def construct(cls: Any, values: dict[str, Any]) -> Any:
-    """``cls.model_construct(**values)`` for these plain models (every field given in the
-    declared order, as validation sets ``__dict__``; no private attributes, no post-init),
-    without its per-field loop: this runs for every event of a session that closes."""
+    """``cls.model_construct(**values)`` for these plain frozen models (every field given in
+    the declared order, as validation sets ``__dict__``; no private attributes, no post-init),
+    without its per-field loop: this runs for every event of a session that closes.
+
+    Every model of a class shares one set of the fields set (all of them): a frozen model never
+    changes its own, and pydantic copies it before a copy changes it (``model_copy``)."""
+    fields_set = _ALL_FIELDS.get(cls)
+    if fields_set is None:
+        fields_set = _ALL_FIELDS[cls] = set(cls.model_fields)
     model = _new(cls)
     _setattr(model, "__dict__", values)
-    _setattr(model, "__pydantic_fields_set__", set(values))
+    _setattr(model, "__pydantic_fields_set__", fields_set)
     _setattr(model, "__pydantic_extra__", None)
     _setattr(model, "__pydantic_private__", None)
     return model

@@ -295,22 +295,31 @@ def test_bounds_are_read_from_the_events_and_others_keep_the_model():
 
 
 def test_the_models_have_nothing_model_construct_would_add():
-    """``compact_events.construct`` sets what ``model_construct`` sets for models without private
-    attributes, post-init or defaults left out: the same model."""
+    """``compact_events.construct`` sets what ``model_construct`` sets for frozen models without
+    private attributes, post-init or defaults left out: the same model, fields in order; the
+    fields set its models of a class share stays as it is when one is copied with changes."""
     from prefstream.schemas.events import EVENT_TYPES
-    from prefstream.schemas.records import Session, SessionEvent
+    from prefstream.schemas.records import ClosedSession, Session, SessionEvent
 
-    for cls in (*EVENT_TYPES, SessionEvent, Session, SessionSlot):
+    for cls in (*EVENT_TYPES, SessionEvent, Session, ClosedSession, SessionSlot):
         assert cls.__pydantic_post_init__ is None and not cls.__private_attributes__
-    slot = slot_of([event("impression", minute=0), event("edit", minute=1)])
+        assert cls.model_config.get("frozen")
+    slot = slot_of([event(kind, minute=i) for i, kind in enumerate(KINDS)])
     built = to_model(compact.compact(slot))
     for a, b in zip(built.open.events, slot.open.events, strict=True):
         again = type(a.event).model_construct(**dict(a.event))
         assert vars(a.event) == vars(again) and list(vars(a.event)) == list(vars(b.event))
         assert a.event.model_fields_set == again.model_fields_set
+    closed = compact.expire(compact.compact(slot), at(10_000), RULES)
     for model, cls in ((built, SessionSlot), (built.open, Session),
-                       (built.open.events[0], SessionEvent)):
-        assert list(vars(model)) == list(cls.model_fields)
+                       (built.open.events[0], SessionEvent), (closed, SessionSlot),
+                       (closed.pending[0], ClosedSession), (closed.pending[0].session, Session)):
+        assert list(vars(model)) == list(cls.model_fields) == sorted(
+            model.model_fields_set, key=list(cls.model_fields).index)
+    first = built.open.events[0]
+    changed = first.model_copy(update={"offset": 7})
+    assert changed.offset == 7 and first.model_fields_set == {"offset", "event", "n_bytes"}
+    assert changed.model_fields_set is not first.model_fields_set
 
 
 def assert_same_groups(got: SessionSlot, want: SessionSlot) -> None:
