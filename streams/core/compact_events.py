@@ -47,6 +47,8 @@ _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 #: each type's fields in the model's order, the constant ones set (see :func:`decode_events`)
 _TEMPLATE = tuple({name: cls.model_fields[name].default if name in ("schema_version", "type")
                    else None for name in cls.model_fields} for cls in EVENT_TYPES)
+#: the names of each type's values
+_NAMES = tuple(("user_id", *fields) for fields in _FIELDS)
 _setattr = object.__setattr__
 _ALL_FIELDS: dict[type, set[str]] = {}  # see construct
 _EPOCH_DAY = EPOCH.toordinal()
@@ -225,8 +227,9 @@ def decode_events(blobs: tuple[bytes, ...], session_id: str, user_id: str | None
                 values[i] = rows[k][j]
         fields = _TEMPLATE[code].copy()  # every field, in the model's order
         fields["event_id"], fields["session_id"], fields["ts"] = event_id, session_id, ts
-        fields["user_id"] = user_id if values[0] is None else values[0]
-        fields.update(zip(_FIELDS[code], values[1:], strict=True))
+        fields.update(zip(_NAMES[code], values, strict=True))
+        if values[0] is None:  # the session's user
+            fields["user_id"] = user_id
         event = construct(EVENT_TYPES[code], fields)
         out.append(construct(SessionEvent, {"offset": offset, "event": event, "n_bytes": size}))
     return tuple(out)

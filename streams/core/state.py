@@ -26,9 +26,9 @@ from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
 from prefstream.streams.core import compact, compact_groups
 from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
+from prefstream.streams.core.compact_events import micros_in_zone
 from prefstream.streams.core.sessionize import (
     EPOCH,
-    TICK,
     Clock,
     Outcome,
     Session,
@@ -55,7 +55,7 @@ def last_offset(session: Session) -> int:
 
 def _micros(ts: datetime) -> int:
     """A time as µs since the epoch: what the heaps hold (an int is smaller than a datetime)."""
-    return (ts - EPOCH) // TICK
+    return micros_in_zone(ts)[0]
 
 
 def _open_last(slot: StoredSlot | None) -> int | None:
@@ -234,8 +234,13 @@ class PartitionSessions:
         """
         self._n_open += _has_open(after) - _has_open(before)
         self._n_held += _n_held(after) - _n_held(before)
-        if self.max_open is None:
-            return
+        if self.max_open is not None:
+            self._track_eviction(session_id, before, after)
+
+    def _track_eviction(self, session_id: str, before: StoredSlot | None,
+                        after: StoredSlot | None) -> None:
+        """The eviction heap's part of :meth:`_track_last` (the counts kept)."""
+        assert self.max_open is not None
         if not self._tracking:
             if self._n_open <= self.max_open // 2:
                 return
@@ -271,7 +276,9 @@ class PartitionSessions:
                   due: int | None) -> None:
         """:meth:`_put` of an open slot held compactly in place of ``before`` (the hot path:
         nothing pending before or after); ``due``: its deadline, if known."""
-        self._track_last(session_id, before, slot)
+        self._n_open += before is None  # the counts of _track_last: nothing held before or after
+        if self.max_open is not None:
+            self._track_eviction(session_id, before, slot)
         self._slots[session_id] = slot
         self._schedule(session_id, slot, None if before is None else before.due, due)
         self._dirty.add(session_id)
