@@ -13,10 +13,11 @@ and ``Session`` wrappers). An :class:`OpenSlot` holds the same state in a few hu
 Only open-only slots (no pending or held groups) are held this way; a slot with closed groups
 stays a :class:`~prefstream.streams.core.sessionize.SessionSlot` model until they are written.
 Every rule still runs on the models: :func:`to_model` materializes a slot exactly as the
-sessionizer would have built it. Two steps are done compactly, as the sessionizer decides them:
-:func:`append`, the plain accept of an event into an open session (the hot path), and
-:func:`expire`, the close of a whole open session by the watermark (its events decoded once,
-into the closed groups). See docs/operations.md ("State memory").
+sessionizer would have built it. The steps of the hot path are done compactly, as the
+sessionizer decides them: :func:`append`, the plain accept of an event into an open session;
+:func:`repeat`, a copy of one of its events or a late event; and :func:`expire`, the close of a
+whole open session by the watermark (its events decoded once, into the closed groups). See
+docs/operations.md ("State memory").
 """
 
 from __future__ import annotations

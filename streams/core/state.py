@@ -13,25 +13,24 @@ O(log n); the limit is per Kafka partition, not per worker, so which sessions ar
 depends on how partitions are assigned.
 
 Open sessions are held compactly (:mod:`~prefstream.streams.core.compact`); every rule runs on
-the sessionizer's models, materialized for the few events that need more than a plain accept.
+the sessionizer's models, materialized for the few events the compact steps leave to them (the
+caps, a close of part of a session).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable
 from datetime import datetime, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
 from prefstream.streams.core import compact, compact_groups
 from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
-from prefstream.streams.core.compact_events import micros_in_zone
 from prefstream.streams.core.sessionize import (
     EPOCH,
     Clock,
     Outcome,
-    Session,
     SessionRules,
     SessionSlot,
     add_event,
@@ -39,79 +38,23 @@ from prefstream.streams.core.sessionize import (
     expire,
     find,
     flushed,
-    next_deadline,
+)
+from prefstream.streams.core.stored_slots import (
+    SlotView,
+    adopted,
+    has_open,
+    last_offset,
+    micros,
+    n_held,
+    next_deadline_micros,
+    open_last,
+    to_stored,
 )
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
 EVICTION_HEAP_SLACK = 1024
 #: stale entries the deadline heap may hold beyond two per slot before it is rebuilt
 DEADLINE_HEAP_SLACK = 1024
-
-
-def last_offset(session: Session) -> int:
-    """The highest Kafka offset among a session's events and its duplicates' copies."""
-    return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
-
-
-def _micros(ts: datetime) -> int:
-    """A time as µs since the epoch: what the heaps hold (an int is smaller than a datetime)."""
-    return micros_in_zone(ts)[0]
-
-
-def _open_last(slot: StoredSlot | None) -> int | None:
-    """The last event time (µs) of the open session of ``slot`` (None: nothing open)."""
-    if slot is None:
-        return None
-    if isinstance(slot, OpenSlot):
-        return slot.last_micros()
-    return _micros(slot.open.last) if slot.open is not None else None
-
-
-def _has_open(slot: StoredSlot | None) -> bool:
-    return isinstance(slot, OpenSlot) or (slot is not None and slot.open is not None)
-
-
-def _n_held(slot: StoredSlot | None) -> int:
-    return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
-
-
-def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
-    """:func:`next_deadline` in µs."""
-    if isinstance(slot, OpenSlot):
-        return compact_groups.deadline_micros(slot.blobs(), rules)
-    due = next_deadline(slot, rules)
-    return None if due is None else _micros(due)
-
-
-def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
-    return compact.compact(slot, session_id) if isinstance(slot, SessionSlot) else slot
-
-
-def _adopted(session_id: str, slot: StoredSlot) -> StoredSlot:
-    """A loaded slot, held as :func:`_stored`; an ``OpenSlot`` copied, as it notes its deadline
-    (the store's own object may be loaded by another partition state too)."""
-    if isinstance(slot, OpenSlot):
-        return compact.copy(slot)
-    return _stored(session_id, slot)
-
-
-class SlotView(Mapping[str, SessionSlot]):
-    """The slots of a partition as the sessionizer's models (materialized on access)."""
-
-    def __init__(self, slots: dict[str, StoredSlot]) -> None:
-        self._slots = slots
-
-    def __getitem__(self, session_id: str) -> SessionSlot:
-        return to_model(self._slots[session_id])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._slots)
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __contains__(self, session_id: object) -> bool:
-        return session_id in self._slots
 
 
 def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
@@ -137,7 +80,7 @@ class PartitionSessions:
         self.clock = clock
         self.rules = rules
         self.max_open = max_open
-        self._slots: dict[str, StoredSlot] = {sid: _adopted(sid, s) for sid, s in slots}
+        self._slots: dict[str, StoredSlot] = {sid: adopted(sid, s) for sid, s in slots}
         self._heap: list[tuple[int, str]] = []  # (deadline in µs, session id)
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
@@ -157,8 +100,8 @@ class PartitionSessions:
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
         for session_id, slot in self._slots.items():
             self._schedule(session_id, slot, None)
-            self._n_open += _open_last(slot) is not None
-            self._n_held += _n_held(slot)
+            self._n_open += open_last(slot) is not None
+            self._n_held += n_held(slot)
         if self.max_open is not None and self._n_open > self.max_open // 2:
             self._rebuild_by_last()
 
@@ -191,7 +134,7 @@ class PartitionSessions:
         """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
         now; ``due``: the slot's, if known), and push it to the heap if it moved."""
         if due is None:
-            due = _next_deadline(slot, self.rules)
+            due = next_deadline_micros(slot, self.rules)
         if isinstance(slot, OpenSlot):
             slot.due = due
             self._due.pop(session_id, None)
@@ -215,7 +158,7 @@ class PartitionSessions:
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
         self._tracking = True
-        lasts = ((_open_last(slot), sid) for sid, slot in self._slots.items())
+        lasts = ((open_last(slot), sid) for sid, slot in self._slots.items())
         self._by_last = [(last, sid) for last, sid in lasts if last is not None]
         heapq.heapify(self._by_last)
 
@@ -232,8 +175,8 @@ class PartitionSessions:
         from the open sessions when their number passes that, dropped when it falls under a
         quarter): a partition far from its limit never evicts, and spares its memory.
         """
-        self._n_open += _has_open(after) - _has_open(before)
-        self._n_held += _n_held(after) - _n_held(before)
+        self._n_open += has_open(after) - has_open(before)
+        self._n_held += n_held(after) - n_held(before)
         if self.max_open is not None:
             self._track_eviction(session_id, before, after)
 
@@ -248,7 +191,7 @@ class PartitionSessions:
         elif self._n_open < self.max_open // 4:
             self._by_last, self._tracking = [], False
             return
-        was, now = _open_last(before), _open_last(after)
+        was, now = open_last(before), open_last(after)
         if now is None or (was is not None and was == now):
             return  # nothing open, or the session's entry is still live
         heapq.heappush(self._by_last, (now, session_id))
@@ -257,7 +200,7 @@ class PartitionSessions:
 
     def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
         if slot is not None:
-            slot = _stored(session_id, slot)
+            slot = to_stored(session_id, slot)
         self._track_last(session_id, self._slots.get(session_id), slot)
         if slot is None:
             self._unschedule(session_id)
@@ -360,7 +303,7 @@ class PartitionSessions:
 
     def _expire(self) -> None:
         if self.clock.watermark is not self._watermark[0]:  # µs once per watermark
-            self._watermark = (self.clock.watermark, _micros(self.clock.watermark))
+            self._watermark = (self.clock.watermark, micros(self.clock.watermark))
         watermark = self._watermark[1]
         while self._heap and self._heap[0][0] <= watermark:
             due, session_id = heapq.heappop(self._heap)
@@ -391,7 +334,7 @@ class PartitionSessions:
         while self._n_open > self.max_open:
             last, session_id = heapq.heappop(self._by_last)
             slot = self._slots.get(session_id)
-            if slot is None or _open_last(slot) != last:
+            if slot is None or open_last(slot) != last:
                 continue  # stale entry: the session closed or moved on
             if session_id == keep:
                 held.append((last, session_id))
