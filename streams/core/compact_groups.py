@@ -89,6 +89,9 @@ def deadline(blobs: tuple[bytes, ...], rules: SessionRules) -> tuple[datetime, C
 def deadline_micros(blobs: tuple[bytes, ...], rules: SessionRules) -> int:
     """The time of :func:`deadline`, in integers alone: the partition schedules one for every
     accepted event, and needs no datetime for it."""
+    if len(blobs) == 1:  # a session's first event
+        flags, at = HEAD.unpack_from(blobs[0])[:2]
+        return _due(at, at, at if flags & ~ZONED == END else None, rules)
     return _due(*_first_group(blobs, rules), rules)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
@@ -44,7 +44,6 @@ from prefstream.streams.core.stored_slots import (
     adopted,
     has_open,
     last_offset,
-    micros,
     n_held,
     next_deadline_micros,
     open_last,
@@ -93,7 +92,7 @@ class PartitionSessions:
         self._evicted = 0
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
-        self._watermark = (EPOCH, 0)  # the clock's watermark, and in µs
+        self._first_due = (0, EPOCH)  # the earliest deadline in µs, and as a time
         self._bound = (0, EPOCH)  # the last arrival bound (ms), and as a time
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
@@ -301,11 +300,15 @@ class PartitionSessions:
         self.clock = self.clock.tick(wall_ms, self.rules)
         self._expire()
 
+    def _due_at(self, due: int) -> datetime:
+        """A deadline (µs) as a time; the earliest one's again: the watermark moves with most
+        events, the earliest deadline only when a session closes."""
+        if due != self._first_due[0]:
+            self._first_due = (due, EPOCH + timedelta(microseconds=due))
+        return self._first_due[1]
+
     def _expire(self) -> None:
-        if self.clock.watermark is not self._watermark[0]:  # µs once per watermark
-            self._watermark = (self.clock.watermark, micros(self.clock.watermark))
-        watermark = self._watermark[1]
-        while self._heap and self._heap[0][0] <= watermark:
+        while self._heap and self._due_at(self._heap[0][0]) <= self.clock.watermark:
             due, session_id = heapq.heappop(self._heap)
             if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
