@@ -85,9 +85,12 @@ class Clock:
     def observe(self, ts: datetime, grace: timedelta) -> Clock:
         """An accepted event at ``ts`` moves event time forward (the same clock when it does
         not: this runs for every event, and most arrive behind the newest)."""
-        top = max(self.max_event_ts, ts)
-        watermark = max(self.watermark, top - grace)
-        if top == self.max_event_ts and watermark == self.watermark:
+        # max() of each, one comparison apiece (an event time is compared in its own UTC offset)
+        top = ts if ts > self.max_event_ts else self.max_event_ts
+        watermark = top - grace
+        if not watermark > self.watermark:
+            watermark = self.watermark
+        if top is self.max_event_ts and watermark is self.watermark:  # neither moved
             return self
         # the constructor, not dataclasses.replace (a third of its cost): once per event
         return Clock(self.kafka_partition, top, watermark, self.last_arrival_ms,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import timedelta
+from datetime import timedelta, timezone
 from itertools import pairwise
 
 from factories import T0, at, event
@@ -650,4 +650,23 @@ def test_state_bytes_count_the_escaped_message_without_building_it(raw):
     """As ``json.dumps`` escapes the message's text, whatever its bytes (the printable ASCII
     shortcut included)."""
     assert state_bytes(raw) == len(json.dumps(raw.decode("utf-8", errors="replace"))) + 128
+
+
+_zoned = st.builds(lambda minute, hours: at(minute).astimezone(timezone(timedelta(hours=hours))),
+                   st.integers(-30, 30), st.sampled_from((0, 0, 1, -5)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_zoned, min_size=1, max_size=8), st.sampled_from((timedelta(0), RULES.grace)))
+def test_observe_keeps_the_max_of_event_time_and_of_the_watermark(times, grace):
+    """Each time the larger of the two (the first of equal instants, in its own UTC offset),
+    and the very same clock when neither moves."""
+    clock = Clock(kafka_partition=0, max_event_ts=at(0), watermark=at(-3))
+    for ts in times:
+        top = max(clock.max_event_ts, ts)
+        watermark = max(clock.watermark, top - grace)
+        after = clock.observe(ts, grace)
+        assert (str(after.max_event_ts), str(after.watermark)) == (str(top), str(watermark))
+        assert (after is clock) == (top == clock.max_event_ts and watermark == clock.watermark)
+        clock = after
 
