@@ -4,61 +4,58 @@ The sessionizer (:mod:`~prefstream.streams.core.sessionize`) works on validated 
 held that way an open session costs about 4 KB per event (the event model, its ``SessionEvent``
 and ``Session`` wrappers). An :class:`OpenSlot` holds the same state in a few hundred bytes:
 
-* each event as one ``bytes`` object: a fixed header (event time in microseconds and its UTC
-  offset, Kafka offset, counted size, event type) followed by the event id and the event's other
-  fields as a JSON array of values (texts in UTF-8, not as Python strings; the session's user id
-  left out when it is the session's);
+* each event as one ``bytes`` object (:mod:`~prefstream.streams.core.compact_events`): a fixed
+  header (event time in microseconds and its UTC offset, Kafka offset, counted size, event type)
+  followed by the event id and the event's other fields as a JSON array of values (texts in
+  UTF-8, not as Python strings; the session's user id left out when it is the session's);
 * the session's bounds and counters as references to objects the events share.
 
 Only open-only slots (no pending or held groups) are held this way; a slot with closed groups
 stays a :class:`~prefstream.streams.core.sessionize.SessionSlot` model until they are written.
 Every rule still runs on the models: :func:`to_model` materializes a slot exactly as the
-sessionizer would have built it, and :func:`append` is the one step done compactly, the plain
-accept of an event into an open session (the hot path), decided as :func:`sessionize.add_event`
-decides it. See docs/operations.md ("State memory").
+sessionizer would have built it. The steps of the hot path are done compactly, as the
+sessionizer decides them: :func:`append`, the plain accept of an event into an open session;
+:func:`repeat`, a copy of one of its events or a late event; and :func:`expire`, the close of a
+whole open session by the watermark (its events decoded once, into the closed groups). See
+docs/operations.md ("State memory").
 """
 
 from __future__ import annotations
 
-import json
-import struct
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from collections.abc import Callable
+from datetime import datetime
+from operator import itemgetter
 
-import pydantic_core
-
-from prefstream.schemas.events import EVENT_TYPES, FeedbackEvent
-from prefstream.schemas.records import Session, SessionEvent
+from prefstream.schemas.events import FeedbackEvent
+from prefstream.schemas.records import ClosedSession, Session
+from prefstream.streams.core.compact_events import (
+    HEAD,
+    SEP,
+    SIZE,
+    TIME,
+    ZONE,
+    ZONED,
+    construct,
+    decode_events,
+    encodable,
+    encode_event,
+    event_time,
+    micros,
+    values_of,
+    written_user,
+)
+from prefstream.streams.core.compact_groups import bounds, group_deadline, groups, headers
 from prefstream.streams.core.sessionize import (
-    EPOCH,
-    TICK,
+    GROUP_OVERHEAD_BYTES,
     Clock,
-    CloseReason,
+    Outcome,
     SessionRules,
     SessionSlot,
-    _deadline_of,
+    duplicate_bytes,
+    group_bytes,
 )
 
-#: type code (flag ``_ZONED``: a UTC offset follows), event time (µs since the epoch), Kafka
-#: offset, counted size; then the UTC offset (µs) if flagged, the event id, NUL, the values
-HEAD = struct.Struct("<BqqI")
-ZONE = struct.Struct("<q")
-_ZONED = 0x80
-_MAX_SIZE = 0xFFFFFFFF
-_SEP = b"\x00"  # ends the event id (ids never hold NUL: schemas.events.Id)
-_SKIP = frozenset({"event_id", "schema_version", "session_id", "user_id", "ts", "type"})
-_FIELDS = tuple(tuple(f for f in cls.model_fields if f not in _SKIP) for cls in EVENT_TYPES)
-_CODE = {cls: code for code, cls in enumerate(EVENT_TYPES)}
-_END = _CODE[next(c for c in EVENT_TYPES if c.__name__ == "SessionEnd")]
-_ZONES: dict[int, timezone] = {0: timezone.utc}
-_TEXTS = frozenset({"prompt", "response_text", "edited_text"})
-#: positions of the text fields in each type's values (after the user id)
-_TEXT_AT = tuple(tuple(1 + i for i, f in enumerate(fields) if f in _TEXTS) for fields in _FIELDS)
-#: shorter texts are held as they are: a reference (``[k,i]``) would save little
-MIN_SHARED_TEXT = 24
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-_TYPE = tuple(cls.model_fields["type"].default for cls in EVENT_TYPES)
-_setattr = object.__setattr__
+_first = itemgetter(0)
 
 
 class OpenSlot:
@@ -67,7 +64,7 @@ class OpenSlot:
 
     ``events``: one encoded event (:func:`encode_event`), or a tuple of them in arrival order;
     the session's bounds (``start``, ``last``, ``ended_at``) are read from them (see
-    :func:`_bounds`).
+    :func:`compact_groups.bounds`).
     The first holds the user id; ``user_id`` is None when it is the session's (the usual case).
     ``extra_bytes``: the session's counted size beyond its events' (duplicates counted).
     Reads like a ``SessionSlot`` (``open``, ``pending``, ``held``, equality) by materializing it.
@@ -85,20 +82,20 @@ class OpenSlot:
 
     @property
     def start(self) -> datetime:
-        return _ts(self.blobs()[_bounds(self.blobs())[0]])
+        return event_time(self.blobs()[bounds(headers(self.blobs()))[0]])
 
     @property
     def last(self) -> datetime:
-        return _ts(self.blobs()[_bounds(self.blobs())[1]])
+        return event_time(self.blobs()[bounds(headers(self.blobs()))[1]])
 
     @property
     def ended_at(self) -> datetime | None:
-        end = _bounds(self.blobs())[2]
-        return None if end is None else _ts(self.blobs()[end])
+        end = bounds(headers(self.blobs()))[2]
+        return None if end is None else event_time(self.blobs()[end])
 
     def last_micros(self) -> int:
-        blobs = self.blobs()
-        return HEAD.unpack_from(blobs[_bounds(blobs)[1]])[1]  # type: ignore[no-any-return]
+        """The latest event time, in µs."""
+        return max(map(TIME.unpack_from, self.blobs()))[0]  # type: ignore[no-any-return]
 
     def blobs(self) -> tuple[bytes, ...]:
         return (self.events,) if isinstance(self.events, bytes) else self.events
@@ -107,11 +104,11 @@ class OpenSlot:
     def session_user(self) -> str:
         if self.user_id is not None:
             return self.user_id
-        return _values(self.blobs()[0])[0]  # type: ignore[no-any-return]
+        return values_of(self.blobs()[0])[0]  # type: ignore[no-any-return]
 
     @property
     def n_bytes(self) -> int:
-        return sum(HEAD.unpack_from(b)[3] for b in self.blobs()) + self.extra_bytes
+        return _size(self.blobs()) + self.extra_bytes
 
     @property
     def open(self) -> Session:
@@ -135,189 +132,66 @@ class OpenSlot:
 StoredSlot = OpenSlot | SessionSlot
 
 
-# --- events ---------------------------------------------------------------------------------
-
-def _micros(ts: datetime) -> int:
-    return (ts - EPOCH) // TICK
-
-
-def _zone(offset_us: int) -> timezone:
-    zone = _ZONES.get(offset_us)
-    if zone is None:
-        zone = timezone(timedelta(microseconds=offset_us))
-        if len(_ZONES) < 64:  # the few offsets producers use; more are built each time
-            _ZONES[offset_us] = zone
-    return zone
-
-
-def _id_at(blob: bytes) -> int:
-    return HEAD.size + (ZONE.size if blob[0] & _ZONED else 0)
-
-
-def dump_values(value: Any) -> bytes:
-    """Compact JSON in UTF-8 (pydantic-core's serializer: several times the json module's
-    speed); a text with a lone surrogate, which UTF-8 cannot hold, through the json module."""
-    try:
-        return pydantic_core.to_json(value)
-    except pydantic_core.PydanticSerializationError:
-        return _JSON.encode(value).encode("utf-8", "surrogatepass")
-
-
-def _load(data: bytes) -> Any:
-    try:
-        return pydantic_core.from_json(data)
-    except ValueError:  # written by _dump's fallback
-        return json.loads(data.decode("utf-8", "surrogatepass"))
-
-
-def pack_event(code: int, micros: int, offset_us: int, offset: int, size: int, event_id: str,
-          values: bytes) -> bytes:
-    head = HEAD.pack(code | (_ZONED if offset_us else 0), micros, offset, size)
-    if offset_us:
-        head += ZONE.pack(offset_us)
-    return head + event_id.encode() + _SEP + values
-
-
-def unpack_event(blob: bytes) -> tuple[int, int, int, int, int, str, bytes]:
-    """code, µs, UTC offset (µs), Kafka offset, size, event id, values (JSON) of a blob."""
-    flags, micros, offset, size = HEAD.unpack_from(blob)
-    offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
-    at = _id_at(blob)
-    end = blob.index(_SEP, at)
-    return (flags & ~_ZONED, micros, offset_us, offset, size, blob[at:end].decode(),
-            blob[end + 1:])
-
-
-def encodable(size: int, offset: int) -> bool:
-    return 0 <= size <= _MAX_SIZE and -(1 << 63) <= offset < (1 << 63)
-
-
-def encode_event(event: FeedbackEvent, offset: int, size: int, user_id: str | None,
-                 earlier: tuple[bytes, ...] = ()) -> bytes:
-    """One event as :class:`OpenSlot` holds it; its user id left out when it is ``user_id``
-    (its session's; None: always written), and each text an ``earlier`` event of the session
-    holds already written as a reference to it (``[k, i]``: value ``i`` of event ``k``)."""
-    code = _CODE[type(event)]
-    ts = event.ts
-    values: list[Any] = [None if event.user_id == user_id else event.user_id]
-    values += [getattr(event, f) for f in _FIELDS[code]]
-    if earlier:
-        for i in _TEXT_AT[code]:
-            values[i] = _shared(values[i], earlier)
-    body = dump_values(values)
-    return pack_event(code, _micros(ts), ts.utcoffset() // TICK,  # type: ignore[operator]
-                 offset, size, event.event_id, body)
-
-
-def _shared(text: str, earlier: tuple[bytes, ...]) -> str | list[int]:
-    """A reference to ``text`` in an earlier event of the session, or ``text`` itself.
-
-    Found by its JSON form in the encoded events (a fast byte search), then confirmed on the
-    decoded values: a match inside a longer text is no reference."""
-    if len(text) < MIN_SHARED_TEXT:
-        return text
-    needle = dump_values(text)
-    for k, blob in enumerate(earlier):
-        if needle in blob:
-            values = _values(blob)
-            for i in _TEXT_AT[blob[0] & ~_ZONED]:
-                if values[i] == text:
-                    return [k, i]
-    return text
-
-
-def _values(blob: bytes) -> list[Any]:
-    at = blob.index(_SEP, _id_at(blob)) + 1
-    return _load(blob[at:])  # type: ignore[no-any-return]
-
-
-def _ts(blob: bytes) -> datetime:
-    """The event time of ``blob``, in its own UTC offset."""
-    flags, micros = HEAD.unpack_from(blob)[:2]
-    offset_us = ZONE.unpack_from(blob, HEAD.size)[0] if flags & _ZONED else 0
-    return (EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset_us))
-
-
-def _bounds(blobs: tuple[bytes, ...]) -> tuple[int, int, int | None]:
-    """Which events give the session's start, last and end (``session_end``) times: the first
-    in arrival order at the earliest, latest and latest end time (``min``/``max`` keep the
-    first of equals, and the sessionizer takes them in arrival order)."""
-    start = last = 0
-    end = None
-    lo = hi = HEAD.unpack_from(blobs[0])[1]
-    top = None
-    for k, blob in enumerate(blobs):
-        flags, micros = HEAD.unpack_from(blob)[:2]
-        if micros < lo:
-            start, lo = k, micros
-        if micros > hi:
-            last, hi = k, micros
-        if flags & ~_ZONED == _END and (top is None or micros > top):
-            end, top = k, micros
-    return start, last, end
-
-
-def _written_user(blob: bytes, user_id: str) -> bool:
-    """Whether ``blob`` (a slot's first) names ``user_id`` as its user."""
-    at = blob.index(_SEP, _id_at(blob)) + 1
-    name = dump_values(user_id)
-    return blob.startswith(b"[" + name + b",", at)
-
-
-def decode_event(blob: bytes, session_id: str, user_id: str,
-                 earlier: list[list[Any]] | None = None) -> SessionEvent:
-    """The :class:`SessionEvent` :func:`encode_event` encoded (the very values it had);
-    ``earlier``: the decoded values of the events before it in its session, for its texts held
-    there (appended to with its own)."""
-    code, micros, offset_us, offset, size, event_id, body = unpack_event(blob)
-    values = _load(body)
-    for i in _TEXT_AT[code]:
-        if isinstance(values[i], list):
-            k, j = values[i]
-            values[i] = earlier[k][j]  # type: ignore[index]
-    if earlier is not None:
-        earlier.append(values)
-    fields = {"event_id": event_id, "schema_version": 1, "session_id": session_id,
-              "user_id": user_id if values[0] is None else values[0], "ts": _ts(blob),
-              "type": _TYPE[code]}
-    fields.update(zip(_FIELDS[code], values[1:], strict=True))
-    cls = EVENT_TYPES[code]
-    event = _construct(cls, {name: fields[name] for name in cls.__pydantic_fields__})
-    return _construct(SessionEvent, {"offset": offset, "event": event, "n_bytes": size})
-
-
-def _construct(cls: Any, values: dict[str, Any]) -> Any:
-    """``cls.model_construct(**values)`` for these plain models (every field given in the
-    declared order, as validation sets ``__dict__``; no private attributes, no post-init),
-    without its per-field loop: this runs for every event of a session that closes."""
-    model = cls.__new__(cls)
-    _setattr(model, "__dict__", values)
-    _setattr(model, "__pydantic_fields_set__", set(values))
-    _setattr(model, "__pydantic_extra__", None)
-    _setattr(model, "__pydantic_private__", None)
-    return model
+def _size(blobs: tuple[bytes, ...]) -> int:
+    """The counted size of the events (read in one pass in C: this runs for every event
+    appended, over each event of its session)."""
+    return sum(map(_first, map(SIZE.unpack_from, blobs)))
 
 
 # --- slots ----------------------------------------------------------------------------------
 
 def to_session(slot: OpenSlot) -> Session:
-    user_id = slot.session_user
-    earlier: list[list[Any]] = []
-    events = tuple(decode_event(b, slot.session_id, user_id, earlier) for b in slot.blobs())
-    start, last, end = _bounds(slot.blobs())
-    return _construct(Session, dict(
-        session_id=slot.session_id, user_id=user_id, kafka_partition=slot.kafka_partition,
+    events = decode_events(slot.blobs(), slot.session_id, slot.user_id)
+    start, last, end = bounds(headers(slot.blobs()))
+    return construct(Session, dict(
+        session_id=slot.session_id, user_id=events[0].event.user_id if slot.user_id is None
+        else slot.user_id, kafka_partition=slot.kafka_partition,
         start=events[start].event.ts, last=events[last].event.ts, events=events,
         n_duplicates=len(slot.duplicates), duplicates=slot.duplicates,
         ended_at=None if end is None else events[end].event.ts, cut=False,
         n_bytes=slot.n_bytes))
 
 
+def expire(slot: OpenSlot, watermark: datetime, rules: SessionRules) -> SessionSlot | None:
+    """:func:`sessionize.expire` of the slot's model, when the watermark closes every group of
+    its open session (the usual close: one group); None when a group stays open (the models
+    decide). Built from the encoded events, without the open session's models."""
+    read = headers(slot.blobs())
+    watermark_us = micros(watermark)
+    closing = []
+    for members in groups(read, rules):
+        mine = [read[k] for k in members]
+        start, last, end = bounds(mine)
+        due, reason = group_deadline(mine[start][1], mine[last][1],
+                                     None if end is None else mine[end][1], rules)
+        if due > watermark_us:
+            return None
+        closing.append((members, (start, last, end), reason))
+    events = decode_events(slot.blobs(), slot.session_id, slot.user_id, read)
+    user_id = events[0].event.user_id if slot.user_id is None else slot.user_id
+    pending = []
+    for members, (start, last, end), reason in closing:
+        mine = tuple(events[k] for k in members)
+        ids = {i.event.event_id for i in mine}
+        dups = tuple(d for d in slot.duplicates if d[1] in ids)
+        size = sum(read[k][3] for k in members)
+        if size:  # as sessionize._with_events: each duplicate recorded counts too
+            size += sum(duplicate_bytes(d[1]) for d in dups)
+        session = construct(Session, {
+            "session_id": slot.session_id, "user_id": user_id,
+            "kafka_partition": slot.kafka_partition, "start": mine[start].event.ts,
+            "last": mine[last].event.ts, "events": mine, "n_duplicates": len(dups),
+            "duplicates": dups, "ended_at": None if end is None else mine[end].event.ts,
+            "cut": False, "n_bytes": size})
+        pending.append(construct(ClosedSession, {"session": session, "reason": reason}))
+    return construct(SessionSlot, {"open": None, "pending": tuple(pending), "held": ()})
+
+
 def to_model(slot: StoredSlot) -> SessionSlot:
     """The slot as the sessionizer's model."""
     if isinstance(slot, SessionSlot):
         return slot
-    return _construct(SessionSlot, {"open": to_session(slot), "pending": (), "held": ()})
+    return construct(SessionSlot, {"open": to_session(slot), "pending": (), "held": ()})
 
 
 def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
@@ -339,7 +213,7 @@ def compact(slot: SessionSlot, session_id: str | None = None) -> StoredSlot:
                     session.kafka_partition,
                     session.n_bytes - sum(i.n_bytes for i in session.events),
                     session.duplicates, blobs[0] if len(blobs) == 1 else blobs)
-    start, last, end = _bounds(blobs)
+    start, last, end = bounds(headers(blobs))
     if not (_same_time(session.events[start].event.ts, session.start)
             and _same_time(session.events[last].event.ts, session.last)
             and (session.ended_at is None if end is None
@@ -359,11 +233,22 @@ def copy(slot: OpenSlot) -> OpenSlot:
 
 def holds(slot: OpenSlot, event_id: str) -> bool:
     """Whether the open session holds an event with this id."""
-    # the id and the NUL after it, at the id's place: one startswith per event (this runs for
-    # every event appended, over each event of its session)
-    wanted = event_id.encode() + _SEP
+    return _holds(slot.blobs(), event_id, _joined(slot))
+
+
+def _joined(slot: OpenSlot) -> bytes:
+    """The slot's events as one ``bytes``: searched once for a text or an id in any of them."""
+    return slot.events if isinstance(slot.events, bytes) else b"".join(slot.events)
+
+
+def _holds(blobs: tuple[bytes, ...], event_id: str, joined: bytes) -> bool:
+    # the id and the NUL after it, at the id's place; first searched in all events at once
+    # (this runs for every event appended, over each event of its session)
+    wanted = event_id.encode() + SEP
+    if wanted not in joined:
+        return False
     plain, zoned = HEAD.size, HEAD.size + ZONE.size
-    return any(b.startswith(wanted, zoned if b[0] & _ZONED else plain) for b in slot.blobs())
+    return any(b.startswith(wanted, zoned if b[0] & ZONED else plain) for b in blobs)
 
 
 def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: Clock,
@@ -371,56 +256,74 @@ def append(slot: OpenSlot | None, event: FeedbackEvent, *, offset: int, clock: C
     """The slot after :func:`sessionize.add_event` accepts ``event`` into the open session,
     when that is all it does; None when the general rules must decide (the event's id is in the
     session already, it is late, or it takes the session to a cap)."""
-    ts = event.ts
-    if (clock.is_late(ts) or not encodable(size, offset)
-            or rules.max_events <= 1 + (0 if slot is None else len(slot.blobs()))):
+    if clock.is_late(event.ts) or not encodable(size, offset):
         return None
     if slot is None:
-        if rules.max_bytes is not None and size > rules.max_bytes:
+        if rules.max_events <= 1 or _over(rules, size, event.session_id, len(event.user_id),
+                                          lambda: event.user_id):
             return None
         return OpenSlot(event.session_id, None, clock.kafka_partition, 0, (),
                         encode_event(event, offset, size, None))
-    if (rules.max_bytes is not None and slot.n_bytes + size > rules.max_bytes // 2) or holds(
-            slot, event.event_id):
-        return None
     blobs = slot.blobs()
+    if rules.max_events <= 1 + len(blobs):
+        return None
+    if rules.max_bytes is not None:
+        n_bytes = _size(blobs) + slot.extra_bytes + size
+        user_chars = len(slot.user_id if slot.user_id is not None else blobs[0])
+        if n_bytes > rules.max_bytes // 2 or _over(rules, n_bytes, slot.session_id, user_chars,
+                                                   lambda: slot.session_user):
+            return None
+    joined = _joined(slot)
+    if _holds(blobs, event.event_id, joined):
+        return None
     same = (event.user_id == slot.user_id if slot.user_id is not None
-            else _written_user(blobs[0], event.user_id))
-    blob = encode_event(event, offset, size, event.user_id if same else None, blobs)
+            else written_user(blobs[0], event.user_id))
+    blob = encode_event(event, offset, size, event.user_id if same else None, blobs, joined)
     return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition, slot.extra_bytes,
                     slot.duplicates, (*blobs, blob))
 
 
-def deadline(slot: OpenSlot, rules: SessionRules) -> tuple[datetime, CloseReason]:
-    """:func:`sessionize.deadline` of the open session, from the encoded event times."""
-    start, last, ended = _first_group(slot, rules)
-    return _deadline_of(_at(start), _at(last), None if ended is None else _at(ended), rules)
+def _over(rules: SessionRules, n_bytes: int, session_id: str, user_chars: int,
+          user_id: Callable[[], str]) -> bool:
+    """:func:`sessionize._over`: whether events of ``n_bytes`` and their group's own bytes
+    (:func:`group_bytes`) take the state over ``rules.max_bytes``. The group's bytes are
+    worked out only near the bound: JSON escapes its ids to at most 12 bytes a character
+    (``user_chars``: at least as many as the user id has)."""
+    if rules.max_bytes is None:
+        return False
+    most = GROUP_OVERHEAD_BYTES + 12 * (len(session_id) + user_chars) + 4
+    return n_bytes + most > rules.max_bytes and (
+        n_bytes + group_bytes(session_id, user_id()) > rules.max_bytes)
 
 
-def deadline_micros(slot: OpenSlot, rules: SessionRules) -> int:
-    """The time of :func:`deadline` in µs since the epoch, in integers alone: the partition
-    schedules one for every accepted event, and needs no datetime for it."""
-    start, last, ended = _first_group(slot, rules)
-    after_last = last + 1  # _deadline_of's candidates, in µs (TICK is one)
-    due = min(last + rules.gap // TICK, max(start + rules.max_duration // TICK, after_last))
-    return due if ended is None else min(due, max(ended, after_last))
+def repeat(slot: OpenSlot, event: FeedbackEvent, *, offset: int, clock: Clock,
+           rules: SessionRules, size: int) -> tuple[OpenSlot, Outcome] | None:
+    """:func:`sessionize.add_event` of an event the open session holds already (a redelivery
+    or a duplicate, counted on the slot) or that is late: the slot after it and the outcome;
+    None for any other event (the rules decide)."""
+    seen = _seen(slot, event.event_id, offset)
+    if seen == "redelivered":
+        return slot, seen
+    if clock.is_late(event.ts):
+        return slot, "late"
+    if seen is None:
+        return None
+    extra = duplicate_bytes(event.event_id) if size else 0
+    if size and rules.max_bytes is not None and (
+            slot.n_bytes + group_bytes(slot.session_id, slot.session_user) + extra
+            > rules.max_bytes):  # sessionize._over of the slot (its open group alone)
+        return slot, "oversized"
+    return OpenSlot(slot.session_id, slot.user_id, slot.kafka_partition,
+                    slot.extra_bytes + extra, (*slot.duplicates, (offset, event.event_id)),
+                    slot.events), "duplicate"
 
 
-def _first_group(slot: OpenSlot, rules: SessionRules) -> tuple[int, int, int | None]:
-    """Start, last and end (``session_end``, None: none) time in µs of the first group of the
-    session (:func:`sessionize.clusters`), from the encoded event times."""
-    times = sorted(HEAD.unpack_from(b)[1::-1] for b in slot.blobs())
-    gap, longest = rules.gap // TICK, rules.max_duration // TICK
-    start = last = times[0][0]
-    ended = None
-    for micros, flags in times:
-        if micros - last >= gap or micros - start >= longest:  # sessionize.splits
-            break
-        last = micros
-        if flags & ~_ZONED == _END:
-            ended = micros
-    return start, last, ended
-
-
-def _at(micros: int) -> datetime:
-    return EPOCH + timedelta(microseconds=micros)
+def _seen(slot: OpenSlot, event_id: str, offset: int) -> Outcome | None:
+    """:func:`sessionize._seen` of the open session."""
+    wanted = event_id.encode() + SEP
+    for blob in slot.blobs():
+        if blob.startswith(wanted, HEAD.size + (ZONE.size if blob[0] & ZONED else 0)):
+            again = HEAD.unpack_from(blob)[2] == offset or any(
+                o == offset for o, _ in slot.duplicates)
+            return "redelivered" if again else "duplicate"
+    return None

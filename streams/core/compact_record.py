@@ -12,13 +12,8 @@ from __future__ import annotations
 import json
 
 from prefstream.streams.core import compact
-from prefstream.streams.core.compact import (
-    OpenSlot,
-    StoredSlot,
-    dump_values,
-    pack_event,
-    unpack_event,
-)
+from prefstream.streams.core.compact import OpenSlot, StoredSlot
+from prefstream.streams.core.compact_events import dump_values, pack_event, unpack_event
 from prefstream.streams.core.sessionize import SessionSlot
 
 #: first element of an :class:`OpenSlot`'s changelog record (other records: a SessionSlot's JSON)

@@ -13,25 +13,24 @@ O(log n); the limit is per Kafka partition, not per worker, so which sessions ar
 depends on how partitions are assigned.
 
 Open sessions are held compactly (:mod:`~prefstream.streams.core.compact`); every rule runs on
-the sessionizer's models, materialized for the few events that need more than a plain accept.
+the sessionizer's models, materialized for the few events the compact steps leave to them (the
+caps, a close of part of a session).
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import datetime, timedelta, timezone
 
 from prefstream.schemas.events import FeedbackEvent
 from prefstream.schemas.records import ClosedSession
-from prefstream.streams.core import compact
+from prefstream.streams.core import compact, compact_groups
 from prefstream.streams.core.compact import OpenSlot, StoredSlot, to_model
 from prefstream.streams.core.sessionize import (
     EPOCH,
-    TICK,
     Clock,
     Outcome,
-    Session,
     SessionRules,
     SessionSlot,
     add_event,
@@ -39,79 +38,22 @@ from prefstream.streams.core.sessionize import (
     expire,
     find,
     flushed,
-    next_deadline,
+)
+from prefstream.streams.core.stored_slots import (
+    SlotView,
+    adopted,
+    has_open,
+    last_offset,
+    n_held,
+    next_deadline_micros,
+    open_last,
+    to_stored,
 )
 
 #: stale entries the eviction heap may hold beyond two per open session before it is rebuilt
 EVICTION_HEAP_SLACK = 1024
 #: stale entries the deadline heap may hold beyond two per slot before it is rebuilt
 DEADLINE_HEAP_SLACK = 1024
-
-
-def last_offset(session: Session) -> int:
-    """The highest Kafka offset among a session's events and its duplicates' copies."""
-    return max([i.offset for i in session.events] + [o for o, _ in session.duplicates])
-
-
-def _micros(ts: datetime) -> int:
-    """A time as µs since the epoch: what the heaps hold (an int is smaller than a datetime)."""
-    return (ts - EPOCH) // TICK
-
-
-def _open_last(slot: StoredSlot | None) -> int | None:
-    """The last event time (µs) of the open session of ``slot`` (None: nothing open)."""
-    if slot is None:
-        return None
-    if isinstance(slot, OpenSlot):
-        return slot.last_micros()
-    return _micros(slot.open.last) if slot.open is not None else None
-
-
-def _has_open(slot: StoredSlot | None) -> bool:
-    return isinstance(slot, OpenSlot) or (slot is not None and slot.open is not None)
-
-
-def _n_held(slot: StoredSlot | None) -> int:
-    return 0 if slot is None or isinstance(slot, OpenSlot) else len(slot.held)
-
-
-def _next_deadline(slot: StoredSlot, rules: SessionRules) -> int | None:
-    """:func:`next_deadline` in µs."""
-    if isinstance(slot, OpenSlot):
-        return compact.deadline_micros(slot, rules)
-    due = next_deadline(slot, rules)
-    return None if due is None else _micros(due)
-
-
-def _stored(session_id: str, slot: SessionSlot | StoredSlot) -> StoredSlot:
-    return compact.compact(slot, session_id) if isinstance(slot, SessionSlot) else slot
-
-
-def _adopted(session_id: str, slot: StoredSlot) -> StoredSlot:
-    """A loaded slot, held as :func:`_stored`; an ``OpenSlot`` copied, as it notes its deadline
-    (the store's own object may be loaded by another partition state too)."""
-    if isinstance(slot, OpenSlot):
-        return compact.copy(slot)
-    return _stored(session_id, slot)
-
-
-class SlotView(Mapping[str, SessionSlot]):
-    """The slots of a partition as the sessionizer's models (materialized on access)."""
-
-    def __init__(self, slots: dict[str, StoredSlot]) -> None:
-        self._slots = slots
-
-    def __getitem__(self, session_id: str) -> SessionSlot:
-        return to_model(self._slots[session_id])
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._slots)
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    def __contains__(self, session_id: object) -> bool:
-        return session_id in self._slots
 
 
 def evict(slot: SessionSlot, rules: SessionRules) -> SessionSlot:
@@ -137,7 +79,7 @@ class PartitionSessions:
         self.clock = clock
         self.rules = rules
         self.max_open = max_open
-        self._slots: dict[str, StoredSlot] = {sid: _adopted(sid, s) for sid, s in slots}
+        self._slots: dict[str, StoredSlot] = {sid: adopted(sid, s) for sid, s in slots}
         self._heap: list[tuple[int, str]] = []  # (deadline in µs, session id)
         # each session's deadline as last scheduled: a heap entry that differs is stale and is
         # skipped when popped, without looking at the session again
@@ -150,13 +92,15 @@ class PartitionSessions:
         self._evicted = 0
         self._over_bytes = 0  # sessions closed early by max_bytes since the last take
         self._dirty: set[str] = set()
+        self._first_due = (0, EPOCH)  # the earliest deadline in µs, and as a time
+        self._bound = (0, EPOCH)  # the last arrival bound (ms), and as a time
         # Sessions recovered as pending (closed before a crash) are emitted again: ids dedupe.
         self._pending = {sid for sid, slot in self._slots.items() if slot.pending}
         self._n_held = 0  # groups the event cap closed, held until the watermark passes them
         for session_id, slot in self._slots.items():
             self._schedule(session_id, slot, None)
-            self._n_open += _open_last(slot) is not None
-            self._n_held += _n_held(slot)
+            self._n_open += open_last(slot) is not None
+            self._n_held += n_held(slot)
         if self.max_open is not None and self._n_open > self.max_open // 2:
             self._rebuild_by_last()
 
@@ -184,10 +128,12 @@ class PartitionSessions:
             slot.due = None
         self._due.pop(session_id, None)
 
-    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None) -> None:
+    def _schedule(self, session_id: str, slot: StoredSlot, before: int | None,
+                  due: int | None = None) -> None:
         """Note the deadline of ``slot`` (``before``: the one scheduled for its session id until
-        now), and push it to the heap if it moved."""
-        due = _next_deadline(slot, self.rules)
+        now; ``due``: the slot's, if known), and push it to the heap if it moved."""
+        if due is None:
+            due = next_deadline_micros(slot, self.rules)
         if isinstance(slot, OpenSlot):
             slot.due = due
             self._due.pop(session_id, None)
@@ -211,7 +157,7 @@ class PartitionSessions:
     def _rebuild_by_last(self) -> None:
         """The eviction heap from the open sessions alone (drops every stale entry)."""
         self._tracking = True
-        lasts = ((_open_last(slot), sid) for sid, slot in self._slots.items())
+        lasts = ((open_last(slot), sid) for sid, slot in self._slots.items())
         self._by_last = [(last, sid) for last, sid in lasts if last is not None]
         heapq.heapify(self._by_last)
 
@@ -228,10 +174,15 @@ class PartitionSessions:
         from the open sessions when their number passes that, dropped when it falls under a
         quarter): a partition far from its limit never evicts, and spares its memory.
         """
-        self._n_open += _has_open(after) - _has_open(before)
-        self._n_held += _n_held(after) - _n_held(before)
-        if self.max_open is None:
-            return
+        self._n_open += has_open(after) - has_open(before)
+        self._n_held += n_held(after) - n_held(before)
+        if self.max_open is not None:
+            self._track_eviction(session_id, before, after)
+
+    def _track_eviction(self, session_id: str, before: StoredSlot | None,
+                        after: StoredSlot | None) -> None:
+        """The eviction heap's part of :meth:`_track_last` (the counts kept)."""
+        assert self.max_open is not None
         if not self._tracking:
             if self._n_open <= self.max_open // 2:
                 return
@@ -239,7 +190,7 @@ class PartitionSessions:
         elif self._n_open < self.max_open // 4:
             self._by_last, self._tracking = [], False
             return
-        was, now = _open_last(before), _open_last(after)
+        was, now = open_last(before), open_last(after)
         if now is None or (was is not None and was == now):
             return  # nothing open, or the session's entry is still live
         heapq.heappush(self._by_last, (now, session_id))
@@ -248,7 +199,7 @@ class PartitionSessions:
 
     def _put(self, session_id: str, slot: SessionSlot | StoredSlot | None) -> None:
         if slot is not None:
-            slot = _stored(session_id, slot)
+            slot = to_stored(session_id, slot)
         self._track_last(session_id, self._slots.get(session_id), slot)
         if slot is None:
             self._unschedule(session_id)
@@ -263,31 +214,65 @@ class PartitionSessions:
             self._pending.discard(session_id)
         self._dirty.add(session_id)
 
+    def _put_open(self, session_id: str, before: OpenSlot | None, slot: OpenSlot,
+                  due: int | None) -> None:
+        """:meth:`_put` of an open slot held compactly in place of ``before`` (the hot path:
+        nothing pending before or after); ``due``: its deadline, if known."""
+        self._n_open += before is None  # the counts of _track_last: nothing held before or after
+        if self.max_open is not None:
+            self._track_eviction(session_id, before, slot)
+        self._slots[session_id] = slot
+        self._schedule(session_id, slot, None if before is None else before.due, due)
+        self._dirty.add(session_id)
+
     def on_event(self, event: FeedbackEvent, *, offset: int, arrival_ms: int,
                  size: int = 0) -> Outcome:
         """Apply one event; ``size``: its state bytes (:func:`~streams.core.sessionize.state_bytes`,
         0 = not counted)."""
         stored = self._slots.get(event.session_id)
-        fast = None
         if stored is None or isinstance(stored, OpenSlot):  # the hot path, held compactly
-            fast = compact.append(stored, event, offset=offset, clock=self.clock,
-                                  rules=self.rules, size=size)
-        if fast is not None:
-            outcome: Outcome = "accepted"
-            self._put(event.session_id, fast)
+            outcome = self._add_compact(event, stored, offset, size)
         else:
             outcome = self._add(event, stored, offset, size)
         self.clock = self.clock.arrived(arrival_ms)
         if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
-            bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
-            bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
+            bound = self._bound_at(self.clock.bound_ms(arrival_ms, self.rules))
             self.clock = self.clock.observe(min(event.ts, bound), self.rules.grace)
             self._expire()
         if outcome == "accepted":  # after expiring: sessions the watermark closed make room
             self._evict_over_limit(keep=event.session_id)
         return outcome
+
+    def _bound_at(self, bound_ms: int) -> datetime:
+        """The time of ``bound_ms`` (the last one's again: the events of a batch mostly share
+        it)."""
+        if bound_ms != self._bound[0]:
+            self._bound = (bound_ms, datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc))
+        return self._bound[1]
+
+    def _add_compact(self, event: FeedbackEvent, stored: OpenSlot | None, offset: int,
+                     size: int) -> Outcome:
+        """``event`` into a slot held compactly: a plain accept, a copy of one of its events or
+        a late event decided on it as the rules decide them; anything else by :meth:`_add`."""
+        slot = compact.append(stored, event, offset=offset, clock=self.clock, rules=self.rules,
+                              size=size)
+        if slot is not None:
+            due = compact_groups.appended_deadline(
+                slot.blobs(), self.rules, () if stored is None else stored.blobs(),
+                None if stored is None else stored.due)
+            self._put_open(event.session_id, stored, slot, due)
+            return "accepted"
+        if stored is not None:
+            seen = compact.repeat(stored, event, offset=offset, clock=self.clock,
+                                  rules=self.rules, size=size)
+            if seen is not None:
+                slot, outcome = seen
+                if slot is not stored:  # a duplicate counted: same events, same deadline
+                    self._put_open(event.session_id, stored, slot, stored.due)
+                return outcome
+        return self._add(event, stored, offset, size)
 
     def _add(self, event: FeedbackEvent, stored: StoredSlot | None, offset: int,
              size: int) -> Outcome:
@@ -315,14 +300,26 @@ class PartitionSessions:
         self.clock = self.clock.tick(wall_ms, self.rules)
         self._expire()
 
+    def _due_at(self, due: int) -> datetime:
+        """A deadline (µs) as a time; the earliest one's again: the watermark moves with most
+        events, the earliest deadline only when a session closes."""
+        if due != self._first_due[0]:
+            self._first_due = (due, EPOCH + timedelta(microseconds=due))
+        return self._first_due[1]
+
     def _expire(self) -> None:
-        watermark = _micros(self.clock.watermark)
-        while self._heap and self._heap[0][0] <= watermark:
+        while self._heap and self._due_at(self._heap[0][0]) <= self.clock.watermark:
             due, session_id = heapq.heappop(self._heap)
             if self._scheduled(session_id) != due:
                 continue  # stale heap entry: the session closed or moved on
             self._unschedule(session_id)
-            slot = to_model(self._slots[session_id])
+            stored = self._slots[session_id]
+            if isinstance(stored, OpenSlot):  # usually closes whole: no open session's models
+                after = compact.expire(stored, self.clock.watermark, self.rules)
+                if after is not None:
+                    self._put(session_id, after)
+                    continue
+            slot = to_model(stored)
             after = expire(slot, self.clock.watermark, self.rules)
             if after is not slot:
                 self._put(session_id, after)
@@ -340,7 +337,7 @@ class PartitionSessions:
         while self._n_open > self.max_open:
             last, session_id = heapq.heappop(self._by_last)
             slot = self._slots.get(session_id)
-            if slot is None or _open_last(slot) != last:
+            if slot is None or open_last(slot) != last:
                 continue  # stale entry: the session closed or moved on
             if session_id == keep:
                 held.append((last, session_id))

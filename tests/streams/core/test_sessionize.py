@@ -6,8 +6,9 @@ Properties over whole event streams run through ``PartitionSessions`` in test_st
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
-from datetime import timedelta
+from datetime import timedelta, timezone
 from itertools import pairwise
 
 from factories import T0, at, event
@@ -28,6 +29,7 @@ from prefstream.streams.core.sessionize import (
     expire,
     flushed,
     next_deadline,
+    state_bytes,
 )
 
 RULES = SessionRules()  # gap 30 min, grace 5 min, idle 30 s, 500 events, 6 h
@@ -637,3 +639,34 @@ def test_expire_closes_exactly_the_due_leading_groups(session, rules, minute, la
         assert deadline(closed_slot.open, rules)[0] > watermark
     end = watermark + timedelta(minutes=later)
     assert expire(closed_slot, end, rules) == expire(slot, end, rules)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80) | st.text(max_size=60).map(
+    lambda t: t.encode("utf-8", "surrogatepass")) | st.lists(st.sampled_from(
+        (b'{"a":', b'"x\\"', b"\\", b'"', b" ", b"~", b"\x7f", b"\x1f", b"\n", b"\xc3\xa9",
+         b"z" * 30))).map(b"".join))
+def test_state_bytes_count_the_escaped_message_without_building_it(raw):
+    """As ``json.dumps`` escapes the message's text, whatever its bytes (the printable ASCII
+    shortcut included)."""
+    assert state_bytes(raw) == len(json.dumps(raw.decode("utf-8", errors="replace"))) + 128
+
+
+_zoned = st.builds(lambda minute, hours: at(minute).astimezone(timezone(timedelta(hours=hours))),
+                   st.integers(-30, 30), st.sampled_from((0, 0, 1, -5)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_zoned, min_size=1, max_size=8), st.sampled_from((timedelta(0), RULES.grace)))
+def test_observe_keeps_the_max_of_event_time_and_of_the_watermark(times, grace):
+    """Each time the larger of the two (the first of equal instants, in its own UTC offset),
+    and the very same clock when neither moves."""
+    clock = Clock(kafka_partition=0, max_event_ts=at(0), watermark=at(-3))
+    for ts in times:
+        top = max(clock.max_event_ts, ts)
+        watermark = max(clock.watermark, top - grace)
+        after = clock.observe(ts, grace)
+        assert (str(after.max_event_ts), str(after.watermark)) == (str(top), str(watermark))
+        assert (after is clock) == (top == clock.max_event_ts and watermark == clock.watermark)
+        clock = after
+
