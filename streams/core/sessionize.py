@@ -81,6 +81,11 @@ class Clock:
     last_arrival_ms: int = 0
     #: wall time of the last worker tick read from the partition (0: none yet)
     last_tick_ms: int = 0
+    #: the offset after the last event counted (0: none yet). An event below it was counted
+    #: before (a replay from an earlier offset into this clock): it moved event time then,
+    #: against the tick before it, and must not move it again against a later tick
+    #: (docs/delivery.md).
+    next_offset: int = 0
 
     def observe(self, ts: datetime, grace: timedelta) -> Clock:
         """An accepted event at ``ts`` moves event time forward (the same clock when it does
@@ -94,14 +99,21 @@ class Clock:
             return self
         # the constructor, not dataclasses.replace (a third of its cost): once per event
         return Clock(self.kafka_partition, top, watermark, self.last_arrival_ms,
-                     self.last_tick_ms)
+                     self.last_tick_ms, self.next_offset)
 
-    def arrived(self, arrival_ms: int) -> Clock:
-        """Any valid message (late and duplicate ones too) shows the partition is not idle."""
-        if arrival_ms <= self.last_arrival_ms:
+    def arrived(self, arrival_ms: int, offset: int = -1) -> Clock:
+        """Any valid message (late and duplicate ones too) shows the partition is not idle;
+        ``offset``: the event's, now counted (see ``next_offset``)."""
+        arrival_ms = max(arrival_ms, self.last_arrival_ms)
+        next_offset = max(offset + 1, self.next_offset)
+        if arrival_ms == self.last_arrival_ms and next_offset == self.next_offset:
             return self
         return Clock(self.kafka_partition, self.max_event_ts, self.watermark, arrival_ms,
-                     self.last_tick_ms)  # as in observe
+                     self.last_tick_ms, next_offset)  # as in observe
+
+    def counted(self, offset: int) -> bool:
+        """Whether the event at ``offset`` was counted already (see ``next_offset``)."""
+        return offset < self.next_offset
 
     def tick(self, wall_ms: int, rules: SessionRules) -> Clock:
         """With no event for ``idle`` wall time, event time is assumed to follow the wall clock."""
@@ -116,8 +128,10 @@ class Clock:
         arrival, and no later than the last worker tick before it in the partition plus
         ``rules.tick_slack`` (it was appended after that tick, and before the next one).
 
-        Ticks are in the log, so the bound is the same on every replay; it holds whatever a
-        producer sets as its record timestamps, and however far behind the worker reads."""
+        Ticks are in the log, so the bound is the same on every replay from a clock that has not
+        counted the event yet (a clock that has may hold a later tick: such an event moves it no
+        more, see ``next_offset``); it holds whatever a producer sets as its record timestamps,
+        and however far behind the worker reads."""
         if not self.last_tick_ms:
             return arrival_ms
         return min(arrival_ms, self.last_tick_ms + int(rules.tick_slack.total_seconds() * 1000))

@@ -234,8 +234,15 @@ class PartitionSessions:
             outcome = self._add_compact(event, stored, offset, size)
         else:
             outcome = self._add(event, stored, offset, size)
-        self.clock = self.clock.arrived(arrival_ms)
-        if outcome in ("accepted", "redelivered"):  # a replay moves event time as it did first
+        # A replay moves event time as it did first. A redelivered event this clock counted
+        # already (a restart replays from the committed offset into a checkpoint taken later)
+        # moves it no more: its bound would come from a tick after it, so it could move the
+        # watermark past events that were in time the first time (docs/delivery.md). Accepted
+        # events always count: a re-created topic numbers its new events from 0 again.
+        moves = outcome == "accepted" or (
+            outcome == "redelivered" and not self.clock.counted(offset))
+        self.clock = self.clock.arrived(arrival_ms, offset)
+        if moves:
             # An event counts for the clock only up to its arrival: a producer's clock ahead
             # of the others' must not make their events late (docs/hostile-input.md).
             bound = self._bound_at(self.clock.bound_ms(arrival_ms, self.rules))

@@ -128,14 +128,14 @@ def _slot_partition(slot: StoredSlot) -> int:
 def _clock_to_json(clock: Clock) -> str:
     return json.dumps({"p": clock.kafka_partition, "max": clock.max_event_ts.isoformat(),
                        "wm": clock.watermark.isoformat(), "arr": clock.last_arrival_ms,
-                       "tick": clock.last_tick_ms})
+                       "tick": clock.last_tick_ms, "next": clock.next_offset})
 
 
 def _clock_from_json(raw: bytes | str) -> Clock:
     d = json.loads(raw)
     return Clock(kafka_partition=d["p"], max_event_ts=datetime.fromisoformat(d["max"]),
                  watermark=datetime.fromisoformat(d["wm"]), last_arrival_ms=d["arr"],
-                 last_tick_ms=d.get("tick", 0))
+                 last_tick_ms=d.get("tick", 0), next_offset=d.get("next", 0))
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -10,7 +10,12 @@ from factories import at, event
 
 from prefstream.streams.core.compact import OpenSlot
 from prefstream.streams.core.sessionize import Clock, SessionRules, add_event, expire
-from prefstream.streams.worker.app import slot_from_json, slot_to_json
+from prefstream.streams.worker.app import (
+    _clock_from_json,
+    _clock_to_json,
+    slot_from_json,
+    slot_to_json,
+)
 
 RULES = SessionRules()
 
@@ -54,3 +59,15 @@ def test_the_compact_record_is_json_with_every_value():
     assert (tag, session_id, user_id, partition) == ("open1", "s1", None, 2)
     assert [e[5] for e in events] == [ev.event.event_id for ev in slot.open.events]
     assert "Grüße \"quoted\" \\ 日本" in events[0][6]
+
+
+def test_the_clock_record_keeps_the_offset_it_counted_to_and_old_records_read_as_none():
+    """A restart replays into the checkpointed clock: it must know which events it counted
+    (``Clock.next_offset``, docs/delivery.md); a record without it counts none."""
+    clock = Clock(kafka_partition=2).observe(at(10), RULES.grace).arrived(5_000, 41)
+    assert clock.next_offset == 42
+    assert _clock_from_json(_clock_to_json(clock)) == clock
+    old = json.loads(_clock_to_json(clock))
+    del old["next"]
+    assert _clock_from_json(json.dumps(old)) == Clock(
+        kafka_partition=2, max_event_ts=at(10), watermark=at(5), last_arrival_ms=5_000)
