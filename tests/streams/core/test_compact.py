@@ -456,8 +456,11 @@ class ModelsOnly:
             self.slots.pop(ev.session_id, None)
         else:
             self.slots[ev.session_id] = slot
-        self.clock = self.clock.arrived(arrival_ms)
-        if outcome in ("accepted", "redelivered"):
+        # a redelivered event the clock counted already moves it no more (docs/delivery.md)
+        moves = outcome == "accepted" or (
+            outcome == "redelivered" and not self.clock.counted(offset))
+        self.clock = self.clock.arrived(arrival_ms, offset)
+        if moves:
             bound_ms = self.clock.bound_ms(arrival_ms, self.rules)
             bound = datetime.fromtimestamp(bound_ms / 1000, tz=timezone.utc)
             self.clock = self.clock.observe(min(ev.ts, bound), self.rules.grace)
