@@ -261,11 +261,27 @@ def memory(settings: Settings, n_sessions: int, log: Path, deadline: Deadline
                                                 / max(open_now - half_open, 1))}
 
 
+#: after a flush covered every message: time for its changelog to be acknowledged and its
+#: offsets committed, so the reading is of a settled worker, not of a checkpoint in flight
+SETTLE_S = 3.0
+
+
 def _wait_open(settings: Settings, n: int, deadline: Deadline) -> None:
+    """Until ``n`` sessions are open and a flush covered every message sent, then settled."""
+    from prefstream.sim.demo import end_offsets
+
     while metric_sum(settings, "prefstream_sessions_open") < n:
         deadline.check(f"{n} open sessions (the worker reports "
                        f"{metric_sum(settings, 'prefstream_sessions_open'):.0f})")
         time.sleep(0.5)
+    ends = end_offsets(settings)
+    while True:
+        marks = read_watermarks(settings.data_dir)
+        if all(p in marks and marks[p].applied_offset + 1 >= end for p, end in ends.items()):
+            break
+        deadline.check(f"a flush covering the {n} sessions' events")
+        time.sleep(0.2)
+    time.sleep(SETTLE_S)
 
 
 def _open_sessions(settings: Settings, numbers: range) -> None:

@@ -44,6 +44,7 @@ from prefstream.streams.worker.ticks import sign_tick
 log = logging.getLogger(__name__)
 
 CLOCK_KEY = "__clock__:{}"
+CHANGELOG_CHUNK = 2_000  # changelog records in flight at once (see TableStore.wait_sent)
 MARK_KEY = "__mark__:{}"  # ends a checkpoint in its changelog partition
 
 
@@ -64,7 +65,8 @@ class TableStore:
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self.in_flight: list[Any] = []  # changelog sends not yet acknowledged by the broker
+        #: records saved and not sent yet: (changelog partition, key, slot, clock or None)
+        self.queued: list[tuple[int, str, StoredSlot | Clock | None]] = []
         self.touched: set[int] = set()  # changelog partitions written since the last marker
 
     async def wait_sent(self) -> None:
@@ -77,10 +79,17 @@ class TableStore:
         partition's end offset as the first offset of its last batch plus one, and Faust's
         recovery reads a changelog only up to that end, so without the marker a restarted
         worker could miss the tail of the last checkpoint (the clock is written last).
+
+        Records go out ``CHANGELOG_CHUNK`` at a time, each chunk once the one before is
+        acknowledged: Faust holds about 1 KB per record until then, and a checkpoint of 20,000
+        sessions sent at once left that much in the allocator for good (docs/operations.md,
+        "State memory").
         """
-        sends, self.in_flight = self.in_flight, []
-        if sends:
-            await asyncio.gather(*sends)
+        queued, self.queued = self.queued, []
+        for start in range(0, len(queued), CHANGELOG_CHUNK):
+            await asyncio.gather(*(self._send(p, key, value)
+                                   for p, key, value in queued[start:start + CHANGELOG_CHUNK]))
+        if queued:
             crashpoints.reach("changelog")
         touched, self.touched = sorted(self.touched), set()
         if touched:
@@ -104,18 +113,21 @@ class TableStore:
 
     def save(self, kafka_partition: int, clock: Clock,
              slots: dict[str, StoredSlot | None]) -> None:
+        """Queue the slots, then the clock, for :meth:`wait_sent` (values are immutable)."""
         for key, slot in slots.items():
-            self._put(kafka_partition, key, None if slot is None else slot_to_json(slot))
-        self._put(kafka_partition, CLOCK_KEY.format(kafka_partition), _clock_to_json(clock))
+            self._put(kafka_partition, key, slot)
+        self._put(kafka_partition, CLOCK_KEY.format(kafka_partition), clock)
 
-    def _put(self, partition: int, key: str, value: str | None) -> None:
+    def _put(self, partition: int, key: str, value: StoredSlot | Clock | None) -> None:
         self.table.data.pop(key, None)  # a recovered value, no longer current (see above)
-        if value is None:  # a tombstone, sent raw as Faust itself does for deletions
-            sent = self.table.send_changelog(partition, key, None, value_serializer="raw")
-        else:
-            sent = self.table.send_changelog(partition, key, value)
-        self.in_flight.append(sent)
+        self.queued.append((partition, key, value))
         self.touched.add(partition)
+
+    def _send(self, partition: int, key: str, value: StoredSlot | Clock | None) -> Any:
+        if value is None:  # a tombstone, sent raw as Faust itself does for deletions
+            return self.table.send_changelog(partition, key, None, value_serializer="raw")
+        record = _clock_to_json(value) if isinstance(value, Clock) else slot_to_json(value)
+        return self.table.send_changelog(partition, key, record)
 
 
 def _slot_partition(slot: StoredSlot) -> int:
