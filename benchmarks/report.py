@@ -179,6 +179,16 @@ def _cpu(per_event: dict[str, float] | None, workers: int = 1) -> str:
     return " CPU per event while timed: " + " and ".join(parts) + "."
 
 
+def _timed_from(scaled: dict[str, Any]) -> str:
+    """How the scale-out run was timed, when it left events out ("" for older results)."""
+    if "events_before_timing" not in scaled:
+        return ""
+    return (f" Timed from the moment every worker handled its first event, over the events "
+            f"from then on ({scaled['events_before_timing']:,} handled before were left out): "
+            f"a worker that starts later joins the group after the others began, and the "
+            f"rebalance it brings is no part of the group's steady rate.")
+
+
 ROUND_NAMES = {"faust_naive": "naive per-event agent", "faust_take": "naive take(5000) agent",
                "prefstream": "worker", "pipeline_process": "worker with its pipeline process",
                "scale_out": "scale-out"}
@@ -240,7 +250,8 @@ def pipeline_section(r: Result) -> list[str]:
         if scaled:
             lines += [f"Scale-out: {scaled['workers']} worker processes in one consumer group, "
                       f"sharing the {r.get('partitions')} partitions on the same machine, "
-                      + _stored(scaled, "of_one_worker", "one worker", scaled["workers"]), ""]
+                      + _stored(scaled, "of_one_worker", "one worker", scaled["workers"])
+                      + _timed_from(scaled), ""]
         if t.get("n_rounds", 1) > 1:
             lines += [_rounds(t), ""]
     f = r.get("freshness")
