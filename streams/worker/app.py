@@ -73,28 +73,31 @@ class TableStore:
         """Until every changelog record of the checkpoint is acknowledged, then end it with a
         marker record per changelog partition written.
 
-        ``producer.flush()`` alone is not enough: Faust's buffer flush returns after 0.1 s
-        without progress, possibly with records still queued. The marker goes out alone, in its
+        The marker goes out alone, in its
         own record batch, once the checkpoint is acknowledged: some brokers (Tansu) report a
         partition's end offset as the first offset of its last batch plus one, and Faust's
         recovery reads a changelog only up to that end, so without the marker a restarted
         worker could miss the tail of the last checkpoint (the clock is written last).
 
         Records go out ``CHANGELOG_CHUNK`` at a time, each chunk once the one before is
-        acknowledged: Faust holds about 1 KB per record until then, and a checkpoint of 20,000
+        acknowledged: a record in flight costs about 1 KB until then, and a checkpoint of 20,000
         sessions sent at once left that much in the allocator for good (docs/operations.md,
         "State memory").
+
+        Records go to the Kafka producer directly, encoded as the table would (``prepare_key``
+        and ``prepare_value`` of its changelog topic): through the table they would queue in
+        Faust's producer buffer, and Faust's conductor holds every fetched message back while
+        that buffer holds over 100 (logging "producer buffer full" for each).
         """
         queued, self.queued = self.queued, []
         for start in range(0, len(queued), CHANGELOG_CHUNK):
-            await asyncio.gather(*(self._send(p, key, value)
-                                   for p, key, value in queued[start:start + CHANGELOG_CHUNK]))
+            await asyncio.gather(*[await self._send(p, key, self._record(value))
+                                   for p, key, value in queued[start:start + CHANGELOG_CHUNK]])
         if queued:
             crashpoints.reach("changelog")
         touched, self.touched = sorted(self.touched), set()
         if touched:
-            await asyncio.gather(*(self.table.send_changelog(p, MARK_KEY.format(p), "1")
-                                   for p in touched))
+            await asyncio.gather(*[await self._send(p, MARK_KEY.format(p), "1") for p in touched])
 
     def load(self, kafka_partition: int) -> tuple[Clock | None, list[tuple[str, StoredSlot]]]:
         clock = None
@@ -123,11 +126,19 @@ class TableStore:
         self.queued.append((partition, key, value))
         self.touched.add(partition)
 
-    def _send(self, partition: int, key: str, value: StoredSlot | Clock | None) -> Any:
-        if value is None:  # a tombstone, sent raw as Faust itself does for deletions
-            return self.table.send_changelog(partition, key, None, value_serializer="raw")
-        record = _clock_to_json(value) if isinstance(value, Clock) else slot_to_json(value)
-        return self.table.send_changelog(partition, key, record)
+    @staticmethod
+    def _record(value: StoredSlot | Clock | None) -> str | None:
+        if value is None:  # a tombstone: no value, as Faust itself sends deletions
+            return None
+        return _clock_to_json(value) if isinstance(value, Clock) else slot_to_json(value)
+
+    async def _send(self, partition: int, key: str, record: str | None) -> Any:
+        """Hand one changelog record to the producer; returns its acknowledgement."""
+        topic = self.table.changelog_topic
+        key_bytes, _ = topic.prepare_key(key, None)
+        value_bytes = None if record is None else topic.prepare_value(record, None)[0]
+        return await self.table.app.producer.send(topic.get_topic_name(), key_bytes,
+                                                  value_bytes, partition, None, None)
 
 
 def _slot_partition(slot: StoredSlot) -> int:

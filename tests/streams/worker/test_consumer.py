@@ -96,13 +96,18 @@ def test_an_error_after_the_hand_off_blocked_propagates_to_its_awaiter():
     asyncio.run(scenario())
 
 
-def test_the_worker_app_consumes_through_this_consumer(tmp_path):
+def test_the_worker_app_consumes_through_this_consumer(tmp_path, caplog):
     from prefstream.streams.worker.app import create_app
 
     app = create_app(Settings(data_dir=tmp_path, metrics_port=0))
     assert isinstance(app.consumer, consumer.Consumer)
     app.on_init_dependencies()  # what starting the app does first
     assert app.monitor not in app.sensors  # Faust's per-message stats for its web views: off
+    with caplog.at_level("WARNING"):  # Faust's rebalance bookkeeping still has a sensor state
+        app.on_rebalance_start()
+        app.on_rebalance_return()
+        app.on_rebalance_end()
+    assert not [r for r in caplog.records if "sensor state" in r.getMessage()]
 
 
 def test_an_abandoned_offset_commit_is_one_line_not_a_traceback(caplog):
