@@ -246,7 +246,7 @@ class Settings(BaseSettings):
                                  "batch before it handles what it has.")
     pipeline_process: bool = Field(False, description="Run the worker's pipeline (validate, "
                                    "sessionize, pair, write files) in a child process fed whole "
-                                   "batches: about x1.25 to x1.3 the events/s of one worker when "
+                                   "batches: about x1.3 to x1.6 the events/s of one worker when "
                                    "it has two cores to itself, for about 110 MB more; off, "
                                    "workers scale by process, one core each (docs/operations.md).")
     compaction_max_files: int = Field(32, ge=2, description="A partition written to that holds "
