@@ -25,7 +25,7 @@ from helpers.worker import (
 
 from prefstream.settings import Settings
 from prefstream.sim.demo import end_offsets, wait_until_drained
-from prefstream.sim.traffic import TrafficConfig, generate_traffic
+from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic
 from prefstream.storage.files import read_watermarks
 from prefstream.streams.broker import EmbeddedBroker
 from prefstream.streams.producer import FeedbackProducer
@@ -96,6 +96,19 @@ def test_exact_pairs_from_a_scripted_session(broker: EmbeddedBroker, tmp_path: P
     assert len(dlq) == 2 and all(b'"reason"' in v for v in dlq)
 
 
+def produce_traffic(broker: EmbeddedBroker, settings: Settings, *, n_events: int,
+                    seed: int) -> tuple[Traffic, dict[int, int]]:
+    """Generated traffic on the settings' (new) topic; returns it and the end offsets."""
+    prepare(settings)
+    traffic = generate_traffic(TrafficConfig(n_events=n_events, seed=seed, end=T0))
+    producer = FeedbackProducer(broker.bootstrap, topic=settings.events_topic)
+    for key, value in traffic.messages:
+        producer.send_raw(key, value)
+    producer.flush()
+    producer.close()
+    return traffic, end_offsets(settings)
+
+
 def snapshot(data_dir: Path) -> dict[str, set[str]]:
     return {t: {r[0] for r in query(data_dir, f"SELECT {c} FROM {t}")}
             for t, c in TABLE_IDS.items()}
@@ -108,14 +121,7 @@ def test_worker_restarted_mid_stream_loses_and_duplicates_nothing(
     name = f"restart-{signal.Signals(sig).name.lower()}"
     settings = make_settings(broker, tmp_path / "data", name, flush_max_events=200,
                              take_max_events=100)  # many flushes: the stop lands mid-stream
-    prepare(settings)
-    traffic = generate_traffic(TrafficConfig(n_events=3000, seed=7, end=T0))
-    producer = FeedbackProducer(broker.bootstrap, topic=settings.events_topic)
-    for key, value in traffic.messages:
-        producer.send_raw(key, value)
-    producer.flush()
-    producer.close()
-    targets = end_offsets(settings)
+    traffic, targets = produce_traffic(broker, settings, n_events=3000, seed=7)
 
     worker = start_worker(settings, tmp_path / "worker-1.log")
     deadline = time.monotonic() + 60
@@ -147,14 +153,7 @@ def test_a_backlog_is_stored_once_read_not_a_flush_interval_later(
     settings = make_settings(broker, tmp_path / "data", "backlog", take_max_events=100,
                              flush_max_events=100_000).model_copy(
                                  update={"flush_interval_s": 60.0})
-    prepare(settings)
-    traffic = generate_traffic(TrafficConfig(n_events=1000, seed=3, end=T0))
-    producer = FeedbackProducer(broker.bootstrap, topic=settings.events_topic)
-    for key, value in traffic.messages:
-        producer.send_raw(key, value)
-    producer.flush()
-    producer.close()
-    targets = end_offsets(settings)
+    _, targets = produce_traffic(broker, settings, n_events=1000, seed=3)
 
     worker = start_worker(settings, tmp_path / "worker.log")
     started = time.monotonic()
