@@ -57,12 +57,12 @@ from workers import (  # noqa: E402
     process_tree,
     start_worker,
     stop_worker,
+    stored_through,
 )
 
 from prefstream.settings import Settings  # noqa: E402
 from prefstream.sim.demo import end_offsets, scrape, traffic_end  # noqa: E402
 from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
-from prefstream.storage.files import read_watermarks  # noqa: E402
 from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
 from prefstream.streams.producer import FeedbackProducer  # noqa: E402
 from prefstream.streams.worker.run import prepare  # noqa: E402
@@ -207,9 +207,7 @@ def _outcomes(each: list[Settings]) -> dict[str, float]:
 
 
 def _durable(settings: Settings, ends: dict[int, int], bar: tqdm[Any]) -> bool:
-    marks = read_watermarks(settings.data_dir)
-    done = {p: min(end, marks[p].applied_offset + 1) if p in marks else 0
-            for p, end in ends.items()}
+    done = stored_through(settings, ends)
     bar.update(sum(done.values()) - bar.n)
     return all(done[p] >= end for p, end in ends.items())
 
@@ -264,7 +262,7 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
                 "pipeline_process": False}), n, work / f"worker-scaled-{k}.log", deadline,
                 workers=scale_workers))
     out["rounds"] = {name: [round(_rate(r)) for r in got] for name, got in runs.items() if got}
-    naive, take = median_rate(runs["faust_naive"]), median_rate(runs["faust_take"])
+    naive, take = median_run(runs["faust_naive"]), median_run(runs["faust_take"])
     full = median_run(runs["prefstream"])
     out.update(faust_naive_events_per_s=round(naive), faust_take_events_per_s=round(take),
                prefstream_events_per_s=round(full["events_per_s"]),
@@ -301,13 +299,9 @@ def _rate(run: float | dict[str, Any]) -> float:
     return run if isinstance(run, float | int) else float(run["events_per_s"])
 
 
-def median_rate(runs: list[float]) -> float:
-    """The median of the rounds' events/s (the lower middle one of an even number)."""
-    return sorted(runs)[(len(runs) - 1) // 2]
-
-
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The round whose events/s is the median (the lower middle one of an even number)."""
+def median_run(runs: list[Any]) -> Any:
+    """The round whose events/s is the median (the lower middle one of an even number): a
+    naive agent's rate itself, or a worker run's result."""
     return sorted(runs, key=_rate)[(len(runs) - 1) // 2]
 
 

@@ -28,11 +28,13 @@ from workers import (
     metric_sum,
     start_worker,
     stop_worker,
+    stored_through,
     wait_consuming,
 )
 
 from prefstream.schemas.events import Impression
 from prefstream.settings import Settings
+from prefstream.sim.demo import end_offsets
 from prefstream.sim.traffic import Traffic, TrafficConfig, generate_traffic
 from prefstream.storage.catalog import connect_readonly
 from prefstream.storage.files import read_watermarks
@@ -200,8 +202,6 @@ def _replay(settings: Settings, plan: list[Send], deadline: Deadline
 
 def _wait_drained(settings: Settings, deadline: Deadline) -> None:
     """Until every partition's rows are stored up to its end offset and no session is open."""
-    from prefstream.sim.demo import end_offsets
-
     ends = end_offsets(settings)
     while True:
         marks = read_watermarks(settings.data_dir)
@@ -268,17 +268,12 @@ SETTLE_S = 3.0
 
 def _wait_open(settings: Settings, n: int, deadline: Deadline) -> None:
     """Until ``n`` sessions are open and a flush covered every message sent, then settled."""
-    from prefstream.sim.demo import end_offsets
-
     while metric_sum(settings, "prefstream_sessions_open") < n:
         deadline.check(f"{n} open sessions (the worker reports "
                        f"{metric_sum(settings, 'prefstream_sessions_open'):.0f})")
         time.sleep(0.5)
     ends = end_offsets(settings)
-    while True:
-        marks = read_watermarks(settings.data_dir)
-        if all(p in marks and marks[p].applied_offset + 1 >= end for p, end in ends.items()):
-            break
+    while stored_through(settings, ends) != ends:
         deadline.check(f"a flush covering the {n} sessions' events")
         time.sleep(0.2)
     time.sleep(SETTLE_S)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefstream.settings import Settings
 from prefstream.sim.demo import scrape
+from prefstream.storage.files import read_watermarks
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -164,3 +165,11 @@ def _process_tree(pid: int) -> list[int]:
                 pass
         i += 1
     return tree
+
+
+def stored_through(settings: Settings, ends: dict[int, int]) -> dict[int, int]:
+    """Per Kafka partition, how many of its messages up to ``ends`` (end offsets) the worker's
+    flushes made durable: its watermark file's applied offset plus one, at most the end."""
+    marks = read_watermarks(settings.data_dir)
+    return {p: min(end, marks[p].applied_offset + 1) if p in marks else 0
+            for p, end in ends.items()}

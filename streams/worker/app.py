@@ -73,11 +73,11 @@ class TableStore:
         """Until every changelog record of the checkpoint is acknowledged, then end it with a
         marker record per changelog partition written.
 
-        The marker goes out alone, in its
-        own record batch, once the checkpoint is acknowledged: some brokers (Tansu) report a
-        partition's end offset as the first offset of its last batch plus one, and Faust's
-        recovery reads a changelog only up to that end, so without the marker a restarted
-        worker could miss the tail of the last checkpoint (the clock is written last).
+        The marker goes out alone, in its own record batch, once the checkpoint is
+        acknowledged: some brokers (Tansu) report a partition's end offset as the first offset
+        of its last batch plus one, and Faust's recovery reads a changelog only up to that end,
+        so without the marker a restarted worker could miss the tail of the last checkpoint
+        (the clock is written last).
 
         Records go out ``CHANGELOG_CHUNK`` at a time, each chunk once the one before is
         acknowledged: a record in flight costs about 1 KB until then, and a checkpoint of 20,000

@@ -114,10 +114,9 @@ def flush_due(settings: Settings, events_since_flush: int, last_flush: float, *,
     interval would only delay the rows; see docs/delivery.md)."""
     if events_since_flush >= settings.flush_max_events:
         return True
-    if events_since_flush > 0 and caught_up:
-        return True
-    elapsed = time.monotonic() - last_flush
-    return events_since_flush > 0 and elapsed >= settings.flush_interval_s
+    if not events_since_flush:
+        return False
+    return caught_up or time.monotonic() - last_flush >= settings.flush_interval_s
 
 
 def arrival_time(timestamp_ms: int) -> datetime | None:

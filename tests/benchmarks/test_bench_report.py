@@ -247,7 +247,7 @@ def test_cpu_per_event_counts_the_worker_and_its_pipeline_process_apart() -> Non
 def test_rounds_report_the_median_round_and_every_round() -> None:
     runs = [{"events_per_s": r} for r in (9_000.0, 7_000.0, 11_000.0)]
     assert bench_pipeline.median_run(runs) == {"events_per_s": 9_000.0}
-    assert bench_pipeline.median_rate([3.0, 1.0]) == 1.0  # the lower middle of an even number
+    assert bench_pipeline.median_run([3.0, 1.0]) == 1.0  # the lower middle of an even number
     pipeline = checked_in("pipeline")
     throughput = pipeline["throughput"]
     throughput.update(n_rounds=3, rounds={"faust_naive": [10_100, 9_000, 10_500],
