@@ -291,8 +291,7 @@ def create_app(settings: Settings) -> faust.App:
                                                       timestamp_ms=ts_ms)]
             crashpoints.reach("handle", len(batch))
             await send_side(side_messages)
-        if pipeline.due(caught_up=caught_up):
-            await flusher.flush()
+        await flusher.flush_if_due(caught_up=caught_up)
 
     @app.timer(interval=min(0.25, settings.flush_interval_s / 4))
     async def flush_when_due() -> None:

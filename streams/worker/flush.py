@@ -56,6 +56,9 @@ class Flusher:
         self.uncommitted: dict[TP, int] = {}
         # the flush being written, at most one (see ``Pipeline.start_flush``)
         self.writing: list[asyncio.Future[None]] = []
+        #: a flush came due while another was being written: start it once that one is done
+        self.deferred = False
+        self._follow_up: asyncio.Future[None] | None = None
         #: whether this process logged a flush yet: the first is logged even when idle, so an
         #: operator (and the handover test) sees the worker commit before any row is stored
         self.logged_once = False
@@ -69,16 +72,46 @@ class Flusher:
         """A flush is being written now."""
         return bool(self.writing) and not self.writing[0].done()
 
+    async def flush_if_due(self, *, caught_up: bool = False) -> None:
+        """After a batch was handled (under :attr:`lock`): start the flush that is due, or,
+        while the previous one is still being written, start it as soon as that one is done
+        and go on handling meanwhile, up to twice ``flush_max_events`` waiting (then wait for
+        it: the bound on what a flush holds). Handling is not held up by the previous flush's
+        changelog and commit, which mostly wait on the broker (docs/delivery.md, "When rows
+        are written")."""
+        if not self.pipeline.due(caught_up=caught_up):
+            return
+        if self.busy and self.pipeline.waiting < 2 * self.pipeline.settings.flush_max_events:
+            self.deferred = True
+            return
+        await self.flush()
+
     async def flush(self) -> None:
         """Start a flush of everything handled so far (under :attr:`lock`), once the previous
         one is done; :meth:`settle` waits for it to be durable and committed."""
         await self.settle()
+        self.deferred = False  # this one takes whatever was waiting
         job = self.pipeline.start_flush()
         # as the job took it; saved once its rows are durable
         state = self.pipeline.take_checkpoint()
         targets = dict(self.uncommitted)
         self.uncommitted.clear()
-        self.writing.append(asyncio.ensure_future(self._complete(job, state, targets)))
+        writing = asyncio.ensure_future(self._complete(job, state, targets))
+        writing.add_done_callback(self._written)
+        self.writing.append(writing)
+
+    def _written(self, writing: asyncio.Future[None]) -> None:
+        if self.deferred and not writing.cancelled() and writing.exception() is None:
+            self._follow_up = asyncio.ensure_future(self._flush_deferred())
+
+    async def _flush_deferred(self) -> None:
+        """The flush that came due while the previous one was written (see
+        :meth:`flush_if_due`), unless a flush took its events meanwhile."""
+        async with self.lock:
+            if self.deferred and not self.app.should_stop:
+                self.deferred = False
+                if self.pipeline.due(caught_up=True):
+                    await self.flush()
 
     async def settle(self) -> None:
         """Until the flush being written (if any) is durable and committed."""

@@ -255,6 +255,11 @@ class RemotePipeline:
         except ConnectionError:  # it died meanwhile: its reader reports it and stops the worker
             pass
 
+    @property
+    def waiting(self) -> int:
+        """Events relayed since the last flush started."""
+        return self._events_since_flush
+
     def due(self, *, caught_up: bool = False) -> bool:
         """As ``Pipeline.due``: enough events, events waiting ``flush_interval_s``, or events
         waiting when the worker caught up with a backlog."""

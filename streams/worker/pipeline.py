@@ -304,6 +304,11 @@ class Pipeline:
         return partition_for(received, hours=self.settings.partition_hours)
 
     # -- batches -------------------------------------------------------------------------
+    @property
+    def waiting(self) -> int:
+        """Events handled since the last flush started."""
+        return self._events_since_flush
+
     def due(self, *, caught_up: bool = False) -> bool:
         return flush_due(self.settings, self._events_since_flush, self._last_flush,
                          caught_up=caught_up)
