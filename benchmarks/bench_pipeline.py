@@ -49,39 +49,29 @@ from machine import (  # noqa: E402
     now_iso,
     write_result,
 )
+from scale_out import formed_group_rate, session_timeout_for  # noqa: E402
 from workers import (  # noqa: E402
     Deadline,
     StageError,
+    cpu_per_event,
     cpu_seconds,
+    durable,
     metric_sum,
     process_tree,
+    produce,
+    settled_outcomes,
     start_worker,
     stop_worker,
-    stored_through,
 )
 
 from prefstream.settings import Settings  # noqa: E402
-from prefstream.sim.demo import end_offsets, scrape, traffic_end  # noqa: E402
+from prefstream.sim.demo import end_offsets, traffic_end  # noqa: E402
 from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
 from prefstream.streams.broker import EmbeddedBroker, free_port  # noqa: E402
-from prefstream.streams.producer import FeedbackProducer  # noqa: E402
 from prefstream.streams.worker.run import prepare  # noqa: E402
 
 PARTITIONS = 4
 STAGES = ("throughput", "freshness", "memory")
-
-
-def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
-    producer = FeedbackProducer(bootstrap, topic=topic, max_block_ms=30_000,
-                                batch_size=256 * 1024, linger_ms=20)
-    started = time.perf_counter()
-    for key, value in tqdm(messages, desc=f"produce {topic}", unit="ev", leave=False, disable=None):
-        producer.send_raw(key, value)
-    producer.flush(timeout_s=300)
-    producer.close()
-    if producer.failed:
-        raise StageError(f"produce: {producer.failed} events not delivered: {producer.errors[:3]}")
-    return len(messages) / (time.perf_counter() - started)
 
 
 async def aiokafka_rate(bootstrap: str, topic: str, n: int, deadline: Deadline) -> float:
@@ -130,90 +120,33 @@ def faust_rate(bootstrap: str, topic: str, n: int, mode: str, deadline: Deadline
     return n / (result["last"] - result["first"])
 
 
-def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline, *,
-                    workers: int = 1) -> dict[str, Any]:
-    """Events/s of the worker (or of ``workers`` worker processes in one group, sharing the
-    partitions) from the first event to every partition's rows being durable.
-
-    Several workers are timed from the moment each of them handled its first event, over the
-    events handled from then on: one that starts later joins the group after the others began,
-    and the rebalance it brings (a few seconds, or none: it depends on the start-up's timing)
-    is no part of the steady rate of the group."""
+def prefstream_rate(settings: Settings, n: int, log: Path, deadline: Deadline
+                    ) -> dict[str, Any]:
+    """Events/s of the worker from its first event to every partition's rows being durable."""
     prepare(settings)
     ends = end_offsets(settings)
-    each = [settings] + [settings.model_copy(update={"metrics_port": free_port()})
-                         for _ in range(workers - 1)]
-    procs = [start_worker(s, log.with_name(f"{log.stem}-{k}{log.suffix}") if k else log,
-                          deadline, add=k > 0) for k, s in enumerate(each)]
-    first, before = 0.0, 0.0  # when timing starts, and the events handled by then
+    proc = start_worker(settings, log, deadline)
     try:
         with tqdm(total=n, desc="prefstream worker", unit="ev", leave=False, disable=None) as bar:
-            while not first:
-                deadline.check("every worker's first event")
-                counts = [metric_sum(s, "prefstream_events_total") for s in each]
-                if workers == 1 and counts[0]:
-                    first = time.perf_counter()
-                elif all(counts):
-                    first, before = time.perf_counter(), sum(counts)
-                elif any(counts) and _durable(settings, ends, bar):
-                    raise StageError(f"throughput: one of {workers} workers stored all {n} "
-                                     "events before the others began: time more --events")
+            while not metric_sum(settings, "prefstream_events_total"):
+                deadline.check("the worker's first event")
                 time.sleep(0.02)
-            trees = [process_tree(p.pid) for p in procs]  # each worker and its pipeline process
-            cpu_first = [cpu_seconds(tree) for tree in trees]
-            while not _durable(settings, ends, bar):
+            first = time.perf_counter()
+            tree = process_tree(proc.pid)  # the worker and its pipeline process
+            cpu_first = cpu_seconds(tree)
+            while not durable(settings, ends, bar):
                 deadline.check(f"the worker to store all {n} events")
                 time.sleep(0.02)
-            last = time.perf_counter()
-            cpu_last = [cpu_seconds(tree) for tree in trees]
-        # the counts may trail the files a little (a pipeline process sends its metrics at most
-        # every 0.1 s): read them until every message is counted, for at most 3 s
-        settle = time.monotonic() + 3.0
-        while sum((outcomes := _outcomes(each)).values()) < n and time.monotonic() < settle:
-            time.sleep(0.1)
+            last, cpu_last = time.perf_counter(), cpu_seconds(tree)
+        counted = settled_outcomes([settings], n)
     finally:
-        for proc in procs:
-            stop_worker(proc)
-    if outcomes.get("accepted", 0) < n / 2:
-        raise StageError(f"throughput: the worker accepted under half of the events ({outcomes}):"
+        stop_worker(proc)
+    if counted.get("accepted", 0) < n / 2:
+        raise StageError(f"throughput: the worker accepted under half of the events ({counted}):"
                          " the traffic is not what the full pipeline should see")
-    timed = n - before
-    return {"events_per_s": timed / (last - first), "seconds": round(last - first, 2),
-            "events_before_timing": round(before), "outcomes": outcomes,
-            "cpu_us_per_event": _cpu_per_event(trees, cpu_first, cpu_last, timed)}
-
-
-def _cpu_per_event(trees: list[list[int]], before: list[dict[int, float]],
-                   after: list[dict[int, float]], n: int) -> dict[str, float]:
-    """CPU µs per event over the timed window: the workers' own processes (``agent``, each
-    tree's root: where Faust runs) and their descendants, the pipeline processes
-    (``pipeline``), each summed over the workers."""
-    out = {"agent": 0.0, "pipeline": 0.0}
-    for tree, b, a in zip(trees, before, after, strict=True):
-        for pid in tree:
-            if pid in a and pid in b:
-                out["agent" if pid == tree[0] else "pipeline"] += a[pid] - b[pid]
-    return {k: round(v / n * 1e6, 1) for k, v in out.items()}
-
-
-def _outcomes(each: list[Settings]) -> dict[str, float]:
-    """``prefstream_events_total`` by outcome, summed over the workers."""
-    outcomes: dict[str, float] = {}
-    for s in each:
-        for k, v in _scrape_family(s, "prefstream_events_total"):
-            outcome = k.split('"')[1]
-            outcomes[outcome] = outcomes.get(outcome, 0.0) + v
-    return outcomes
-
-
-def _durable(settings: Settings, ends: dict[int, int], bar: tqdm[Any]) -> bool:
-    done = stored_through(settings, ends)
-    bar.update(sum(done.values()) - bar.n)
-    return all(done[p] >= end for p, end in ends.items())
-
-
-def _scrape_family(settings: Settings, name: str) -> list[tuple[str, float]]:
-    return [(k, v) for k, v in scrape(settings).items() if k.startswith(name + "{")]
+    return {"events_per_s": n / (last - first), "seconds": round(last - first, 2),
+            "outcomes": counted, "cpu_us_per_event": cpu_per_event([tree], [cpu_first],
+                                                                   [cpu_last], n)}
 
 
 def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
@@ -237,7 +170,11 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
     out["aiokafka_events_per_s"] = round(asyncio.run(
         aiokafka_rate(bootstrap, "bench-events", n, deadline)))
     runs: dict[str, list[Any]] = {"faust_naive": [], "faust_take": [], "prefstream": [],
-                                  "pipeline_process": [], "scale_out": []}
+                                  "pipeline_process": [], "formed_one": [], "scale_out": []}
+    # scale-out: one and then several one-process workers, each run on a formed group
+    # (scale_out.py), paused while the traffic is produced: no heartbeat meanwhile
+    grouped = settings.model_copy(update={"pipeline_process": False, "session_timeout_s":
+                                          session_timeout_for(n, out["producer_events_per_s"])})
     for k in range(rounds):
         name = f"round {k + 1} of {rounds}" if rounds > 1 else ""
         each = settings.model_copy(update={"data_dir": work / f"through-{k}",
@@ -255,12 +192,13 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
         runs["pipeline_process"].append(prefstream_rate(each.model_copy(update={
             "data_dir": work / f"through-two-{k}", "app_id": f"bench-two-{k}",
             "pipeline_process": True}), n, work / f"worker-two-process-{k}.log", deadline))
-        if scale_workers > 1:  # scale-out: one-process workers in one consumer group
-            stage(f"throughput: {scale_workers} prefstream workers {name}")
-            runs["scale_out"].append(prefstream_rate(each.model_copy(update={
-                "data_dir": work / f"through-scaled-{k}", "app_id": f"bench-scaled-{k}",
-                "pipeline_process": False}), n, work / f"worker-scaled-{k}.log", deadline,
-                workers=scale_workers))
+        for workers, key in ((1, "formed_one"), (scale_workers, "scale_out")):
+            if scale_workers > 1:
+                stage(f"throughput: {workers} prefstream worker(s), formed group {name}")
+                runs[key].append(formed_group_rate(grouped.model_copy(update={
+                    "data_dir": work / f"through-{key}-{k}", "app_id": f"bench-{key}-{k}",
+                    "events_topic": f"bench-{key}-{k}"}), traffic.messages, workers,
+                    work / f"worker-{key}-{k}.log", deadline))
     out["rounds"] = {name: [round(_rate(r)) for r in got] for name, got in runs.items() if got}
     naive, take = median_run(runs["faust_naive"]), median_run(runs["faust_take"])
     full = median_run(runs["prefstream"])
@@ -281,16 +219,18 @@ def throughput(base: Settings, work: Path, n_events: int, deadline: Deadline,
                                     zip(runs["pipeline_process"], runs["faust_naive"],
                                         strict=True)]}
     if runs["scale_out"]:
-        scaled = median_run(runs["scale_out"])
+        scaled, one = median_run(runs["scale_out"]), median_run(runs["formed_one"])
         out["scale_out"] = {
             "workers": scale_workers, "events_per_s": round(scaled["events_per_s"]),
             "seconds": scaled["seconds"], "outcomes": scaled["outcomes"],
-            "cpu_us_per_event": scaled["cpu_us_per_event"],
-            "of_one_worker": round(scaled["events_per_s"] / full["events_per_s"], 3),
+            "cpu_us_per_event": scaled["cpu_us_per_event"], "formed_group": True,
+            "one_worker": {k: one[k] for k in ("seconds", "outcomes", "cpu_us_per_event")}
+            | {"events_per_s": round(one["events_per_s"])},
+            "of_one_worker": round(scaled["events_per_s"] / one["events_per_s"], 3),
             "of_faust_naive": round(scaled["events_per_s"] / naive, 3),
-            "events_before_timing": scaled["events_before_timing"],
+            # each round against one worker timed the same way just before it
             "of_one_worker_by_round": [round(r["events_per_s"] / o["events_per_s"], 3) for r, o
-                                       in zip(runs["scale_out"], runs["prefstream"],
+                                       in zip(runs["scale_out"], runs["formed_one"],
                                               strict=True)]}
     return out
 

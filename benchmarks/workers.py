@@ -13,10 +13,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
 
 from prefstream.settings import Settings
 from prefstream.sim.demo import scrape
 from prefstream.storage.files import read_watermarks
+from prefstream.streams.producer import FeedbackProducer
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMINAL_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -173,3 +177,58 @@ def stored_through(settings: Settings, ends: dict[int, int]) -> dict[int, int]:
     marks = read_watermarks(settings.data_dir)
     return {p: min(end, marks[p].applied_offset + 1) if p in marks else 0
             for p, end in ends.items()}
+
+
+def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
+    producer = FeedbackProducer(bootstrap, topic=topic, max_block_ms=30_000,
+                                batch_size=256 * 1024, linger_ms=20)
+    started = time.perf_counter()
+    for key, value in tqdm(messages, desc=f"produce {topic}", unit="ev", leave=False, disable=None):
+        producer.send_raw(key, value)
+    producer.flush(timeout_s=300)
+    producer.close()
+    if producer.failed:
+        raise StageError(f"produce: {producer.failed} events not delivered: {producer.errors[:3]}")
+    return len(messages) / (time.perf_counter() - started)
+
+
+def cpu_per_event(trees: list[list[int]], before: list[dict[int, float]],
+                   after: list[dict[int, float]], n: int) -> dict[str, float]:
+    """CPU µs per event over the timed window: the workers' own processes (``agent``, each
+    tree's root: where Faust runs) and their descendants, the pipeline processes
+    (``pipeline``), each summed over the workers."""
+    out = {"agent": 0.0, "pipeline": 0.0}
+    for tree, b, a in zip(trees, before, after, strict=True):
+        for pid in tree:
+            if pid in a and pid in b:
+                out["agent" if pid == tree[0] else "pipeline"] += a[pid] - b[pid]
+    return {k: round(v / n * 1e6, 1) for k, v in out.items()}
+
+
+def outcomes(each: list[Settings]) -> dict[str, float]:
+    """``prefstream_events_total`` by outcome, summed over the workers."""
+    outcomes: dict[str, float] = {}
+    for s in each:
+        for k, v in scrape_family(s, "prefstream_events_total"):
+            outcome = k.split('"')[1]
+            outcomes[outcome] = outcomes.get(outcome, 0.0) + v
+    return outcomes
+
+
+def settled_outcomes(each: list[Settings], n: int) -> dict[str, float]:
+    """The workers' outcomes once all ``n`` messages are counted, or after 3 s: the counts may
+    trail the files a little (a pipeline process sends its metrics at most every 0.1 s)."""
+    settle = time.monotonic() + 3.0
+    while sum((counted := outcomes(each)).values()) < n and time.monotonic() < settle:
+        time.sleep(0.1)
+    return counted
+
+
+def durable(settings: Settings, ends: dict[int, int], bar: tqdm[Any]) -> bool:
+    done = stored_through(settings, ends)
+    bar.update(sum(done.values()) - bar.n)
+    return all(done[p] >= end for p, end in ends.items())
+
+
+def scrape_family(settings: Settings, name: str) -> list[tuple[str, float]]:
+    return [(k, v) for k, v in scrape(settings).items() if k.startswith(name + "{")]

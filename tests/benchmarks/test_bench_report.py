@@ -12,6 +12,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import bench_pipeline  # noqa: E402
 import bench_queries  # noqa: E402
 import freshness_memory  # noqa: E402
 import report  # noqa: E402
+import scale_out  # noqa: E402
 from workers import Deadline, StageError  # noqa: E402
 
 from prefstream.sim.traffic import TrafficConfig, generate_traffic  # noqa: E402
@@ -194,8 +196,59 @@ def test_scale_out_is_rendered_against_one_worker_and_the_naive_agent() -> None:
     assert ("Scale-out: 2 worker processes in one consumer group, sharing the 4 partitions on "
             "the same machine, stored the same events at 5,012 events/s (20.15 s): x1.46 of "
             "one worker, x0.719 of the naive per-event agent.") in stream
+    throughput["scale_out"] |= {"formed_group": True, "of_one_worker_by_round": [1.458],
+                                "one_worker": {"events_per_s": 3438, "seconds": 29.4}}
+    stream = section(report.render({"pipeline": pipeline}),
+                     "Stream worker: throughput, freshness, memory")
+    assert ("(20.15 s): x1.46 of one worker timed the same way, x0.719 of the naive per-event "
+            "agent. One worker timed the same way stored 3,438 events/s (29.4 s). Each run "
+            "starts its workers on a fresh topic, waits until the group is formed") in stream
     del throughput["scale_out"]
     assert "Scale-out" not in report.render({"pipeline": pipeline})
+
+
+def test_paused_processes_spend_no_cpu_until_continued() -> None:
+    """The scale-out stage pauses its workers while it produces the traffic."""
+    import workers
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        with scale_out.paused([busy.pid]):
+            before = workers.cpu_seconds([busy.pid])[busy.pid]
+            time.sleep(0.5)
+            assert workers.cpu_seconds([busy.pid])[busy.pid] == before
+        time.sleep(0.5)
+        assert workers.cpu_seconds([busy.pid])[busy.pid] > before  # continued
+    finally:
+        busy.kill()
+        busy.wait(timeout=30)
+    # a paused worker sends no heartbeat: the session timeout outlasts the pause with a margin
+    assert scale_out.session_timeout_for(50_000, 11_000) == pytest.approx(3 * 50_000 / 11_000)
+    assert scale_out.session_timeout_for(1_000, 11_000) == scale_out.MIN_SESSION_TIMEOUT_S
+
+
+@pytest.mark.broker
+def test_scale_out_times_two_workers_on_a_formed_group(tmp_path: Path, broker: Any) -> None:
+    """The stage for real at a tiny size: the group forms (each worker consumes a probe), the
+    traffic is produced while they are paused, and the run ends once every event is stored."""
+    from datetime import datetime, timezone
+
+    from prefstream.settings import Settings
+    from prefstream.sim.demo import traffic_end
+    from prefstream.streams.broker import free_port
+
+    settings = Settings(kafka_bootstrap=broker.bootstrap, partitions=4, metrics_port=free_port(),
+                        rebalance_timeout_s=2.0, session_timeout_s=12.0,
+                        data_dir=tmp_path / "data", events_topic="bench-scale-test",
+                        app_id="bench-scale-test", pipeline_process=False)
+    end = traffic_end(datetime.now(timezone.utc), settings)
+    messages = generate_traffic(TrafficConfig(n_events=600, seed=0, end=end)).messages
+    run = scale_out.formed_group_rate(settings, messages, 2, tmp_path / "worker.log",
+                                      Deadline("throughput", 120))
+    counted = run["outcomes"]  # the traffic and at least one probe per partition
+    assert sum(counted.values()) >= len(messages) + settings.partitions
+    assert counted["accepted"] > len(messages) / 2
+    assert run["events_per_s"] > 0 and run["cpu_us_per_event"]["agent"] > 0
 
 
 def test_reward_results_render_goals_precision_lengths_and_probes() -> None:
@@ -237,7 +290,7 @@ def test_cpu_per_event_counts_the_worker_and_its_pipeline_process_apart() -> Non
     finally:
         child.kill()
         child.wait(timeout=30)
-    per_event = bench_pipeline._cpu_per_event([tree], [before], [after], 1000)
+    per_event = workers.cpu_per_event([tree], [before], [after], 1000)
     assert per_event["agent"] > 0 and per_event["pipeline"] > 0
     line = report._cpu({"agent": 61.5, "pipeline": 120.0})
     assert "61.5 µs in the Faust agent's process" in line and "120 µs in the pipeline" in line
