@@ -45,14 +45,22 @@ def handle(pipeline: Pipeline, n: int, start: int) -> None:
     for offset in range(start, start + n):
         ev = event("impression", session_id=f"s{offset}", response_id="a", position=0)
         pipeline.handle(topic=pipeline.settings.events_topic, partition=0, offset=offset,
-                        key=f"s{offset}".encode(), value=ev.model_dump_json().encode(), timestamp_ms=ARRIVAL_MS)
+                        key=f"s{offset}".encode(), value=ev.model_dump_json().encode(),
+                        timestamp_ms=ARRIVAL_MS)
 
 
-def flusher_on(tmp_path: Path) -> GatedFlusher:
+async def writing_first_flush(tmp_path: Path) -> tuple[GatedFlusher, Pipeline]:
+    """A flusher whose first flush (``MAX_EVENTS`` events) is being written, held at its gate."""
     settings = Settings(data_dir=tmp_path / "data", partitions=1, metrics_port=0,
                         flush_max_events=MAX_EVENTS, flush_interval_s=3600.0)
     init_data_dir(settings.data_dir)
-    return GatedFlusher(Pipeline(settings, MemoryStore(), clock_ms=lambda: ARRIVAL_MS))
+    pipeline = Pipeline(settings, MemoryStore(), clock_ms=lambda: ARRIVAL_MS)
+    flusher = GatedFlusher(pipeline)
+    handle(pipeline, MAX_EVENTS, 0)
+    async with flusher.lock:
+        await flusher.flush_if_due()
+    await settled(flusher, 1)
+    return flusher, pipeline
 
 
 async def settled(flusher: GatedFlusher, flushes: int) -> None:
@@ -65,12 +73,7 @@ async def settled(flusher: GatedFlusher, flushes: int) -> None:
 
 def test_a_flush_due_while_one_is_written_starts_once_it_is_done(tmp_path: Path) -> None:
     async def scenario() -> None:
-        flusher = flusher_on(tmp_path)
-        pipeline = flusher.pipeline
-        handle(pipeline, MAX_EVENTS, 0)
-        async with flusher.lock:
-            await flusher.flush_if_due()
-        await settled(flusher, 1)
+        flusher, pipeline = await writing_first_flush(tmp_path)
         assert len(flusher.gates) == 1 and flusher.busy
         handle(pipeline, MAX_EVENTS + 3, MAX_EVENTS)  # due again, the first still written
         async with flusher.lock:  # returns at once: handling goes on
@@ -88,12 +91,7 @@ def test_a_flush_due_while_one_is_written_starts_once_it_is_done(tmp_path: Path)
 
 def test_handling_waits_for_the_flush_past_twice_the_flush_size(tmp_path: Path) -> None:
     async def scenario() -> None:
-        flusher = flusher_on(tmp_path)
-        pipeline = flusher.pipeline
-        handle(pipeline, MAX_EVENTS, 0)
-        async with flusher.lock:
-            await flusher.flush_if_due()
-        await settled(flusher, 1)
+        flusher, pipeline = await writing_first_flush(tmp_path)
         handle(pipeline, 2 * MAX_EVENTS, MAX_EVENTS)  # the bound: wait for the first
         async with flusher.lock:
             waiting = asyncio.ensure_future(flusher.flush_if_due())
@@ -112,12 +110,7 @@ def test_a_flush_that_took_the_waiting_events_leaves_no_follow_up(tmp_path: Path
     """A rebalance (or the timer) flushes under the lock after the deferral: the follow-up
     finds nothing due and starts no empty flush."""
     async def scenario() -> None:
-        flusher = flusher_on(tmp_path)
-        pipeline = flusher.pipeline
-        handle(pipeline, MAX_EVENTS, 0)
-        async with flusher.lock:
-            await flusher.flush_if_due()
-        await settled(flusher, 1)
+        flusher, pipeline = await writing_first_flush(tmp_path)
         handle(pipeline, MAX_EVENTS, MAX_EVENTS)
         async with flusher.lock:
             await flusher.flush_if_due()  # deferred
