@@ -27,18 +27,17 @@ from typing import Any
 
 from tqdm import tqdm
 from workers import (
-    PROBE,
     Deadline,
-    StageError,
-    cpu_per_event,
     cpu_seconds,
     durable,
     metric_sum,
     process_tree,
     produce,
+    send_probes,
     settled_outcomes,
     start_worker,
     stop_worker,
+    timed_run,
 )
 
 from prefstream.settings import Settings
@@ -85,36 +84,25 @@ def formed_group_rate(settings: Settings, messages: list[tuple[bytes, bytes]], w
     finally:
         for proc in procs:
             stop_worker(proc)
-    if counted.get("accepted", 0) < n / 2:
-        raise StageError(f"scale-out: the workers accepted under half of the events ({counted})")
-    return {"events_per_s": n / (last - first), "seconds": round(last - first, 2),
-            "outcomes": counted, "cpu_us_per_event": cpu_per_event(trees, cpu_first, cpu_last, n)}
+    return timed_run("scale-out", n, last - first, counted, trees, cpu_first, cpu_last)
 
 
 def wait_formed(each: list[Settings], deadline: Deadline) -> None:
     """Until every worker consumed a probe message of the same sending (one per partition):
     each owns partitions, so the group has every member."""
-    from kafka import KafkaProducer
-
-    settings = each[0]
-    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, api_version=(2, 8))
-    try:
-        while True:
-            before = [metric_sum(s, "prefstream_events_total") for s in each]
-            for p in range(settings.partitions):
-                producer.send(settings.events_topic, key=b"bench-probe", value=PROBE, partition=p)
-            producer.flush(timeout=30)
-            wait_until = time.monotonic() + 3.0
-            while time.monotonic() < wait_until:
-                deadline.check("every worker to consume a probe message (the group formed)")
-                after = [metric_sum(s, "prefstream_events_total") for s in each]
-                if sum(after) - sum(before) >= settings.partitions:
-                    if all(a > b for a, b in zip(after, before, strict=True)):
-                        return
-                    break  # one worker has every partition: a member is still joining
-                time.sleep(0.2)
-    finally:
-        producer.close()
+    partitions = each[0].partitions
+    while True:
+        before = [metric_sum(s, "prefstream_events_total") for s in each]
+        send_probes(each[0])
+        wait_until = time.monotonic() + 3.0
+        while time.monotonic() < wait_until:
+            deadline.check("every worker to consume a probe message (the group formed)")
+            after = [metric_sum(s, "prefstream_events_total") for s in each]
+            if sum(after) - sum(before) >= partitions:
+                if all(a > b for a, b in zip(after, before, strict=True)):
+                    return
+                break  # one worker has every partition: a member is still joining
+            time.sleep(0.2)
 
 
 @contextmanager

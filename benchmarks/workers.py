@@ -124,9 +124,18 @@ def metric_sum(settings: Settings, prefix: str) -> float:
 def wait_consuming(settings: Settings, deadline: Deadline) -> None:
     """Until the worker consumes every partition: one malformed probe message per partition,
     each dead-lettered, proves it (a fixed sleep would be too short on a busy machine)."""
+    before = metric_sum(settings, "prefstream_events_total")
+    send_probes(settings)
+    while metric_sum(settings, "prefstream_events_total") < before + settings.partitions:
+        deadline.check("the worker to consume a probe message on every partition")
+        time.sleep(0.2)
+
+
+def send_probes(settings: Settings) -> None:
+    """One malformed probe message to every partition of the events topic (each is
+    dead-lettered and counted in ``prefstream_events_total``)."""
     from kafka import KafkaProducer
 
-    before = metric_sum(settings, "prefstream_events_total")
     producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, api_version=(2, 8))
     try:
         for p in range(settings.partitions):
@@ -134,9 +143,20 @@ def wait_consuming(settings: Settings, deadline: Deadline) -> None:
         producer.flush(timeout=30)
     finally:
         producer.close()
-    while metric_sum(settings, "prefstream_events_total") < before + settings.partitions:
-        deadline.check("the worker to consume a probe message on every partition")
-        time.sleep(0.2)
+
+
+def timed_run(stage: str, n: int, seconds: float, counted: dict[str, float],
+              trees: list[list[int]], cpu_first: list[dict[int, float]],
+              cpu_last: list[dict[int, float]]) -> dict[str, Any]:
+    """A timed worker run's result: ``n`` events in ``seconds``, their outcomes and the CPU per
+    event; a run that accepted under half of the events fails the stage (the traffic is not
+    what the full pipeline should see: a clock or validation mistake)."""
+    if counted.get("accepted", 0) < n / 2:
+        who = "the worker" if len(trees) == 1 else f"the {len(trees)} workers"
+        raise StageError(f"{stage}: {who} accepted under half of the events ({counted}): the "
+                         "traffic is not what the full pipeline should see")
+    return {"events_per_s": n / seconds, "seconds": round(seconds, 2), "outcomes": counted,
+            "cpu_us_per_event": cpu_per_event(trees, cpu_first, cpu_last, n)}
 
 
 def memory_mb(pid: int) -> dict[str, float]:

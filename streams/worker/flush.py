@@ -58,7 +58,7 @@ class Flusher:
         self.writing: list[asyncio.Future[None]] = []
         #: a flush came due while another was being written: start it once that one is done
         self.deferred = False
-        self._follow_up: asyncio.Future[None] | None = None
+        self._follow_up: asyncio.Future[None] | None = None  # held: the loop holds none
         #: whether this process logged a flush yet: the first is logged even when idle, so an
         #: operator (and the handover test) sees the worker commit before any row is stored
         self.logged_once = False

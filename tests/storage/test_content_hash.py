@@ -153,10 +153,15 @@ def test_chunks_and_the_order_of_distinct_ids_do_not_count(tabs, data):
     moved = {}
     for name, table in tabs.items():
         ids = table.column(TABLES[name][1]).to_pylist()
-        firsts = sorted({i: n for n, i in reversed(list(enumerate(ids)))}.values())
+        firsts = _first_rows(ids)
         order = data.draw(st.permutations(firsts))  # the first of each id, any order
         moved[name] = table.take(pa.array(order, type=pa.int64())).combine_chunks()
     assert rehash(moved) == rehash(tabs)
+
+
+def _first_rows(ids: list[Any]) -> list[int]:
+    """The rows that count: the first of each id."""
+    return sorted({i: n for n, i in reversed(list(enumerate(ids)))}.values())
 
 
 def _one_row_changed(table: pa.Table, row: int, column: str, value: Any) -> pa.Table:
@@ -171,8 +176,7 @@ def test_any_changed_field_or_dropped_or_added_row_changes_it(tabs, data):
     name = data.draw(st.sampled_from(sorted(tabs)))
     table, id_col = tabs[name], TABLES[name][1]
     ids = table.column(id_col).to_pylist()
-    row = data.draw(st.sampled_from(sorted({i: n for n, i in reversed(list(enumerate(ids)))}
-                                           .values())))  # a row that counts: first of its id
+    row = data.draw(st.sampled_from(_first_rows(ids)))  # a row that counts
     field = data.draw(st.sampled_from(table.schema.names))
     old = table.column(field)[row].as_py()
     new = data.draw(IDS if field == id_col else _value(table.schema.field(field)))
@@ -192,7 +196,7 @@ def test_values_swapped_between_rows_change_it(tabs, data):
     name = data.draw(st.sampled_from(sorted(tabs)))
     table, id_col = tabs[name], TABLES[name][1]
     ids = table.column(id_col).to_pylist()
-    firsts = sorted({i: n for n, i in reversed(list(enumerate(ids)))}.values())
+    firsts = _first_rows(ids)
     assume(len(firsts) >= 2)
     a, b = data.draw(st.lists(st.sampled_from(firsts), min_size=2, max_size=2, unique=True))
     field = data.draw(st.sampled_from([n for n in table.schema.names if n != id_col]))
