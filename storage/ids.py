@@ -223,7 +223,8 @@ class StoredIds:
                 offsets += [i.offset for i in s.events]
                 untils += [_micros(s.last + part.horizon)] * len(s.events)
         out = {}
-        for p, part in self.partitions.items():
+        # a copy: the event loop loads a partition it starts reading while this thread writes
+        for p, part in list(self.partitions.items()):
             keys, untils, offsets = columns.get(p, ([], [], []))
             entries = _entries(fingerprints(keys), untils, offsets)
             if p in watermarks:

@@ -85,3 +85,28 @@ def test_a_flush_writes_each_partitions_sessions_in_order(tmp_path: Path) -> Non
     assert sorted(f.parent.name for f in (tmp_path / "dedupe").glob("p*/*.npy")) == ["p0", "p1"]
     ids.remember(written, {0: at(0), 1: at(0)})
     assert ids.stored_at(0, "d", "e3", at(30)) == 40 and ids.stored_at(1, "b", "e1", at(0)) == 20
+
+
+def test_a_partition_loaded_while_a_flush_writes_its_ids_is_left_to_the_next(
+        tmp_path: Path) -> None:
+    """The flush thread writes while the event loop takes up a newly assigned partition
+    (``Pipeline.state`` loads its ids): here partition 1 is loaded at the moment partition 0's
+    ids are written. The flush writes what it holds and leaves the new partition alone; a
+    RuntimeError (dictionary changed size during iteration) once stopped a worker there."""
+    ids = StoredIds(tmp_path, timedelta(hours=1))
+    ids.load(0)
+    part = ids.partitions[0]
+    write = part.write
+
+    def write_while_loading(entries: np.ndarray, watermark: datetime) -> None:
+        ids.load(1)  # as the event loop does, between two steps of this thread
+        write(entries, watermark)
+
+    part.write = write_while_loading  # type: ignore[method-assign]
+    session = Session(session_id="a", user_id="u1", kafka_partition=0, start=at(1), last=at(1),
+                      events=(SessionEvent(offset=5, event=event(minute=1, event_id="e1",
+                                                                 session_id="a")),))
+    written = ids.write([ClosedSession(session=session, reason="gap")], {0: at(0)})
+    assert list(written) == [0] and written[0]["offset"].tolist() == [5]
+    assert sorted(ids.partitions) == [0, 1]
+
