@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from kafka import KafkaProducer
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from prefstream.errors import ConfigError, ProducerError
 from prefstream.schemas.events import (
@@ -204,7 +204,20 @@ class FeedbackProducer:
                                 ) from exc
 
     def close(self, timeout_s: float = 10.0) -> None:
-        self._producer.close(timeout=timeout_s)
+        """Wait up to ``timeout_s`` for queued events, then close. Events still queued then are
+        not sent: they count in ``failed`` (``take_undelivered`` returns them).
+
+        kafka-python's own close raises ``KafkaTimeoutError`` when its wait times out and
+        leaves its sender thread running; a ``close`` in a ``finally`` (Ctrl-C while
+        producing) would then replace the exception being handled. Here its sender is stopped
+        without sending, which fails the queued events, and the close completes."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except KafkaTimeoutError:
+            sender = self._producer._sender  # kafka-python has no public forced close
+            sender.force_close()
+            sender.join(timeout_s)
+            self._producer.close(timeout=0)  # nothing is queued any more: completes
 
 
 def answers(server: str, timeout_s: float = 0.5) -> bool:

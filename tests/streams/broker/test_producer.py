@@ -125,3 +125,19 @@ def test_security_is_given_once(broker: EmbeddedBroker) -> None:
                          security_protocol="PLAINTEXT")
     plain = FeedbackProducer(broker.bootstrap, security_protocol="PLAINTEXT")  # kafka-python's
     plain.close()
+
+
+def test_close_fails_what_its_timeout_left_queued_and_raises_nothing(tmp_path: Path) -> None:
+    """A close in a ``finally`` (Ctrl-C while producing, the broker gone) must end, not replace
+    the exception being handled: kafka-python's close raised ``KafkaTimeoutError`` here."""
+    with EmbeddedBroker(log_path=tmp_path / "broker.log") as gone:
+        producer = FeedbackProducer(gone.bootstrap, topic="close-test", max_block_ms=2000)
+        producer.log_copy(session_id="s", user_id="u", request_id="r", response_id="a")
+        producer.flush()
+    for i in range(20):  # the broker is gone: queued, never sent
+        producer.log_copy(session_id=f"s{i}", user_id="u", request_id="r", response_id="a")
+    started = time.monotonic()
+    producer.close(timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert (producer.sent, producer.failed, producer.pending) == (1, 20, 0)
+    assert len(producer.take_undelivered()) == 20
