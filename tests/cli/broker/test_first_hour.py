@@ -198,4 +198,6 @@ def test_ctrl_c_during_training_stops_the_demo_and_promotes_nothing(
     finally:
         timer.cancel()
     assert sent and time.monotonic() - sent[0] < 10
-    assert not [p for p in (copy / "models").iterdir() if p.name.startswith(("v0", "current"))]
+    models = copy / "models"  # absent when the interrupt came before training made it
+    assert not models.exists() or not [
+        p for p in models.iterdir() if p.name.startswith(("v0", "current"))]
